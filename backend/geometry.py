@@ -1,0 +1,188 @@
+"""Every box, polygon and mask format conversion of the project, and nothing else.
+
+Formats:
+- pixels ``xyxy``: absolute ``[x_min, y_min, x_max, y_max]`` in the original image (internal).
+- Gemini: ``box_2d = [y_min, x_min, y_max, x_max]`` integers on 0-1000, y first.
+- Label Studio: ``x, y, width, height`` in percent (0-100) of the original image, rotation in
+  degrees clockwise around the top-left corner; polygons as ``[[x%, y%], ...]``.
+- YOLO: normalised ``cx, cy, w, h`` (0-1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+GEMINI_SCALE = 1000.0
+
+
+# --- Gemini ------------------------------------------------------------------------------------
+
+def gemini_to_xyxy(box_2d: Sequence[float], width: int, height: int) -> np.ndarray:
+    """Gemini ``[ymin, xmin, ymax, xmax]`` on 0-1000 to pixel xyxy.
+
+    Survives Gemini's misbehaviour: swapped corners are ordered, values outside 0-1000 clamped.
+    The 0-1000 grid is relative to the image Gemini saw, so a downscaled upload maps back exactly
+    as long as the aspect ratio was kept.
+    """
+    y0, x0, y1, x1 = (min(max(float(v), 0.0), GEMINI_SCALE) for v in box_2d)
+    y0, y1 = sorted((y0, y1))
+    x0, x1 = sorted((x0, x1))
+    return np.array([x0 * width, y0 * height, x1 * width, y1 * height]) / GEMINI_SCALE
+
+
+def xyxy_to_gemini(xyxy: Sequence[float], width: int, height: int) -> list[int]:
+    """Pixel xyxy to Gemini's 0-1000 ``[ymin, xmin, ymax, xmax]`` (used by the fake server and tests)."""
+    x0, y0, x1, y1 = xyxy
+    return [round(y0 / height * 1000), round(x0 / width * 1000), round(y1 / height * 1000), round(x1 / width * 1000)]
+
+
+def gemini_points_to_pixels(points: Iterable[Sequence[float]], width: int, height: int) -> np.ndarray:
+    """Gemini polygon points ``[y, x]`` on 0-1000 to pixel ``(x, y)`` rows, clamped."""
+    pts = np.clip(np.asarray(list(points), dtype=float).reshape(-1, 2), 0, GEMINI_SCALE)
+    return np.stack([pts[:, 1] * width, pts[:, 0] * height], axis=1) / GEMINI_SCALE
+
+
+def gemini_mask_to_full(probability: np.ndarray, xyxy: Sequence[float], width: int, height: int, threshold: int = 127) -> np.ndarray:
+    """A Gemini 2.5 mask (a 0-255 map covering only the box) to a full-image boolean mask."""
+    full = np.zeros((height, width), dtype=bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in xyxy)
+    x0, y0 = max(x0, 0), max(y0, 0)
+    x1, y1 = min(x1, width), min(y1, height)
+    if x1 <= x0 or y1 <= y0 or probability.size == 0:
+        return full
+    resized = cv2.resize(probability.astype(np.uint8), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    full[y0:y1, x0:x1] = resized > threshold
+    return full
+
+
+# --- Label Studio ------------------------------------------------------------------------------
+
+def xyxy_to_ls(xyxy: Sequence[float], width: int, height: int) -> dict[str, float]:
+    """Pixel xyxy to Label Studio's rectangle value (percent, clamped to the image)."""
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
+    y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+    return {
+        "x": x0 / width * 100.0,
+        "y": y0 / height * 100.0,
+        "width": (x1 - x0) / width * 100.0,
+        "height": (y1 - y0) / height * 100.0,
+        "rotation": 0,
+    }
+
+
+def ls_to_xyxy(value: dict, width: int, height: int) -> np.ndarray:
+    """Label Studio rectangle value to pixel xyxy.
+
+    A rotated rectangle (rotation around its top-left corner) becomes its axis-aligned bounding
+    box, clipped to the image.
+    """
+    x = float(value["x"]) / 100.0 * width
+    y = float(value["y"]) / 100.0 * height
+    w = float(value["width"]) / 100.0 * width
+    h = float(value["height"]) / 100.0 * height
+    rotation = float(value.get("rotation") or 0.0) % 360.0
+    if rotation:
+        theta = math.radians(rotation)
+        cos, sin = math.cos(theta), math.sin(theta)
+        corners = np.array([[0, 0], [w, 0], [w, h], [0, h]])
+        rotated = corners @ np.array([[cos, sin], [-sin, cos]]) + np.array([x, y])
+        x0, y0 = rotated.min(axis=0)
+        x1, y1 = rotated.max(axis=0)
+    else:
+        x0, y0, x1, y1 = x, y, x + w, y + h
+    return np.array([
+        min(max(x0, 0.0), width), min(max(y0, 0.0), height),
+        min(max(x1, 0.0), width), min(max(y1, 0.0), height),
+    ])
+
+
+def pixels_to_ls_points(points: np.ndarray, width: int, height: int) -> list[list[float]]:
+    """Pixel ``(x, y)`` polygon points to Label Studio percent points."""
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    return [[float(px) / width * 100.0, float(py) / height * 100.0] for px, py in pts]
+
+
+def ls_points_to_pixels(points: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    return pts / 100.0 * np.array([width, height])
+
+
+# --- YOLO --------------------------------------------------------------------------------------
+
+def xyxy_to_yolo(xyxy: Sequence[float], width: int, height: int) -> np.ndarray:
+    """Pixel xyxy to normalised YOLO ``cx, cy, w, h``."""
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    return np.array([(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height])
+
+
+def yolo_to_xyxy(cxcywh: Sequence[float], width: int, height: int) -> np.ndarray:
+    cx, cy, w, h = (float(v) for v in cxcywh)
+    return np.array([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
+
+
+# --- box maths ---------------------------------------------------------------------------------
+
+def box_area(xyxy: np.ndarray) -> np.ndarray:
+    b = np.asarray(xyxy, dtype=float).reshape(-1, 4)
+    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU matrix of two pixel-xyxy arrays, shape ``(len(a), len(b))``."""
+    a = np.asarray(a, dtype=float).reshape(-1, 4)
+    b = np.asarray(b, dtype=float).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def nms_keep(xyxy: np.ndarray, scores: np.ndarray, labels: Sequence[str], iou_threshold: float) -> np.ndarray:
+    """Indices kept by class-aware greedy NMS, best score first (dedupes Gemini repetition loops)."""
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    keep: list[int] = []
+    iou = box_iou(xyxy, xyxy)
+    for i in order:
+        if all(labels[i] != labels[k] or iou[i, k] <= iou_threshold for k in keep):
+            keep.append(int(i))
+    return np.array(sorted(keep), dtype=int)
+
+
+def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size after downscaling so the long side is at most ``max_side`` (aspect kept, never upscaled)."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+# --- masks and polygons ------------------------------------------------------------------------
+
+def polygon_to_mask(points_px: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Fill a pixel polygon into a boolean mask."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    pts = np.round(np.asarray(points_px, dtype=float).reshape(-1, 2)).astype(np.int32)
+    if len(pts) >= 3:
+        cv2.fillPoly(mask, [pts], 1)
+    return mask.astype(bool)
+
+
+def mask_to_polygon(mask: np.ndarray, tolerance: float = 1.0) -> np.ndarray | None:
+    """The outline of a mask's largest component as pixel ``(x, y)`` points, or None when empty."""
+    contours, _ = cv2.findContours(np.asarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    largest = max(contours, key=cv2.contourArea)
+    approx = cv2.approxPolyDP(largest, tolerance, True).reshape(-1, 2)
+    return approx.astype(float) if len(approx) >= 3 else None
+
+
+def mask_to_xyxy(mask: np.ndarray) -> np.ndarray | None:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=float)

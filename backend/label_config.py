@@ -1,0 +1,164 @@
+"""What a Label Studio label config asks of this backend, parsed once with label-studio-sdk.
+
+Attributes honoured (the first three as in Label Studio's official YOLO backend):
+- ``predicted_values="car,truck"`` on ``<Label>``: model class names that map to this label.
+- ``model_score_threshold="0.4"`` on the control tag: minimum score of a region.
+- ``model_skip="true"`` on the control tag: this backend leaves the control alone.
+- ``hint="construction worker not wearing a helmet"`` on ``<Label>``: the natural-language
+  description sent to Gemini, so attribute queries ("without a helmet") work.
+A ``<TextArea>`` on the same image carries interactive prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from label_studio_sdk.label_interface import LabelInterface
+
+SUPPORTED_CONTROLS = ("RectangleLabels", "BrushLabels", "PolygonLabels")
+MASK_CONTROLS = ("BrushLabels", "PolygonLabels")
+
+
+class UnsupportedConfig(ValueError):
+    """The config has nothing this backend can predict; the message is shown to the user."""
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    value: str
+    predicted_values: tuple[str, ...] = ()
+    hint: str = ""
+
+    @property
+    def description(self) -> str:
+        """What Gemini is asked to find for this label."""
+        return self.hint or self.value
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    name: str
+    tag: str
+    to_name: str
+    labels: tuple[LabelSpec, ...]
+    score_threshold: float | None = None
+    model_path: str = ""
+
+    @property
+    def label_values(self) -> tuple[str, ...]:
+        return tuple(label.value for label in self.labels)
+
+
+def _norm(text: str) -> str:
+    text = re.sub(r"[\s_\-]+", " ", text.strip().lower())
+    return text[:-1] if text.endswith("s") and len(text) > 3 else text
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """The supported controls of one label config, all on one Image object."""
+
+    controls: tuple[ControlSpec, ...]
+    image_name: str
+    image_key: str
+    prompt_control: str = ""
+
+    @classmethod
+    def parse(cls, xml: str) -> "ProjectConfig":
+        """Parse a label config; raise :class:`UnsupportedConfig` naming what is supported."""
+        return _parse_cached(xml)
+
+    @property
+    def labels(self) -> tuple[LabelSpec, ...]:
+        """Unique labels in label-config order: the YOLO class list."""
+        seen: dict[str, LabelSpec] = {}
+        for control in self.controls:
+            for label in control.labels:
+                seen.setdefault(label.value, label)
+        return tuple(seen.values())
+
+    @property
+    def class_names(self) -> list[str]:
+        return [label.value for label in self.labels]
+
+    @property
+    def wants_masks(self) -> bool:
+        return any(c.tag in MASK_CONTROLS for c in self.controls)
+
+    def match_label(self, raw: str) -> str | None:
+        """Map a detector's class name to a config label: exact, predicted_values, hint, then loose case/plural."""
+        raw = str(raw).strip()
+        for label in self.labels:
+            if raw == label.value:
+                return label.value
+        lowered = raw.lower()
+        for label in self.labels:
+            if lowered == label.value.lower() or lowered in (p.lower() for p in label.predicted_values):
+                return label.value
+            if label.hint and lowered == label.hint.lower():
+                return label.value
+        loose = _norm(raw)
+        for label in self.labels:
+            candidates = (label.value, *label.predicted_values, label.hint)
+            if any(c and _norm(c) == loose for c in candidates):
+                return label.value
+        return None
+
+    def score_threshold(self, default: float) -> float:
+        """The lowest threshold any control asks for (each control filters again on its own)."""
+        values = [c.score_threshold for c in self.controls if c.score_threshold is not None]
+        return min(values) if values else default
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_cached(xml: str) -> ProjectConfig:
+    if not xml or not xml.strip():
+        raise UnsupportedConfig("empty label config")
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises several types for bad XML
+        raise UnsupportedConfig(f"label config is not valid XML: {exc}") from exc
+
+    images = {obj.name: obj for obj in interface.objects if obj.tag == "Image"}
+    found: list[str] = []
+    controls: list[ControlSpec] = []
+    prompt_control = ""
+    for control in interface.controls:
+        found.append(control.tag)
+        target = (control.to_name or [""])[0]
+        if control.tag == "TextArea" and target in images and not prompt_control:
+            prompt_control = control.name
+            continue
+        if control.tag not in SUPPORTED_CONTROLS or target not in images:
+            continue
+        if str(control.attr.get("model_skip", "")).lower() in ("true", "1", "yes"):
+            continue
+        labels = tuple(
+            LabelSpec(
+                value=value,
+                predicted_values=tuple(
+                    p.strip() for p in str(tag.attr.get("predicted_values", "")).split(",") if p.strip()
+                ),
+                hint=str(tag.attr.get("hint", "")).strip(),
+            )
+            for value, tag in control.labels_attrs.items()
+        )
+        threshold = control.attr.get("model_score_threshold")
+        try:
+            score_threshold = float(threshold) if threshold not in (None, "") else None
+        except ValueError as exc:
+            raise UnsupportedConfig(f"model_score_threshold on {control.name} is not a number: {threshold!r}") from exc
+        controls.append(ControlSpec(control.name, control.tag, target, labels, score_threshold, str(control.attr.get("model_path", ""))))
+
+    if not controls:
+        raise UnsupportedConfig(
+            "this ML backend predicts RectangleLabels, BrushLabels or PolygonLabels on an <Image>; "
+            f"the label config has {', '.join(found) or 'no control tags'}"
+            + ("" if images else " and no <Image> object")
+        )
+    image_name = controls[0].to_name
+    controls = [c for c in controls if c.to_name == image_name]
+    image_key = images[image_name].value.lstrip("$")
+    return ProjectConfig(tuple(controls), image_name, image_key, prompt_control)

@@ -1,0 +1,56 @@
+"""Make Ultralytics safe to import and run with no network (see PROTOCOL.md section 3).
+
+Call :func:`prepare` before the first ``import ultralytics`` in any process that trains or
+predicts. It turns off every network path (DNS checks, analytics, pip auto-install, font and
+weight downloads, platform callbacks) and keeps Ultralytics' settings in a private folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
+_done = False
+
+
+def _local_font() -> Path | None:
+    """A TTF that ships with matplotlib, copied under the names Ultralytics would download."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return path if path.is_file() else None
+    except ImportError:
+        return None
+
+
+def prepare(config_dir: str | os.PathLike | None = None) -> Path:
+    """Set the offline switches and return Ultralytics' private config folder."""
+    global _done
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_AUTOINSTALL"] = "0"
+    os.environ.setdefault("CI", "true")  # OpenVINO telemetry opt-out
+    os.environ.pop("ULTRALYTICS_API_KEY", None)  # platform callbacks would upload checkpoints
+    base = Path(config_dir or os.environ.get("YOLO_CONFIG_DIR") or Path(tempfile.gettempdir()) / "lsb-ultralytics")
+    os.environ["YOLO_CONFIG_DIR"] = str(base)
+    folder = base / "Ultralytics"
+    folder.mkdir(parents=True, exist_ok=True)
+    font = _local_font()
+    for name in _FONT_NAMES:
+        target = folder / name
+        if font and not target.exists():
+            tmp = folder / f".{name}.{os.getpid()}"
+            shutil.copyfile(font, tmp)
+            os.replace(tmp, target)
+    if not _done:
+        from ultralytics.utils import SETTINGS
+
+        SETTINGS.update(
+            sync=False, clearml=False, comet=False, dvc=False, mlflow=False,
+            raytune=False, tensorboard=False, wandb=False,
+        )
+        _done = True
+    return folder
