@@ -83,6 +83,8 @@ class Settings(BaseSettings):
 
     # --- pre-labeling ---------------------------------------------------------------------------
     prelabel_batch: int = Field(16, ge=1, description="Tasks predicted per batch by the pre-labeling job.")
+    predict_max_tasks: int = Field(256, ge=1, description="Larger /predict batches are answered 413 and drafted by a background pre-labeling job instead (LS waits only 100 s).")
+    max_request_mb: int = Field(32, ge=1, description="Largest request body accepted, in MB.")
 
     # --- images ---------------------------------------------------------------------------------
     image_max_bytes: int = Field(40 * 1024 * 1024, description="Largest image download accepted.")

@@ -1,0 +1,121 @@
+"""Pre-labeling: drafts for imported tasks, stored in Label Studio by us.
+
+Label Studio 1.23 never calls ``/predict`` on import; it only sends ``TASKS_CREATED``. This job
+predicts those tasks in batches with the same predictor as ``/predict`` and stores each draft with
+``POST /api/predictions`` under the current ``model_version``, so Label Studio does not ask again.
+It is idempotent (tasks that already hold a prediction of the current version are skipped), so a
+retry after a worker restart stores nothing twice; failures are not stored, so a retry or a later
+run drafts them again.
+
+This module is imported by the web process: keep module-level imports light.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis as redis_lib
+from rq import Queue, Retry
+
+from backend.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+QUEUE = "prelabel"
+
+
+def enqueue_prelabel(redis: redis_lib.Redis, project: str, tasks: list[dict] | None = None,
+                     label_config: str | None = None, settings: Settings | None = None, queue_name: str = QUEUE) -> str:
+    """Queue a pre-labeling job; ``tasks=None`` means every task of the project lacking a current draft."""
+    settings = settings or get_settings()
+    slim = None if tasks is None else [{"id": t.get("id"), "data": t.get("data") or {}} for t in tasks]
+    job = Queue(queue_name, connection=redis).enqueue(
+        prelabel_tasks, project, slim, label_config,
+        job_timeout=max(600, 60 * (len(slim or []) // 50 + 1)),
+        retry=Retry(max=3, interval=[10, 60, 300]),
+        result_ttl=7 * 24 * 3600,
+        failure_ttl=7 * 24 * 3600,
+        description=f"pre-label project {project} ({'all' if slim is None else len(slim)} tasks)",
+    )
+    return job.id
+
+
+def _label_studio(settings: Settings):
+    from label_studio_sdk import LabelStudio
+
+    if not settings.label_studio_url:
+        raise RuntimeError("LABEL_STUDIO_URL is not set: pre-labeling stores drafts through the Label Studio API")
+    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key.get_secret_value())
+
+
+def _existing_versions(ls, project: int) -> dict[int, set[str]]:
+    """Model versions of the predictions each task holds (reads /api/predictions, which never triggers /predict)."""
+    held: dict[int, set[str]] = {}
+    for prediction in ls.predictions.list(project=project):
+        held.setdefault(int(prediction.task), set()).add(prediction.model_version or "")
+    return held
+
+
+def _all_tasks(ls, project: int) -> list[dict]:
+    tasks = []
+    for task in ls.tasks.list(project=project, fields="all"):
+        data = task.data if isinstance(task.data, dict) else {}
+        tasks.append({"id": task.id, "data": data})
+    return tasks
+
+
+def _progress(**meta: Any) -> None:
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is not None:
+        job.meta.update(meta)
+        job.save_meta()
+
+
+def prelabel_tasks(project: str, tasks: list[dict] | None = None, label_config: str | None = None) -> dict:
+    """RQ job: draft and store predictions for ``tasks`` (or every task without a current draft)."""
+    from backend.label_config import ProjectConfig
+    from backend.services import get_services
+
+    services = get_services()
+    settings = services.settings
+    ls = _label_studio(settings)
+    pid = int(project)
+    if label_config is None:
+        label_config = ls.projects.get(pid).label_config
+    config = ProjectConfig.parse(label_config)
+    if tasks is None:
+        tasks = _all_tasks(ls, pid)
+
+    held = _existing_versions(ls, pid)
+    started = time.monotonic()
+    stored = skipped = failed = 0
+    reasons: dict[str, int] = {}
+    min_batch_seconds = 60.0 * settings.prelabel_batch / settings.gemini_rpm if settings.gemini_rpm else 0.0
+    _progress(total=len(tasks), done=0, stored=0)
+    for start in range(0, len(tasks), settings.prelabel_batch):
+        batch_started = time.monotonic()
+        version = services.predictor.model_version(pid)
+        chunk = tasks[start:start + settings.prelabel_batch]
+        batch = [t for t in chunk if version not in held.get(int(t["id"]), set())]
+        skipped += len(chunk) - len(batch)
+        for task, (prediction, reason) in zip(batch, services.predictor.predict_detailed(batch, config, pid)):
+            if reason:
+                failed += 1
+                reasons[reason] = reasons.get(reason, 0) + 1
+                continue
+            ls.predictions.create(task=int(task["id"]), result=prediction["result"], score=prediction["score"],
+                                  model_version=prediction["model_version"])
+            held.setdefault(int(task["id"]), set()).add(prediction["model_version"])
+            stored += 1
+        _progress(total=len(tasks), done=min(start + settings.prelabel_batch, len(tasks)), stored=stored, failed=failed)
+        wait = min_batch_seconds - (time.monotonic() - batch_started)
+        if wait > 0 and start + settings.prelabel_batch < len(tasks):
+            time.sleep(wait)  # stay under GEMINI_RPM for long imports
+    result = {"project": str(pid), "tasks": len(tasks), "stored": stored, "skipped": skipped, "failed": failed,
+              "failure_reasons": reasons, "seconds": round(time.monotonic() - started, 2)}
+    log.info("pre-labeled project %s: %s", pid, result)
+    return result
