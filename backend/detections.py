@@ -50,7 +50,10 @@ class Detections:
 
     def filter(self, keep: np.ndarray | list[bool] | list[int]) -> "Detections":
         """A subset, by boolean mask or index list, keeping order."""
-        idx = np.arange(len(self))[np.asarray(keep)] if len(self) else np.zeros(0, dtype=int)
+        keep = np.asarray(keep)
+        if keep.size == 0:  # ``[]`` is a float array to NumPy, which refuses it as an index
+            keep = keep.astype(int)
+        idx = np.arange(len(self))[keep] if len(self) else np.zeros(0, dtype=int)
         return Detections(
             self.xyxy[idx],
             [self.labels[i] for i in idx],

@@ -49,13 +49,14 @@ def gemini_points_to_pixels(points: Iterable[Sequence[float]], width: int, heigh
 def gemini_mask_to_full(probability: np.ndarray, xyxy: Sequence[float], width: int, height: int, threshold: int = 127) -> np.ndarray:
     """A Gemini 2.5 mask (a 0-255 map covering only the box) to a full-image boolean mask."""
     full = np.zeros((height, width), dtype=bool)
-    x0, y0, x1, y1 = (int(round(v)) for v in xyxy)
-    x0, y0 = max(x0, 0), max(y0, 0)
-    x1, y1 = min(x1, width), min(y1, height)
+    bx0, by0, bx1, by1 = (int(round(v)) for v in xyxy)
+    x0, y0 = max(bx0, 0), max(by0, 0)
+    x1, y1 = min(bx1, width), min(by1, height)
     if x1 <= x0 or y1 <= y0 or probability.size == 0:
         return full
-    resized = cv2.resize(probability.astype(np.uint8), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-    full[y0:y1, x0:x1] = resized > threshold
+    # Resize to the whole box, then crop to the image: a box reaching past an edge keeps its map aligned.
+    resized = cv2.resize(probability.astype(np.uint8), (bx1 - bx0, by1 - by0), interpolation=cv2.INTER_LINEAR)
+    full[y0:y1, x0:x1] = resized[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] > threshold
     return full
 
 

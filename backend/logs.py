@@ -12,14 +12,15 @@ class RedactSecrets(logging.Filter):
     """Replaces configured secret values and credential-looking fragments with ``***``."""
 
     _PATTERNS = [
-        re.compile(r"(?i)(authorization:?\s*(?:bearer|token|basic)\s+)[^\s'\"]+"),
+        re.compile(r"(?i)(authorization['\"]?\s*[:=]?\s*['\"]?(?:bearer|token|basic)\s+)[^\s'\"]+"),
         re.compile(r"(?i)([?&](?:token|key|api_key|access_token)=)[^&\s'\"]+"),
         re.compile(r"(?i)(x-goog-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"),
     ]
 
     def __init__(self, secrets: list[str]):
         super().__init__()
-        self.secrets = [s for s in secrets if s and len(s) >= 4]
+        # Longest first: a secret that contains another must not be left half-replaced.
+        self.secrets = sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
