@@ -41,9 +41,13 @@ def xyxy_to_gemini(xyxy: Sequence[float], width: int, height: int) -> list[int]:
 
 
 def gemini_points_to_pixels(points: Iterable[Sequence[float]], width: int, height: int) -> np.ndarray:
-    """Gemini polygon points ``[y, x]`` on 0-1000 to pixel ``(x, y)`` rows, clamped."""
+    """Gemini polygon points to pixel ``(x, y)`` rows, clamped.
+
+    Unlike ``box_2d``, the polygon masks of newer Gemini models are ``[x, y]`` on 0-1000
+    (supervision 0.31's Gemini 3 parser reads them the same way).
+    """
     pts = np.clip(np.asarray(list(points), dtype=float).reshape(-1, 2), 0, GEMINI_SCALE)
-    return np.stack([pts[:, 1] * width, pts[:, 0] * height], axis=1) / GEMINI_SCALE
+    return pts * np.array([width, height]) / GEMINI_SCALE
 
 
 def gemini_mask_to_full(probability: np.ndarray, xyxy: Sequence[float], width: int, height: int, threshold: int = 127) -> np.ndarray:
@@ -162,6 +166,12 @@ def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 # --- masks and polygons ------------------------------------------------------------------------
+
+def box_to_mask(xyxy: Sequence[float], width: int, height: int) -> np.ndarray:
+    """A filled box as a mask (stands in when a mask was wanted but the detector gave none)."""
+    x0, y0, x1, y1 = xyxy
+    return polygon_to_mask(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]), width, height)
+
 
 def polygon_to_mask(points_px: np.ndarray, width: int, height: int) -> np.ndarray:
     """Fill a pixel polygon into a boolean mask."""

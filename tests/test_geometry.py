@@ -87,15 +87,15 @@ class TestGeminiBoxes:
                 tolerance = np.array([width, height, width, height]) / 1000 / 2 + 1e-9
                 assert np.all(np.abs(back - box) <= tolerance)
 
-    def test_points_to_pixels_y_first_and_clamped(self):
-        pts = geometry.gemini_points_to_pixels([[100, 200], [500, 800], [-10, 1200]], W, H)
+    def test_points_to_pixels_x_first_and_clamped(self):
+        pts = geometry.gemini_points_to_pixels([[200, 100], [800, 500], [1200, -10]], W, H)
         assert pts.shape == (3, 2)
         np.testing.assert_allclose(pts, [[128, 48], [512, 240], [W, 0]])
 
     def test_points_to_pixels_accepts_flat_and_generators(self):
         flat = geometry.gemini_points_to_pixels(np.array([0, 0, 1000, 1000]), W, H)
         np.testing.assert_allclose(flat, [[0, 0], [W, H]])
-        gen = geometry.gemini_points_to_pixels(((y, x) for y, x in [(250, 500)]), W, H)
+        gen = geometry.gemini_points_to_pixels(((x, y) for x, y in [(500, 250)]), W, H)
         np.testing.assert_allclose(gen, [[320, 120]])
 
 

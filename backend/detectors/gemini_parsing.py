@@ -31,6 +31,7 @@ from PIL import Image
 from backend.detections import Detections
 from backend.geometry import (
     box_area,
+    box_to_mask,
     gemini_mask_to_full,
     gemini_points_to_pixels,
     gemini_to_xyxy,
@@ -204,17 +205,7 @@ def _polygon_mask(points: list, width: int, height: int) -> np.ndarray | None:
         return None
     if len(xy) < 3 or not np.isfinite(xy).all():
         return None
-    # TODO(geometry): newer Gemini polygons are [x, y] on 0-1000 (supervision 0.31
-    # from_google_gemini_3_6; discuss.ai.google.dev "segmentation mask support"), while
-    # geometry.gemini_points_to_pixels takes [y, x]; the column swap below should move there.
-    yx = xy[:, ::-1]
-    return polygon_to_mask(gemini_points_to_pixels(yx, width, height), width, height)
-
-
-def _box_mask(xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
-    x0, y0, x1, y1 = xyxy
-    # TODO(geometry): box -> filled mask (the fallback when a wanted mask is missing/broken).
-    return polygon_to_mask(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]), width, height)
+    return polygon_to_mask(gemini_points_to_pixels(xy, width, height), width, height)
 
 
 def _mask(item: dict, xyxy: np.ndarray, width: int, height: int) -> np.ndarray | None:
@@ -295,7 +286,7 @@ def parse_answer(
             mask = _mask(kept_items[i], xyxy_all[i], width, height)
             if mask is None or not mask.any():
                 stats.mask_fallbacks += 1
-                mask = _box_mask(xyxy_all[i], width, height)
+                mask = box_to_mask(xyxy_all[i], width, height)
             mask_list.append(mask)
         masks = np.stack(mask_list)
 
