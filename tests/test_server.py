@@ -12,7 +12,7 @@ import requests
 
 from tests import fake_gemini as fg
 from tests.fake_label_studio import FakeLabelStudio
-from tests.live import base_env, gunicorn
+from tests.live import base_env, gunicorn, wait_for
 from tests.test_app import FIXTURES, UPLOAD, red_car_image
 
 SLOW_GEMINI_SECONDS = 4.0
@@ -78,7 +78,8 @@ def test_health_and_setup_answer_while_a_slow_predict_runs(slow_server):
 
 def test_logs_carry_no_secret(slow_server):
     _, _, log_path = slow_server
-    text = Path(log_path).read_text()
-    assert "POST /predict" in text
+    # The access line is written just after the response went out.
+    text = wait_for(lambda: (t := Path(log_path).read_text()) if "POST /predict" in t else None, timeout=10)
+    assert text, "no access log line for /predict"
     assert fg.DEFAULT_KEY not in text
     assert secrets["ls"] not in text
