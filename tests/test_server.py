@@ -79,7 +79,7 @@ def test_health_and_setup_answer_while_a_slow_predict_runs(slow_server):
 def test_logs_carry_no_secret(slow_server):
     _, _, log_path = slow_server
     # The access line is written just after the response went out.
-    text = wait_for(lambda: (t := Path(log_path).read_text()) if "POST /predict" in t else None, timeout=10)
-    assert text, "no access log line for /predict"
+    assert wait_for(lambda: "POST /predict" in Path(log_path).read_text(), timeout=10), "no access log line for /predict"
+    text = Path(log_path).read_text()
     assert fg.DEFAULT_KEY not in text
     assert secrets["ls"] not in text
