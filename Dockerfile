@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+# Label Studio ML backend, CPU only. One image, two roles (see docker-compose.yml):
+#   API:    gunicorn -c gunicorn.conf.py backend.wsgi:app              (the default CMD)
+#   worker: rq worker --url "$REDIS_URL" --with-scheduler training prelabel
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# OpenCV (pulled in by Ultralytics) needs libGL and GLib at import time.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+
+# Dependencies first, so code changes do not reinstall them. requirements.txt pins the CUDA build
+# of torch and its nvidia-*/cuda-*/triton wheels (several GB): install the CPU build of the same
+# torch/torchvision versions, then the rest of the lock without those lines (nvidia-ml-py stays:
+# Ultralytics requires it, and it is a small pure-Python package).
+COPY requirements.txt ./
+RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu \
+ && grep -vE '^(torch|torchvision|triton|cuda-(bindings|pathfinder|toolkit)|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx)[a-z0-9-]*)==' \
+        requirements.txt > /tmp/requirements-cpu.txt \
+ && pip install -r /tmp/requirements-cpu.txt \
+ && python -c "import torch; assert torch.version.cuda is None, torch.version.cuda" \
+ && rm /tmp/requirements-cpu.txt
+
+# A non-root user; it owns only what the service writes.
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app \
+ && mkdir -p /data/models /data/cache /app/var/ultralytics \
+ && chown -R app:app /data /app/var
+
+COPY backend/ backend/
+COPY worker/ worker/
+COPY scripts/ scripts/
+COPY gunicorn.conf.py label_config.xml ./
+
+# Ultralytics never touches the network (PROTOCOL.md section 3); state lives on /data volumes.
+ENV PYTHONPATH=/app \
+    PORT=9090 \
+    YOLO_OFFLINE=1 \
+    YOLO_AUTOINSTALL=0 \
+    YOLO_CONFIG_DIR=/app/var/ultralytics \
+    MODEL_DIR=/data/models \
+    DATA_DIR=/data/cache
+
+USER app
+EXPOSE 9090
+
+# /health never waits on a model or a training; python instead of curl (not in the slim image).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '9090'), timeout=4)"]
+
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "backend.wsgi:app"]

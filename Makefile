@@ -1,0 +1,113 @@
+# Label Studio ML backend (Gemini drafts, YOLO fallback, retraining). `make help` lists the targets.
+#
+# PORT, WORKERS, THREADS and REDIS_URL reach scripts/run.sh only when set on the command line or in
+# the environment (make passes those on by itself); otherwise run.sh reads them from .env or falls
+# back to the same defaults as below.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 9090
+WORKERS ?= 2
+THREADS ?= 8
+REDIS_URL ?= redis://127.0.0.1:6379/0
+# Redis of the test suite (tests/conftest.py reads TEST_REDIS_URL; db 15 of the local Redis).
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+export TEST_REDIS_URL
+# Label Studio 1.23.2 for the end-to-end tests lives in its own cached venv (the tests create it).
+LS_VENV ?= $(HOME)/.cache/lsb/ls-venv-1.23.2
+export LS_VENV
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.requirements.stamp
+LOCK_VENV := .venv-lock
+AUDIT_VENV := .venv-audit
+
+.PHONY: help install run test test-fast bench lock audit redis clean distclean
+
+help:
+	@echo "make install    create $(VENV) and install requirements.txt (only when it changed)"
+	@echo "make run        run the service in the foreground: gunicorn on :$(PORT) + one rq worker (scripts/run.sh)"
+	@echo "make test       the whole test suite, end-to-end tests included (needs Redis; starts one if none answers)"
+	@echo "make test-fast  the suite without tests marked slow"
+	@echo "make bench      benchmarks (python -m bench)"
+	@echo "make lock       regenerate requirements.txt from requirements.in in a throwaway venv"
+	@echo "make audit      check the pinned requirements for known vulnerabilities (pip-audit)"
+	@echo "make clean      remove caches and runtime files (keeps var/models, var/data and $(VENV))"
+	@echo "make distclean  clean, and remove $(VENV)"
+
+# --- environment ----------------------------------------------------------------------------------
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install --progress-bar off -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# --- run ------------------------------------------------------------------------------------------
+run: install
+	VENV="$(abspath $(VENV))" bash scripts/run.sh
+
+# --- tests ----------------------------------------------------------------------------------------
+# Start a throwaway local Redis for the tests when none answers (no persistence; it keeps running).
+redis: install
+	@url='$(TEST_REDIS_URL)'; \
+	if $(BIN)/python -c 'import redis, sys; redis.Redis.from_url(sys.argv[1], socket_connect_timeout=1).ping()' "$$url" 2>/dev/null; then \
+	    echo "Redis answers at $$url"; exit 0; \
+	fi; \
+	port=$$($(BIN)/python -c 'import sys; from urllib.parse import urlsplit; u = urlsplit(sys.argv[1]); print((u.port or 6379) if u.hostname in ("127.0.0.1", "localhost") else "")' "$$url"); \
+	if [ -z "$$port" ]; then echo "Redis does not answer at $$url" >&2; exit 1; fi; \
+	if ! command -v redis-server >/dev/null; then \
+	    echo "Redis does not answer at $$url and redis-server is missing (apt-get install redis-server)" >&2; exit 1; \
+	fi; \
+	echo "starting redis-server on 127.0.0.1:$$port for the tests"; \
+	redis-server --daemonize yes --bind 127.0.0.1 --port "$$port" --save "" --appendonly no --logfile "$${TMPDIR:-/tmp}/lsb-test-redis.log"; \
+	for i in $$(seq 50); do \
+	    $(BIN)/python -c 'import redis, sys; redis.Redis.from_url(sys.argv[1]).ping()' "$$url" 2>/dev/null && exit 0; sleep 0.1; \
+	done; \
+	echo "redis-server did not answer at $$url" >&2; exit 1
+
+test: install redis
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-fast: install redis
+	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench
+
+# --- dependencies ---------------------------------------------------------------------------------
+# Resolve requirements.in from scratch in a throwaway venv and pin the whole tree; the leading
+# comment lines of requirements.txt are kept, the pins sorted case-insensitively (stable diffs).
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --progress-bar off -r requirements.in
+	{ sed -n '/^#/!q;p' requirements.txt 2>/dev/null || true; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable \
+	    | $(LOCK_VENV)/bin/python -c 'import sys; sys.stdout.writelines(sorted(sys.stdin, key=str.lower))'; \
+	} > requirements.txt.new
+	grep -q '^torch==' requirements.txt.new
+	mv requirements.txt.new requirements.txt
+	rm -rf $(LOCK_VENV)
+	@echo "requirements.txt regenerated: review the diff, then make install"
+
+# pip-audit lives in its own venv so it does not change the locked environment. The lock is fully
+# pinned, so pip-audit checks the pins as written (--no-deps --disable-pip) without installing them.
+audit:
+	test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/python -m pip install pip-audit; }
+	$(AUDIT_VENV)/bin/pip-audit -r requirements.txt --no-deps --disable-pip --progress-spinner off
+
+# --- cleaning -------------------------------------------------------------------------------------
+clean:
+	rm -rf var/run var/ultralytics .pytest_cache $(LOCK_VENV) $(AUDIT_VENV) requirements.txt.new
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

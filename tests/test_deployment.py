@@ -1,0 +1,587 @@
+"""The deployment files agree with each other and with scripts/run.sh, and run.sh really runs.
+
+No Docker engine is needed: docker-compose.yml and the Dockerfile are checked as text against the
+commands scripts/run.sh runs; run.sh itself is started for real (marked slow).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import runpy
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.prefix)  # the venv running the tests is the one run.sh should use
+RUN_SH = ROOT / "scripts" / "run.sh"
+CI_RUN = ROOT / ".ci" / "run"
+
+GUNICORN_ARGS = ["-c", "gunicorn.conf.py", "backend.wsgi:app"]
+WORKER_QUEUES = ["training", "prelabel"]
+DEV_ONLY_PACKAGES = {"tests", "bench"}  # top-level packages the image does not need
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def env_example() -> dict[str, str]:
+    """Active KEY=value entries of .env.example."""
+    entries = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = re.match(r"^([A-Z][A-Z0-9_]*)=(.*)$", line.strip())
+        if match:
+            entries[match.group(1)] = match.group(2)
+    return entries
+
+
+def interpolate(text: str, values: dict[str, str]) -> str:
+    """Compose-style ${VAR}, ${VAR:-default}, ${VAR-default} and ${VAR:?msg} substitution."""
+
+    def sub(match: re.Match) -> str:
+        name, op, arg = match.group(1), match.group(2) or "", match.group(3) or ""
+        value = values.get(name)
+        if op in (":-", ":?") and not value or op in ("-", "?") and value is None:
+            return arg if op.endswith("-") else ""
+        return value or ""
+
+    return re.sub(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}", sub, text)
+
+
+def dockerfile() -> str:
+    # Join continuation lines so each instruction is one line.
+    return re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+
+
+def dockerfile_instruction(name: str) -> list[str]:
+    return [line.split(None, 1)[1] for line in dockerfile().splitlines() if line.split(None, 1)[:1] == [name]]
+
+
+def run_sh_command(executable: str) -> list[str]:
+    """The arguments run.sh passes to ``$VENV/bin/<executable>``, up to the output redirection."""
+    text = RUN_SH.read_text().replace("\\\n", " ")
+    match = re.search(r'^\s*"\$VENV/bin/%s"(.*?)\s[<>]' % re.escape(executable), text, re.M)
+    assert match, f"scripts/run.sh does not start $VENV/bin/{executable}"
+    # Queue names carry the optional test prefix (worker/queue.py: LSB_QUEUE_PREFIX).
+    return [arg.replace("${QUEUE_PREFIX}", "") for arg in shlex.split(match.group(1))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+# --- docker-compose.yml and .env.example -------------------------------------------------------------
+
+def test_compose_services_and_their_references_exist():
+    doc = compose()
+    services = doc["services"]
+    assert set(services) == {"label-studio", "redis", "backend", "worker", "rq-dashboard"}
+    declared_volumes = set(doc.get("volumes") or {})
+    defaults = env_example()
+    for name, service in services.items():
+        for target, spec in (service.get("depends_on") or {}).items():
+            assert target in services, f"{name} depends on unknown service {target}"
+            if isinstance(spec, dict) and spec.get("condition") == "service_healthy":
+                assert "healthcheck" in services[target], f"{name} waits for {target} to be healthy, which has no healthcheck"
+        for volume in service.get("volumes") or []:
+            source = interpolate(volume if isinstance(volume, str) else volume["source"], defaults).split(":")[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name} mounts missing path {source}"
+            else:
+                assert source in declared_volumes, f"{name} uses undeclared volume {source}"
+        for entry in service.get("env_file") or []:
+            path, required = (entry, True) if isinstance(entry, str) else (entry["path"], entry.get("required", True))
+            if required:
+                assert (ROOT / path).is_file(), f"{name}: env_file {path} does not exist"
+            else:  # .env is not committed: its template must be
+                assert (ROOT / f"{path}.example").is_file(), f"{name}: optional {path} has no {path}.example"
+        if "build" in service:
+            context = service["build"] if isinstance(service["build"], str) else service["build"].get("context", ".")
+            assert (ROOT / context / "Dockerfile").is_file()
+    # Every declared volume is used somewhere.
+    used = {interpolate(v, defaults).split(":")[0] for s in services.values() for v in s.get("volumes") or [] if isinstance(v, str)}
+    assert declared_volumes <= used, declared_volumes - used
+
+
+def test_compose_settings():
+    services = compose()["services"]
+    ls = services["label-studio"]
+    assert ls["image"] == "heartexlabs/label-studio:1.23.2"
+    ls_env = ls["environment"]
+    for key, value in {
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": "/label-studio/files",
+        "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false", "SENTRY_DSN": "",
+        "COLLECT_ANALYTICS": "false", "LATEST_VERSION_CHECK": "false",
+    }.items():
+        assert ls_env[key] == value, key
+    assert services["redis"]["image"].startswith("redis:7")
+    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+    for name in ("backend", "worker"):
+        service = services[name]
+        env = service["environment"]
+        assert env["REDIS_URL"] == "redis://redis:6379/0"
+        assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+        assert env["MODEL_DIR"] == "/data/models" and env["DATA_DIR"] == "/data/cache"
+        assert env["LOCAL_FILES_DOCUMENT_ROOT"] == ls_env["LOCAL_FILES_DOCUMENT_ROOT"]
+        mounts = {m.split(":")[1]: m for m in (interpolate(v, env_example()) for v in service["volumes"])}
+        assert mounts["/data/models"].startswith("models:") and mounts["/data/cache"].startswith("cache:")
+        media = mounts[ls_env["LOCAL_FILES_DOCUMENT_ROOT"]]
+        assert media.endswith(":ro"), "the backend only reads Label Studio's media"
+        assert media.split(":")[0] in [interpolate(v, env_example()).split(":")[0] for v in ls["volumes"]], \
+            "backend and Label Studio share the media volume"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["worker"]["healthcheck"] == {"disable": True}, "the image's HTTP healthcheck cannot pass in the worker"
+    assert services["backend"]["environment"]["PORT"] == "9090", "a PORT in .env must not move the container's port"
+    assert str(services["backend"]["ports"][0]).endswith(":9090")
+    dashboard = services["rq-dashboard"]
+    assert dashboard["image"].startswith("eoranged/rq-dashboard")
+    assert dashboard["environment"]["RQ_DASHBOARD_REDIS_URL"] == "redis://redis:6379/0"
+    assert "9181" in str(dashboard["ports"])
+
+
+def test_every_compose_variable_is_in_env_example():
+    text = (ROOT / "docker-compose.yml").read_text()
+    referenced = set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
+    referenced |= set(re.findall(r"(?<!\$)\$([A-Za-z_][A-Za-z0-9_]*)", text))
+    assert referenced, "expected ${VAR} references in docker-compose.yml"
+    missing = referenced - set(env_example())
+    assert not missing, f"add to .env.example: {sorted(missing)}"
+
+
+def test_env_example_names_are_known_and_load():
+    """No typos: every name in .env.example is a setting, a compose variable or a run.sh knob."""
+    from backend.settings import Settings
+
+    setting_names = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        setting_names |= set(getattr(alias, "choices", None) or [name.upper()])
+    compose_vars = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", (ROOT / "docker-compose.yml").read_text()))
+    run_knobs = {"PORT", "WORKERS", "THREADS", "BIND"}
+    text = (ROOT / ".env.example").read_text()
+    names = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", text, re.M))
+    unknown = names - setting_names - compose_vars - run_knobs
+    assert not unknown, unknown
+    entries = env_example()
+    for key in ("GEMINI_API_KEY", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+        assert entries[key] == "", f"{key} must be empty in the template"
+    assert entries["WEBHOOK_SECRET"], "WEBHOOK_SECRET needs a placeholder"
+    # The file is sourced by run.sh (bash) and must give valid settings.
+    code = "from backend.settings import Settings; Settings()"
+    result = subprocess.run(
+        ["bash", "-c", f'set -euo pipefail; set -a; . ./.env.example; set +a; exec "{sys.executable}" -c "{code}"'],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------------
+
+def test_dockerfile_runs_what_run_sh_runs():
+    assert dockerfile().startswith("# syntax") or "FROM python:3.11-slim" in dockerfile()
+    assert dockerfile_instruction("FROM") == ["python:3.11-slim"]
+    cmd = json.loads(dockerfile_instruction("CMD")[-1])
+    assert cmd == ["gunicorn", *GUNICORN_ARGS]
+    assert run_sh_command("gunicorn") == GUNICORN_ARGS
+    services = compose()["services"]
+    assert services["backend"].get("command", cmd) == cmd
+
+    worker_cmd = services["worker"]["command"]
+    worker_cmd = shlex.split(worker_cmd) if isinstance(worker_cmd, str) else worker_cmd
+    assert worker_cmd[:2] == ["rq", "worker"]
+    assert worker_cmd[worker_cmd.index("--url") + 1] == services["worker"]["environment"]["REDIS_URL"]
+    run_args = run_sh_command("rq")
+    assert run_args[:3] == ["worker", "--url", "$REDIS_URL"]
+    assert worker_cmd[4:] == run_args[3:] == ["--with-scheduler", *WORKER_QUEUES]
+    assert "rq worker --url \"$REDIS_URL\" --with-scheduler training prelabel" in dockerfile()
+
+
+def test_dockerfile_healthcheck_user_and_env():
+    (health,) = dockerfile_instruction("HEALTHCHECK")
+    assert "/health" in health and '"python"' in health and "curl" not in health
+    assert "PORT" in health and "9090" in health
+    assert dockerfile_instruction("EXPOSE") == ["9090"]
+    users = dockerfile_instruction("USER")
+    assert users and users[-1] not in ("root", "0")
+    env = " ".join(dockerfile_instruction("ENV"))
+    for pair in ("YOLO_OFFLINE=1", "YOLO_AUTOINSTALL=0", "YOLO_CONFIG_DIR=/app/var/ultralytics",
+                 "MODEL_DIR=/data/models", "DATA_DIR=/data/cache"):
+        assert pair in env
+    assert "libgl1" in dockerfile() and "libglib2.0-0" in dockerfile()
+    assert dockerfile_instruction("WORKDIR") == ["/app"]
+
+
+def test_dockerfile_copies_every_package():
+    copied = {src.rstrip("/") for line in dockerfile_instruction("COPY") for src in line.split()[:-1] if not src.startswith("--")}
+    packages = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()} - DEV_ONLY_PACKAGES
+    assert {"backend", "worker"} <= packages
+    assert packages <= copied, f"not copied into the image: {packages - copied}"
+    assert {"gunicorn.conf.py", "label_config.xml", "scripts", "requirements.txt"} <= copied
+
+
+def test_dockerfile_installs_cpu_torch_and_the_rest_of_the_lock():
+    text = dockerfile()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M))
+    assert f"torch=={pins['torch']}" in text and f"torchvision=={pins['torchvision']}" in text
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text
+    (pattern,) = re.findall(r"grep -vE '([^']+)'", text)
+    kept = [name for name in pins if not re.match(pattern, f"{name}=={pins[name]}")]
+    dropped = set(pins) - set(kept)
+    assert {"torch", "torchvision", "triton"} <= dropped
+    assert not [n for n in kept if re.match(r"(torch|torchvision|triton|cuda-|nvidia-(?!ml-py))", n)], kept
+    assert "nvidia-ml-py" not in pins or "nvidia-ml-py" in kept, "Ultralytics needs nvidia-ml-py"
+    assert {"ultralytics", "gunicorn", "rq", "flask"} <= {n.lower() for n in kept}
+
+
+# --- scripts ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", [RUN_SH, CI_RUN], ids=lambda p: p.name)
+def test_bash_syntax(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "set -euo pipefail" in script.read_text()
+
+
+def test_ci_runs_make_test():
+    lines = [line.strip() for line in CI_RUN.read_text().splitlines()]
+    assert "make install" in lines
+    assert "make test" in lines
+    assert any("redis-server --daemonize yes --bind 127.0.0.1 --port 6379" in line for line in lines)
+    readme = ROOT / "README.md"
+    if readme.is_file():
+        assert "make test" in readme.read_text(), "the README's test command is what CI runs"
+
+
+def test_make_dry_run():
+    result = subprocess.run(
+        ["make", "-n", "run", "test", "test-fast", "bench", "install", "lock", "audit", "clean"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "scripts/run.sh" in out
+    assert re.search(r"\.venv/bin/pytest -q(\s|$)", out)
+    assert '-m "not slow"' in out
+    assert ".venv/bin/python -m bench" in out
+    assert "pip-audit -r requirements.txt" in out
+
+
+# --- label_config.xml --------------------------------------------------------------------------------------
+
+def test_label_config_parses_and_validates():
+    from label_studio_sdk.label_interface import LabelInterface
+
+    from backend.label_config import ProjectConfig
+
+    xml = (ROOT / "label_config.xml").read_text()
+    config = ProjectConfig.parse(xml)
+    assert config.image_key == "image" and config.prompt_control == "prompt"
+    (control,) = config.controls
+    assert (control.name, control.tag, control.score_threshold) == ("label", "RectangleLabels", 0.3)
+    specs = {label.value: label for label in control.labels}
+    assert specs["Person with helmet"].hint == "construction worker wearing a hard hat"
+    assert specs["Person with helmet"].predicted_values == ("person_with_helmet",)
+    assert specs["Person without helmet"].hint == "construction worker NOT wearing a hard hat / helmet"
+    assert specs["Person without helmet"].predicted_values == ("person_without_helmet", "head")
+    assert specs["Helmet"].hint == "a hard hat / safety helmet"
+    assert specs["Helmet"].predicted_values == ("helmet", "hardhat")
+    assert config.match_label("hardhat") == "Helmet" and config.match_label("head") == "Person without helmet"
+
+    interface = LabelInterface(xml)
+    interface.validate()
+    prompt = interface.get_control("prompt")
+    assert prompt.tag == "TextArea" and prompt.attr["editable"] == "true" and prompt.attr["perRegion"] == "false"
+    assert "Ask the model" in prompt.attr["placeholder"]
+    prediction = {
+        "model_version": "test", "score": 0.9,
+        "result": [
+            {"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": 640,
+             "original_height": 480, "image_rotation": 0, "score": 0.9,
+             "value": {"x": 10, "y": 10, "width": 20, "height": 30, "rotation": 0, "rectanglelabels": [label]}}
+            for label in specs
+        ],
+    }
+    assert interface.validate_prediction(prediction, return_errors=True) == []
+
+
+# --- gunicorn.conf.py ------------------------------------------------------------------------------------
+
+def load_gunicorn_conf(monkeypatch, **env) -> dict:
+    for key in ("PORT", "WORKERS", "THREADS", "BIND"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+
+
+def test_gunicorn_conf_defaults_and_env(monkeypatch):
+    from gunicorn.config import Config
+
+    conf = load_gunicorn_conf(monkeypatch)
+    assert (conf["bind"], conf["workers"], conf["threads"]) == ("0.0.0.0:9090", 2, 8)
+    conf = load_gunicorn_conf(monkeypatch, PORT="9191", WORKERS="3", THREADS="4")
+    assert (conf["bind"], conf["workers"], conf["threads"]) == ("0.0.0.0:9191", 3, 4)
+    assert conf["worker_class"] == "gthread" and conf["timeout"] == 120 and conf["graceful_timeout"] == 10
+    fmt = conf["access_log_format"]
+    assert "%(U)s" in fmt and not {"%(r)s", "%(q)s", "%(f)s"} & set(re.findall(r"%\(\w\)s", fmt))
+    assert conf["accesslog"] == "-"
+    cfg = Config()  # gunicorn's own validators accept every value
+    for name, value in conf.items():
+        if name in cfg.settings:
+            cfg.set(name, value)
+    assert cfg.worker_class_str == "gthread" and cfg.threads == 4
+
+
+def test_gunicorn_child_exit_marks_process_dead(monkeypatch, tmp_path):
+    conf = load_gunicorn_conf(monkeypatch)
+    for name in ("gauge_livesum_4242.db", "gauge_liveall_4242.db", "counter_4242.db", "gauge_livesum_7.db"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    conf["child_exit"](None, type("Worker", (), {"pid": 4242})())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_4242.db", "gauge_livesum_7.db"]
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    conf["child_exit"](None, type("Worker", (), {"pid": 7})())  # no-op without the variable
+    assert (tmp_path / "gauge_livesum_7.db").exists()
+
+
+def test_gunicorn_access_log_has_no_query_string(tmp_path):
+    """A real gunicorn with this config logs the path of /webhook?token=... but not the token."""
+    (tmp_path / "tinyapp.py").write_text(
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'ok']\n"
+    )
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "WORKERS": "1", "THREADS": "2", "PYTHONPATH": str(tmp_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [str(VENV / "bin" / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"), "tinyapp:app"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/webhook?token=s3cr3t-token"
+        request = urllib.request.Request(url, headers={"Referer": url})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
+                time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    assert '"GET /webhook HTTP/1.1" 200' in output, output
+    assert "s3cr3t" not in output
+
+
+# --- scripts/run.sh, for real --------------------------------------------------------------------------
+
+def _descendants(pid: int):
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _is_rq_worker(proc) -> bool:
+    try:
+        cmd = proc.cmdline()
+    except Exception:
+        return False
+    return "worker" in cmd and any(Path(arg).name == "rq" for arg in cmd)
+
+
+def _is_gunicorn(proc) -> bool:
+    try:
+        return any(Path(arg).name == "gunicorn" for arg in proc.cmdline()[:2])
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ctrl-c", "sigterm-own-redis"])
+def test_run_sh_serves_and_stops_cleanly(mode, tmp_path):
+    """run.sh starts gunicorn and an rq worker, /health answers, and a signal stops every child.
+
+    ctrl-c: run.sh on a pseudo-terminal that gets a real ^C (SIGINT to the terminal's foreground
+    process group), with the machine's Redis (db 12).
+    sigterm-own-redis: SIGTERM to the script only (systemd, docker), with REDIS_URL on a free local
+    port, so run.sh starts its own redis-server and must stop it again; the worker is busy with a
+    long job, so the warm stop must turn into a cold one after STOP_TIMEOUT.
+    """
+    import psutil
+    import redis
+    from rq import Queue, Worker
+
+    if not (ROOT / "backend" / "wsgi.py").is_file():
+        pytest.skip("backend/wsgi.py does not exist yet")
+    if mode == "ctrl-c":
+        redis_url = "redis://127.0.0.1:6379/12"
+        if not redis_answers(redis_url):
+            pytest.skip("no Redis at 127.0.0.1:6379")
+    else:
+        if not any((Path(d) / "redis-server").is_file() for d in os.environ.get("PATH", "").split(os.pathsep)):
+            pytest.skip("redis-server is not installed")
+        redis_url = f"redis://127.0.0.1:{free_port()}/0"
+
+    port = free_port()
+    var_dir = tmp_path / "var"
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PROMETHEUS_", "GEMINI_", "GOOGLE_", "LABEL_STUDIO_", "BASIC_AUTH_"))}
+    env.pop("YOLO_CONFIG_DIR", None)
+    env.update({
+        "PORT": str(port), "WORKERS": "2", "THREADS": "2", "REDIS_URL": redis_url, "VENV": str(VENV),
+        "VAR_DIR": str(var_dir), "ENV_FILE": str(tmp_path / "no.env"),
+        "MODEL_DIR": str(tmp_path / "models"), "DATA_DIR": str(tmp_path / "data"), "WEBHOOK_SECRET": "test-secret",
+        # Busy worker: cold stop after 3 s. Idle: the warm stop has 8 s (gunicorn workers that loaded
+        # torch can take a few seconds to exit on a loaded machine).
+        "STOP_TIMEOUT": "8" if mode == "ctrl-c" else "3",
+        # The worker must listen where the backend enqueues (worker/queue.py prefixes queue names).
+        "LSB_QUEUE_PREFIX": f"deploytest{port}-" if mode == "ctrl-c" else "",
+    })
+    chunks: list[bytes] = []
+    if mode == "ctrl-c":  # a terminal of its own: run.sh is its session leader and foreground job
+        master, slave = os.openpty()
+        proc = subprocess.Popen(
+            ["bash", str(RUN_SH)], cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(slave)
+
+        def read_terminal():
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO once every holder of the terminal is gone
+                    return
+                if not data:
+                    return
+                chunks.append(data)
+    else:
+        master = None
+        proc = subprocess.Popen(
+            ["bash", str(RUN_SH)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+        def read_terminal():
+            chunks.extend(iter(lambda: proc.stdout.read1(65536), b""))
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    log = lambda: b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")  # noqa: E731
+    children: list = []
+    redis_pidfile = var_dir / "run" / "redis.pid"
+    own_redis_pid = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"run.sh exited with {proc.returncode}:\n{log()}"
+            assert time.monotonic() < deadline, f"/health did not answer within 120 s:\n{log()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+
+        if mode != "ctrl-c":
+            assert redis_pidfile.is_file(), log()
+            own_redis_pid = int(redis_pidfile.read_text().strip())
+            assert psutil.pid_exists(own_redis_pid)
+
+        children = _descendants(proc.pid)
+        workers = [p for p in children if _is_rq_worker(p)]
+        assert workers, f"no rq worker among {[p.cmdline() for p in children]}"
+        assert len([p for p in children if _is_gunicorn(p)]) >= 3, "gunicorn master and 2 workers"
+        # The worker registered in Redis on both queues.
+        connection = redis.Redis.from_url(redis_url)
+        worker_pids = {p.pid for p in workers}
+        deadline = time.monotonic() + 20
+        while not [w for w in Worker.all(connection=connection) if w.pid in worker_pids]:
+            assert time.monotonic() < deadline, f"the rq worker did not register:\n{log()}"
+            time.sleep(0.5)
+        (registered,) = [w for w in Worker.all(connection=connection) if w.pid in worker_pids]
+        assert registered.queue_names() == [env["LSB_QUEUE_PREFIX"] + q for q in WORKER_QUEUES]
+        assert "Gemini key not set: serving with the YOLO fallback only" in log()
+        prom_dirs = list((var_dir / "run").glob("prometheus.*"))
+        assert len(prom_dirs) == 1, prom_dirs
+
+        if mode != "ctrl-c":  # a job that would outlive any warm stop
+            job = Queue(WORKER_QUEUES[0], connection=connection).enqueue("time.sleep", 600, job_timeout=900)
+            deadline = time.monotonic() + 30
+            while job.get_status(refresh=True) != "started":
+                assert time.monotonic() < deadline, f"the job did not start:\n{log()}"
+                time.sleep(0.2)
+            children = _descendants(proc.pid)  # now with the work horse
+
+        if mode == "ctrl-c":
+            os.write(master, b"\x03")  # the terminal turns it into SIGINT for its foreground group
+        else:
+            proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, alive = psutil.wait_procs([*children, psutil.Process(proc.pid)], timeout=15)
+        assert not alive, f"still running {time.monotonic() - started:.1f} s after the signal: {alive}\n{log()}"
+        assert proc.wait(timeout=5) == 0, log()
+        reader.join(timeout=5)
+        assert "[run] stopped" in log()
+        assert f"[run] got SIG{'INT' if mode == 'ctrl-c' else 'TERM'}" in log(), log()
+        # rq saw its one stop signal (a warm stop), also when it was idle on Redis.
+        assert "warm shut down requested" in log(), log()
+        if mode != "ctrl-c":
+            assert "[run] cold stop" in log() and "cold shut down" in log(), log()
+        if own_redis_pid:
+            deadline = time.monotonic() + 5
+            while psutil.pid_exists(own_redis_pid) and psutil.Process(own_redis_pid).status() != psutil.STATUS_ZOMBIE:
+                assert time.monotonic() < deadline, "run.sh did not stop the redis-server it started"
+                time.sleep(0.1)
+            assert not redis_answers(redis_url)
+        else:  # the warm shutdown deregistered the worker
+            assert not [w for w in Worker.all(connection=connection) if w.pid in worker_pids], "worker still registered"
+        connection.close()
+        assert not list((var_dir / "run").glob("prometheus.*")), "the Prometheus folder is removed at exit"
+    finally:
+        if master is not None:
+            os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        if own_redis_pid and psutil.pid_exists(own_redis_pid):
+            try:
+                psutil.Process(own_redis_pid).kill()
+            except psutil.Error:
+                pass
