@@ -47,12 +47,12 @@ class _CallbackCollector(Collector):
             return
 
 
-_extra_collectors: list[Callable[[], list[GaugeMetricFamily]]] = []
+_extra_collectors: dict[str, Callable[[], list[GaugeMetricFamily]]] = {}
 
 
-def register_scrape_callback(callback: Callable[[], list[GaugeMetricFamily]]) -> None:
-    """Add gauges computed at scrape time (e.g. per-project draft quality)."""
-    _extra_collectors.append(callback)
+def register_scrape_callback(name: str, callback: Callable[[], list[GaugeMetricFamily]]) -> None:
+    """Add (or replace, by ``name``) gauges computed at scrape time, e.g. per-project draft quality."""
+    _extra_collectors[name] = callback
 
 
 def render() -> tuple[bytes, str]:
@@ -65,7 +65,7 @@ def render() -> tuple[bytes, str]:
     body = generate_latest(registry)
     if _extra_collectors:
         extra = CollectorRegistry()
-        for callback in _extra_collectors:
+        for callback in _extra_collectors.values():
             extra.register(_CallbackCollector(callback))
         body += generate_latest(extra)
     return body, CONTENT_TYPE_LATEST

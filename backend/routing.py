@@ -20,6 +20,7 @@ from backend.detectors.yolo import YoloDetector
 from backend.images import ImageError, ImageLoader, LoadedImage
 from backend.label_config import ProjectConfig
 from backend.metrics import DETECT_SECONDS, FALLBACKS
+from backend.quality import yolo_preferred
 from backend.registry import VersionInfo
 from backend.settings import Settings
 
@@ -33,18 +34,6 @@ class TaskOutcome:
     detections: Detections | None = None
     reason: str = ""
     fallback_reason: str = ""
-
-
-def yolo_preferred(info: VersionInfo | None) -> bool:
-    """True once the current YOLO version is at least as good as Gemini's measured drafts."""
-    if info is None:
-        return False
-    meta = info.meta
-    yolo_map = (meta.get("metrics", {}).get("candidate") or {}).get("map50")
-    gemini = (meta.get("draft_quality") or {}).get("gemini") or {}
-    if yolo_map is None or gemini.get("map50") is None or not gemini.get("n"):
-        return False
-    return float(yolo_map) >= float(gemini["map50"])
 
 
 class Router:
@@ -99,6 +88,9 @@ class Router:
             image = self.loader.load(url, task_id)
         except ImageError as exc:
             return None, TaskOutcome(reason=f"image {exc.reason}: {exc.message}")
+        except Exception as exc:  # a loader bug on odd input must fail this task only, not the batch
+            log.exception("loading the image of task %s failed unexpectedly", task_id)
+            return None, TaskOutcome(reason=f"image error: {type(exc).__name__}")
         outcome = TaskOutcome()
         if use_gemini:
             outcome.detections, outcome.fallback_reason = self._gemini(image, config, query)
