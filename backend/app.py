@@ -11,12 +11,14 @@ import time
 from typing import Any
 
 import redis as redis_lib
-from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Request, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from backend import auth, metrics
+from backend import auth, metrics, quality
 from backend.label_config import ProjectConfig, UnsupportedConfig
 from backend.logs import configure_logging
+from backend.openapi import build_spec
 from backend.registry import describe, project_key
 from backend.services import Services, get_services
 from backend.settings import Settings, get_settings
@@ -24,12 +26,41 @@ from backend.webhook import BadEvent, handle_event
 
 log = logging.getLogger(__name__)
 
-OPEN_ROUTES = {"/health"}
+OPEN_ROUTES = {"/health", "/openapi.json"}
 WEBHOOK_ROUTES = {"/webhook"}
 
 
 class BadRequest(ValueError):
     """Malformed input: answered 400 with the message."""
+
+
+class _JSONProvider(DefaultJSONProvider):
+    """Deeply nested JSON (``[[[[...]]]]``) makes the parser raise RecursionError, which Flask does
+    not treat as a parse error: turn it into one, so it is a 400 like any other bad body."""
+
+    def loads(self, s, **kwargs):
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
+class _Request(Request):
+    """werkzeug cuts a chunked body (no Content-Length) at MAX_CONTENT_LENGTH without an error (only a
+    second read raises), so an oversized upload would surface as "not JSON": make it the 413 it is."""
+
+    def get_data(self, *args, **kwargs):
+        data = super().get_data(*args, **kwargs)
+        limit = self.max_content_length
+        if self.content_length is None and limit is not None and isinstance(data, (bytes, str)) and len(data) >= limit:
+            raise RequestEntityTooLarge()
+        return data
+
+
+def _body_project() -> Any:
+    """``project`` from a JSON object body, if the body is one (training and model routes)."""
+    body = request.get_json(silent=True)
+    return body.get("project") if isinstance(body, dict) else None
 
 
 def _json_body() -> dict:
@@ -75,6 +106,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     settings = settings or get_settings()
     configure_logging(settings)
     app = Flask(__name__)
+    app.request_class = _Request
+    app.json = _JSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     app.json.sort_keys = False
     if not settings.webhook_secret.get_secret_value() and not settings.basic_auth_enabled:
@@ -82,6 +115,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     def svc() -> Services:
         return services or get_services()
+
+    metrics.register_scrape_callback("quality", lambda: quality.gauges(svc().redis, svc().registry))
 
     @app.before_request
     def _authenticate():
@@ -129,6 +164,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     def health():
         """Liveness for Label Studio: never touches a model, Redis or a queue."""
         return jsonify(status="UP", model_class="GeminiYoloBackend", gemini=settings.gemini_enabled, routing=settings.routing)
+
+    @app.get("/openapi.json")
+    def openapi():
+        """Every route described in OpenAPI 3 (open like /health: it holds no secret)."""
+        return jsonify(build_spec(settings))
 
     @app.post("/setup")
     def setup():
@@ -192,12 +232,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.post("/train")
     def train():
-        project = _project_arg(request.args.get("project") or (request.get_json(silent=True) or {}).get("project"))
+        project = _project_arg(request.args.get("project") or _body_project())
         return jsonify(training_queue.request_training(svc().redis, project, force=True)), 202
 
     @app.post("/prelabel")
     def prelabel():
-        project = _project_arg(request.args.get("project") or (request.get_json(silent=True) or {}).get("project"))
+        project = _project_arg(request.args.get("project") or _body_project())
         return jsonify(job_id=enqueue_prelabel(svc().redis, project, settings=settings)), 202
 
     @app.get("/models")
@@ -214,6 +254,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             raise BadRequest("body must be a JSON object")
         project = _project_arg(body.get("project") or request.args.get("project"))
         version = body.get("version") or request.args.get("version")
+        if version is not None and not isinstance(version, str):
+            raise BadRequest("'version' must be a version name like v0003")
         try:
             info = svc().registry.rollback(project, version)
         except KeyError as exc:

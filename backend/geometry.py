@@ -197,3 +197,80 @@ def mask_to_xyxy(mask: np.ndarray) -> np.ndarray | None:
     if len(xs) == 0:
         return None
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=float)
+
+
+# --- COCO, YOLO polygons, RLE (added for the seed pipelines: lsb export / eval) -----------------
+
+def xyxy_to_coco(xyxy: Sequence[float]) -> list[float]:
+    """Pixel xyxy to COCO ``[x, y, width, height]`` (top-left corner, pixels)."""
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def coco_to_xyxy(xywh: Sequence[float]) -> np.ndarray:
+    """COCO ``[x, y, width, height]`` to pixel xyxy."""
+    x, y, w, h = (float(v) for v in xywh)
+    return np.array([x, y, x + w, y + h])
+
+
+def points_to_xyxy(points_px: np.ndarray) -> np.ndarray:
+    """The bounding box of pixel ``(x, y)`` polygon points."""
+    pts = np.asarray(points_px, dtype=float).reshape(-1, 2)
+    return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+
+
+def polygon_to_coco(points_px: np.ndarray) -> list[float]:
+    """Pixel ``(x, y)`` polygon points to one COCO segmentation polygon ``[x1, y1, x2, y2, ...]``."""
+    return [float(v) for v in np.asarray(points_px, dtype=float).reshape(-1)]
+
+
+def coco_to_polygon(flat: Sequence[float]) -> np.ndarray:
+    """One COCO segmentation polygon ``[x1, y1, x2, y2, ...]`` to pixel ``(x, y)`` rows."""
+    return np.asarray(flat, dtype=float).reshape(-1, 2)
+
+
+def yolo_points_to_pixels(points: Sequence[float], width: int, height: int) -> np.ndarray:
+    """YOLO segmentation label points (normalised ``x y x y ...``, 0-1) to pixel ``(x, y)`` rows."""
+    return np.asarray(points, dtype=float).reshape(-1, 2) * np.array([width, height])
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """A boolean mask to COCO compressed RLE ``{"size": [height, width], "counts": str}`` (JSON-safe)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed string or uncompressed list ``counts``) to a boolean ``(height, width)`` mask."""
+    from pycocotools import mask as mask_utils
+
+    height, width = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    else:
+        compressed = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(compressed).astype(bool)
+
+
+def coco_segmentation_to_mask(segmentation, width: int, height: int) -> np.ndarray:
+    """A COCO annotation's ``segmentation`` (list of polygons, or RLE) to a boolean mask."""
+    if isinstance(segmentation, dict):
+        return rle_to_mask(segmentation)
+    mask = np.zeros((height, width), dtype=bool)
+    for flat in segmentation or []:
+        if len(flat) >= 6:
+            mask |= polygon_to_mask(coco_to_polygon(flat), width, height)
+    return mask
+
+
+def ls_brush_to_mask(rle: Sequence[int], width: int, height: int) -> np.ndarray | None:
+    """A Label Studio BrushLabels ``rle`` to a boolean mask (None when it does not decode to this size)."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    flat = np.asarray(decode_rle(list(rle)), dtype=np.uint8)
+    if flat.size != width * height * 4:
+        return None
+    return flat.reshape(height, width, 4)[:, :, 3] > 0

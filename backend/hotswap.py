@@ -78,9 +78,18 @@ class ModelHolder:
     # --- loading -----------------------------------------------------------------------------------
 
     def _load(self, path: Path, version: str) -> YoloDetector:
-        detector = YoloDetector(path, version, self.settings.yolo_device, self.settings.yolo_imgsz, self.settings.yolo_threads)
-        detector.warm_up()
-        return detector
+        """The version's fastest verified export (OpenVINO > ONNX) when it has one, else the .pt; warmed up."""
+        from backend.detectors.yolo import EXPORT_FORMATS
+
+        exports: dict[str, Path] = {}
+        try:  # a registry version lives at MODEL_DIR/<project>/<version>/model.pt; YOLO_MODEL is any path
+            info = self.registry.get(path.parent.parent.name, version)
+        except ValueError:
+            info = None
+        if info is not None and info.checkpoint.resolve() == Path(path).resolve():
+            exports = {fmt: p for fmt in EXPORT_FORMATS if (p := info.export(fmt)) is not None}
+        return YoloDetector.load(path, version, exports, self.settings.yolo_device, self.settings.yolo_imgsz,
+                                 self.settings.yolo_threads)
 
     def _sync(self, project: str) -> YoloDetector | None:
         """Load the registry's current version for ``project`` if this process has another."""

@@ -503,7 +503,8 @@ class ImageLoader:
 
     def _from_cloud(self, uri: str, task_id: int | None) -> bytes:
         """s3:// gs:// azure-blob:// through LS's presign endpoint (it holds storage credentials)."""
-        if task_id is None:
+        if isinstance(task_id, bool) or not isinstance(task_id, (int, str)) or not str(task_id).isascii() \
+                or not str(task_id).isdigit():
             raise ImageError("forbidden_url", f"{uri.split(':', 1)[0]}:// URIs need a task id to be presigned by Label Studio")
         if not self.ls_origin:
             raise ImageError("forbidden_url", "cloud storage URIs need LABEL_STUDIO_URL")

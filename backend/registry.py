@@ -39,8 +39,9 @@ def project_key(project: str | int) -> str:
     """Label Studio sends ``"2.1795306664"`` (id.created_ts) in /setup and /predict, ``2`` in webhooks."""
     text = str(project).strip()
     head = text.split(".", 1)[0]
-    if not head.isdigit():
-        raise ValueError(f"not a Label Studio project id: {project!r}")
+    # ASCII digits only ("²".isdigit() is True), and no longer than a bigint: the id names folders.
+    if not (head.isascii() and head.isdigit()) or len(head) > 18:
+        raise ValueError(f"not a Label Studio project id: {text[:40]!r}")
     return head
 
 
@@ -78,11 +79,15 @@ def _fsync_tree(root: Path) -> None:
 def _write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk must not leave a temp file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class ModelRegistry:

@@ -20,18 +20,16 @@ import redis as redis_lib
 from rq import Queue, Retry
 
 from backend.settings import Settings, get_settings
+from worker import queue
 
 log = logging.getLogger(__name__)
 
-QUEUE = "prelabel"
-
-
 def enqueue_prelabel(redis: redis_lib.Redis, project: str, tasks: list[dict] | None = None,
-                     label_config: str | None = None, settings: Settings | None = None, queue_name: str = QUEUE) -> str:
+                     label_config: str | None = None, settings: Settings | None = None) -> str:
     """Queue a pre-labeling job; ``tasks=None`` means every task of the project lacking a current draft."""
     settings = settings or get_settings()
     slim = None if tasks is None else [{"id": t.get("id"), "data": t.get("data") or {}} for t in tasks]
-    job = Queue(queue_name, connection=redis).enqueue(
+    job = Queue(queue.queue_name(queue.PRELABEL_QUEUE), connection=redis).enqueue(
         prelabel_tasks, project, slim, label_config,
         job_timeout=max(600, 60 * (len(slim or []) // 50 + 1)),
         retry=Retry(max=3, interval=[10, 60, 300]),

@@ -1,0 +1,140 @@
+"""4. Hot-swap under load: promote new versions while another process sends 15 /predict per second.
+
+Swap delay = time from ``registry.promote`` until the LAST gunicorn worker logged that it serves the
+new version ("project P now serves YOLO vN", with its pid) — from then on every worker answers with
+it. Checked from the client side too: the last answer carrying an older version, among requests
+sent after the promotion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from pathlib import Path
+
+import requests
+
+from bench.common import (Context, Result, Row, Stats, backend, finish_load, goal_row, percentile, predict_body,
+                          project_id, ratio, register_version, start_load, synthetic, trained_checkpoint, upload_tasks,
+                          verified_exports)
+
+NAME = "hotswap"
+TITLE = "4. Hot-swap under steady load"
+_SWAP = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (?P<pid>\d+) \S+: project (?P<project>\d+) now serves YOLO (?P<version>v\d+)")
+
+
+def _swap_times(log_path: Path, project: str) -> dict[str, dict[int, float]]:
+    """version -> {pid: epoch seconds of its swap} from the backend log."""
+    out: dict[str, dict[int, float]] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        m = _SWAP.match(line)
+        if m and m.group("project") == project:
+            ts = dt.datetime.strptime(m.group("ts"), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.setdefault(m.group("version"), {})[int(m.group("pid"))] = ts
+    return out
+
+
+def _variant(ctx: Context, label: str, checkpoint: Path, exports: dict | None, rate: float, swaps: int, interval: float,
+             before: float) -> dict:
+    project = project_id()
+    items = synthetic(16, seed=55)
+    with backend(ctx, f"hotswap-{label}", workers=2, threads=8, routing="yolo") as be:
+        model_dir = Path(be.env["MODEL_DIR"])
+        registry, _ = register_version(ctx, model_dir, project, checkpoint, exports=exports)
+        tasks = upload_tasks(be.ls, int(project), items)
+        bodies = [predict_body([t], project) for t in tasks]
+        # Warm every worker (a first request for a project loads its model) on fresh connections.
+        for i in range(40):
+            requests.post(f"{be.url}/predict", json=bodies[i % len(bodies)], timeout=60, headers={"Connection": "close"}).raise_for_status()
+        workers = be.worker_pids()
+        warm = _swap_times(be.log_path, project).get("v0001", {})
+        duration = before + swaps * interval + 1.0
+        out = ctx.workdir / f"load-{label}-{project}.jsonl"
+        started = time.time() + 0.5
+        proc = start_load(be.url, "/predict", out, rate, duration, bodies, threads=16, start_at=started)
+        promotions: list[tuple[str, float]] = []
+        time.sleep(max(0.0, started + before - time.time()))
+        for k in range(swaps):
+            info = registry.add_version(project, checkpoint, {"classes": ["Car", "Person", "Sign"], "imgsz": 320}, extra_files=exports)
+            t = time.time()
+            registry.promote(project, info.version)
+            promotions.append((info.version, t))
+            time.sleep(max(0.0, t + interval - time.time()))
+        records = finish_load(proc, out, timeout=duration + 60)
+        time.sleep(0.5)
+        swaps_seen = _swap_times(be.log_path, project)
+        text = be.log_path.read_text(errors="replace")
+        served_format = "OpenVINO export" if "serves from its openvino export" in text else "ONNX export" if "serves from its onnx export" in text else ".pt"
+    return {"project": project, "workers": workers, "warm": warm, "promotions": promotions, "records": records,
+            "swaps": swaps_seen, "started": started, "before": before, "format": served_format}
+
+
+def _analyse(result: Result, label: str, data: dict, n_workers: int) -> None:
+    records = data["records"]
+    promotions = data["promotions"]
+    first_promotion = promotions[0][1] if promotions else float("inf")
+    delays, stale_delays, missing = [], [], 0
+    for k, (version, t) in enumerate(promotions):
+        per_worker = data["swaps"].get(version, {})
+        if len(per_worker) < n_workers:
+            missing += 1
+            continue
+        delays.append(max(per_worker.values()) - t)
+        older = [r for r in records if r["t"] >= t and r["mv"] and r["mv"] != f"yolo:{version}"
+                 and (k + 1 >= len(promotions) or r["t"] < promotions[k + 1][1])]
+        stale_delays.append(max((r["t"] - t for r in older), default=0.0))
+    failed = [r for r in records if r["status"] != 200]
+    before = [r["lat"] for r in records if data["started"] + 1.0 <= r["t"] < first_promotion]
+    during = [r["lat"] for r in records
+              if any(t <= r["t"] < t + 2.0 for _, t in promotions)]
+    sent = len(records)
+    span = (max(r["t"] for r in records) - min(r["t"] for r in records)) if records else 0
+    d = Stats.of(delays)
+    p95 = percentile(delays, 95) if delays else float("inf")
+    result.add(goal_row(f"[{label}] time until every worker serves the new version, p95 (s)",
+                        f"{p95:.2f} (median {d.median:.2f}, max {d.max:.2f}, {len(delays)} promotions × {n_workers} workers)",
+                        p95, 2.0, False, "≤ 2 s",
+                        note=(f"{missing} promotion(s) not picked up by every worker" if missing else "")))
+    result.add(Row(f"[{label}] … last answer with an older version, after the promotion (s)",
+                   f"p95 {percentile(stale_delays, 95):.2f}, max {max(stale_delays, default=0):.2f}",
+                   note="client side: send time of the last stale answer"))
+    result.add(goal_row(f"[{label}] failed requests during the run", f"{len(failed)} of {sent}", len(failed), 0, False, "0",
+                        note=f"{sent / span:.1f} req/s sent" if span else ""))
+    b99, w99 = percentile(before, 99), percentile(during, 99)
+    r = ratio(w99, b99)
+    result.add(goal_row(f"[{label}] p99 latency in the 2 s after each promotion (ms)", f"{w99 * 1000:.0f} (n={len(during)})",
+                        r, 2.0, False, "≤ 2× before", baseline=f"before any promotion {b99 * 1000:.0f} (n={len(before)})",
+                        ratio_text=f"{r:.2f}×"))
+    result.raw[label] = {"delays": delays, "stale": stale_delays, "failed": failed[:20], "p99_before": b99, "p99_during": w99,
+                         "served_format": data["format"]}
+    if p95 > 2.0 or r > 2.0 or failed:
+        result.notes.append(
+            f"[{label}] goal missed (p95 swap {p95:.2f} s, p99 ratio {r:.2f}×, {len(failed)} failures): each worker loads and "
+            f"warms the new model in a background thread of the same process that serves the load, so on 2 cores the "
+            f"load, two loads and the load generator compete for CPU.")
+
+
+def run(ctx: Context) -> Result:
+    checkpoint = trained_checkpoint(ctx)
+    rate, swaps, interval, before = 15.0, ctx.pick(6, 2), ctx.pick(4.0, 3.0), ctx.pick(8.0, 3.0)
+    variants = [(".pt", None)]
+    exports, _ = verified_exports(ctx, checkpoint)
+    if "openvino" in exports or "onnx" in exports:
+        variants.insert(0, ("export", exports))
+    result = Result(NAME, TITLE, params={"rate_req_s": rate, "promotions": swaps, "interval_s": interval,
+                                         "gunicorn": "2 workers x 8 threads", "HOTSWAP_POLL_SECONDS": 1.0,
+                                         "request": "/predict, 1 task 320x240"})
+    for label, ex in variants:
+        data = _variant(ctx, label, checkpoint, ex, rate, swaps, interval, before)
+        name = f"{data['format']}" if label == "export" else ".pt"
+        _analyse(result, name, data, len(data["workers"]) or 2)
+        ctx.log(f"hotswap [{name}]: workers {data['workers']}, {len(data['records'])} requests")
+    result.method = ("gunicorn as deployed (2 workers × 8 gthreads, ROUTING=yolo, HOTSWAP_POLL_SECONDS=1) serving a "
+                     "registry version; `bench.loadgen` in its own process sends 15 one-task /predict per second, "
+                     "open loop, a new connection each (as Label Studio does). After a steady period, new versions "
+                     f"(same weights, new version names) are promoted every {interval:g} s through ModelRegistry "
+                     "(Redis key + pub/sub). Swap time per worker comes from its log line; latency windows: the "
+                     "steady period before the first promotion vs the 2 s after each promotion. Variants: versions "
+                     "with verified exports (the worker serves OpenVINO) and .pt-only versions.")
+    return result

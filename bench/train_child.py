@@ -1,0 +1,67 @@
+"""One training run in its own process (so its peak RSS can be read): ``worker.train.train`` as the
+RQ job runs it, at the project's default settings unless told otherwise. Writes a JSON result.
+
+    python -m bench.train_child --data DATA_YAML --out RESULT_JSON [--epochs N] [--time-min M] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from bench.common import setup_environment
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--time-min", type=float)
+    parser.add_argument("--imgsz", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--extra", default="{}", help="JSON of extra model.train overrides")
+    args = parser.parse_args()
+    setup_environment()
+    from backend.settings import Settings
+    from worker.train import train
+
+    changes = {"data_dir": args.data_dir}
+    if args.epochs is not None:
+        changes["train_epochs"] = args.epochs
+    if args.time_min is not None:
+        changes["train_time_limit_min"] = args.time_min
+    if args.imgsz is not None:
+        changes["train_imgsz"] = args.imgsz
+    if args.batch is not None:
+        changes["train_batch"] = args.batch
+    settings = Settings(**changes)
+    started = time.perf_counter()
+    result = train(args.data, settings, progress=None, **json.loads(args.extra))
+    metrics = result.final_metrics
+    epochs = [h for h in result.history if h.get("stage") == "training"]
+    if len(epochs) > 1:
+        epoch_s = (epochs[-1]["elapsed_s"] - epochs[0]["elapsed_s"]) / (len(epochs) - 1)
+    else:
+        epoch_s = epochs[0]["elapsed_s"] if epochs else None
+    out = {
+        "checkpoint": str(result.checkpoint),
+        "seconds": result.seconds,
+        "train_s": time.perf_counter() - started,
+        "epochs_run": result.epochs_run,
+        "epoch_s": epoch_s,  # one epoch, training + validation, from Ultralytics' callbacks
+        "train_args": result.train_args,
+        "map50": metrics.get("metrics/mAP50(B)"),
+        "map50_95": metrics.get("metrics/mAP50-95(B)"),
+        "final_metrics": metrics,
+        "settings": {k: getattr(settings, k) for k in ("train_epochs", "train_imgsz", "train_batch", "train_time_limit_min")},
+    }
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

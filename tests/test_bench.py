@@ -1,0 +1,64 @@
+"""The benchmark suite runs end to end (`python -m bench --quick --only cache`) and reports its rows.
+
+No timing is asserted: figures on a shared 2-core machine are the benchmarks' business, not a test's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.common import Result, Row, Stats, percentile, render_section, write_report
+from tests.live import ROOT
+
+
+def test_percentiles_and_stats():
+    data = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(data, 50) == 3.0
+    assert percentile(data, 0) == 1.0 and percentile(data, 100) == 5.0
+    assert percentile(data, 95) == pytest.approx(4.8)
+    s = Stats.of(data)
+    assert (s.n, s.median, s.min, s.max) == (5, 3.0, 1.0, 5.0)
+    assert Stats.of([]).n == 0
+
+
+def test_report_keeps_sections_of_benchmarks_not_run(tmp_path):
+    out = tmp_path / "B.md"
+    a = Result("bulk", "1. Bulk", rows=[Row("speed", "8.1×", goal="≥ 8×", status="met")], command="python -m bench --only bulk")
+    b = Result("cache", "6. Cache", rows=[Row("calls", "1", goal="0", status="MISSED")], command="python -m bench --only cache")
+    write_report(out, [a, b], ["bulk", "cache"], {"nproc": "2"}, "python -m bench", 60)
+    b2 = Result("cache", "6. Cache", rows=[Row("calls", "0", goal="0", status="met")], command="python -m bench --only cache")
+    write_report(out, [b2], ["bulk", "cache"], {"nproc": "2"}, "python -m bench --only cache", 10)
+    text = out.read_text()
+    assert "| speed | 8.1× |" in text  # kept from the first run
+    assert "| calls | 0 |" in text and "| calls | 1 |" not in text  # replaced
+    assert text.index("1. Bulk") < text.index("6. Cache")
+    summary = text.split("## Summary of goals")[1].split("<!-- bench:")[0]
+    assert "| 1. Bulk | speed | 8.1× | ≥ 8× | met |" in summary
+    assert "| 6. Cache | calls | 0 | 0 | met |" in summary
+    assert "**MISSED**" in render_section(b)
+
+
+@pytest.mark.slow
+def test_quick_cache_benchmark_writes_its_rows(tmp_path, redis_url):
+    out, raw = tmp_path / "BENCH.md", tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "cache", "--out", str(out), "--json", str(raw), "-q"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    text = out.read_text()
+    for expected in ("# Benchmarks", "## Machine", "| nproc |", "| torch |", "| ultralytics |", "## Summary of goals",
+                     "## 6. Cache", "Gemini calls when the same 8 tasks are predicted again", "time of the repeat /predict",
+                     "repeat answers identical", "Reproduce: `python -m bench --only cache --quick`", "Method:"):
+        assert expected in text, expected
+    data = json.loads(raw.read_text())
+    (result,) = data["results"]
+    assert result["name"] == "cache" and not result["error"] and result["quick"]
+    metrics = [row["metric"] for row in result["rows"]]
+    assert len(metrics) == 3
+    calls = next(r for r in result["rows"] if r["metric"].startswith("Gemini calls"))
+    assert calls["status"] in ("met", "MISSED") and calls["goal"] == "0"
