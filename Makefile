@@ -44,8 +44,9 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): requirements.txt | $(BIN)/python
+$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --progress-bar off -r requirements.txt
+	$(BIN)/python -m pip install --progress-bar off --no-deps -e .   # the `lsb` command
 	touch $(STAMP)
 
 install: $(STAMP)
