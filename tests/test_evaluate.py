@@ -97,6 +97,7 @@ def test_draft_quality_per_source(tmp_path):
     assert q["gemini"]["n_gt"] == sum(len(i.labels) for i in ds.val_items)
 
 
+@pytest.mark.slow
 def test_gate_on_real_models(tmp_path):
     """A well-trained current model beats a 1-epoch candidate, and the other way round."""
     from worker.train import train
