@@ -255,6 +255,22 @@ class FakeLabelStudio:
                 "total_predictions": sum(len(t["predictions"]) for t in items),
             })
 
+        @app.get("/api/predictions/")
+        def list_predictions():
+            pid = request.args.get("project", type=int)
+            tid = request.args.get("task", type=int)
+            return jsonify([p for t in fake.tasks.values() if (pid is None or t["project"] == pid)
+                            and (tid is None or t["id"] == tid) for p in t["predictions"]])
+
+        @app.post("/api/predictions/")
+        def create_prediction():
+            body = request.get_json(silent=True) or {}
+            task = int(body["task"])
+            if task not in fake.tasks:
+                return jsonify({"detail": "Not found."}), 404
+            pred_id = fake.add_prediction(task, body.get("result") or [], body.get("model_version") or "", body.get("score"))
+            return jsonify(next(p for p in fake.tasks[task]["predictions"] if p["id"] == pred_id)), 201
+
         @app.get("/data/upload/<path:rest>")
         def upload(rest: str):
             path = f"/data/upload/{rest}"

@@ -366,26 +366,7 @@ def queued_prelabel(project: str) -> dict:
     return {"project": project, "stored": 0}
 
 
-class FakeLabelStudioWithPredictions(FakeLabelStudio):
-    """tests/fake_label_studio.py plus ``GET/POST /api/predictions/`` (what the pre-labeling job uses)."""
-
-    def _make_app(self):
-        app = super()._make_app()
-        fake = self
-
-        @app.get("/api/predictions/")
-        def list_predictions():
-            pid = request.args.get("project", type=int)
-            return jsonify([p for t in fake.tasks.values() if pid is None or t["project"] == pid for p in t["predictions"]])
-
-        @app.post("/api/predictions/")
-        def create_prediction():
-            body = request.get_json()
-            task = int(body["task"])
-            pred_id = fake.add_prediction(task, body.get("result") or [], body.get("model_version") or "", body.get("score"))
-            return jsonify(next(p for p in fake.tasks[task]["predictions"] if p["id"] == pred_id)), 201
-
-        return app
+FakeLabelStudioWithPredictions = FakeLabelStudio  # the fake serves /api/predictions/ itself
 
 
 def test_push_in_process_is_resumable_and_valid(env, capsys, monkeypatch):
