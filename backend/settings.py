@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     predict_max_tasks: int = Field(256, ge=1, description="Larger /predict batches are answered 413 and drafted by a background pre-labeling job instead (LS waits only 100 s).")
     max_request_mb: int = Field(32, ge=1, description="Largest request body accepted, in MB.")
 
+    # --- local open-vocabulary drafting (lsb detect --source owlvit) ---------------------------------
+    owlvit_model: str = Field("google/owlv2-base-patch16-ensemble", description="OWL-ViT/OWLv2 weights: a local folder or a hub id already in the local HF cache (never downloaded).")
+    owlvit_threshold: float = Field(0.1, description="OWL-ViT score threshold.")
+    owlvit_device: str = Field("cpu", description="Torch device for OWL-ViT and SAM.")
+    sam_model: str = Field("", description="SAM weights (local folder or cached hub id) for box-prompted masks; empty = boxes only.")
+
     # --- images ---------------------------------------------------------------------------------
     image_max_bytes: int = Field(40 * 1024 * 1024, description="Largest image download accepted.")
     image_max_pixels: int = Field(80_000_000, description="Largest decoded image (decompression-bomb guard).")

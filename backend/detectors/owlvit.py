@@ -28,14 +28,12 @@ nothing is downloaded at run time. Box coordinates come out of the model as norm
 the bottom/right, so its frame is ``max(w, h)`` on both sides; OWL-ViT stretches, so its frame is
 the image itself. The conversion is :func:`backend.geometry.yolo_to_xyxy`.
 
-Settings (read from the environment here until they join :mod:`backend.settings`):
-``OWLVIT_MODEL``, ``OWLVIT_THRESHOLD`` (0.1), ``SAM_MODEL`` (""), ``OWLVIT_DEVICE`` (cpu).
+Settings: ``OWLVIT_MODEL``, ``OWLVIT_THRESHOLD``, ``SAM_MODEL``, ``OWLVIT_DEVICE`` (:mod:`backend.settings`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -80,12 +78,14 @@ class OwlVitOptions:
 
     @classmethod
     def from_env(cls, **overrides) -> OwlVitOptions:
-        env = os.environ
+        from backend.settings import Settings
+
+        settings = Settings()
         values = {
-            "model": env.get("OWLVIT_MODEL", "").strip() or DEFAULT_MODEL,
-            "sam_model": env.get("SAM_MODEL", "").strip(),
-            "threshold": float(env.get("OWLVIT_THRESHOLD", "") or DEFAULT_THRESHOLD),
-            "device": env.get("OWLVIT_DEVICE", "").strip() or "cpu",
+            "model": settings.owlvit_model.strip() or DEFAULT_MODEL,
+            "sam_model": settings.sam_model.strip(),
+            "threshold": settings.owlvit_threshold,
+            "device": settings.owlvit_device.strip() or "cpu",
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
