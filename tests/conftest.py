@@ -30,3 +30,14 @@ def redis_url() -> str:
 @pytest.fixture
 def redis_client(redis_url):
     return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def rdb(redis_client, request):
+    """The test Redis and a key prefix only this test uses (deleted afterwards)."""
+    import uuid
+
+    prefix = f"test:{request.module.__name__.rsplit('.', 1)[-1]}:{uuid.uuid4().hex}"
+    yield redis_client, prefix
+    for key in redis_client.scan_iter(f"{prefix}*"):
+        redis_client.delete(key)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import pytest
 import redis
@@ -22,14 +21,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def rdb(redis_client):
-    """The conftest Redis (DB 15) and a key prefix only this test uses."""
-    client = redis_client
-    prefix = f"test:breaker:{uuid.uuid4().hex}"
-    yield client, prefix
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
 
 
 @pytest.fixture(params=["memory", "redis"])

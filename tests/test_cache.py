@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
-import pytest
 import redis
 from prometheus_client import REGISTRY
 
@@ -16,14 +14,6 @@ DOWN_URL = "redis://127.0.0.1:1/15"
 PARAMS = {"format": 1, "max_image_side": 1024, "max_objects": 25, "temperature": 0.5}
 
 
-@pytest.fixture
-def rdb(redis_client):
-    """The conftest Redis (DB 15) and a key prefix only this test uses."""
-    client = redis_client
-    prefix = f"test:cache:{uuid.uuid4().hex}"
-    yield client, prefix
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
 
 
 def counter(result: str) -> float:

@@ -17,14 +17,6 @@ DOWN_URL = "redis://127.0.0.1:1/15"  # nothing listens there
 DAY = 1_750_000_000.0  # 2025-06-15T15:06:40Z
 
 
-@pytest.fixture
-def rdb(redis_client):
-    """The conftest Redis (DB 15) and a key prefix only this test uses."""
-    client = redis_client
-    prefix = f"test:cost:{uuid.uuid4().hex}"
-    yield client, prefix
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
 
 
 def settings(**kw) -> Settings:

@@ -6,7 +6,6 @@ import hashlib
 import logging
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -50,14 +49,6 @@ BRUSH = ProjectConfig.parse(
 )
 
 
-@pytest.fixture
-def rdb(redis_client):
-    """The conftest Redis (DB 15) and a key prefix only this test uses."""
-    client = redis_client
-    prefix = f"test:gemini:{uuid.uuid4().hex}"
-    yield client, prefix
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
 
 
 class Sleeps:

@@ -11,17 +11,8 @@ import redis
 from backend.hotswap import ModelHolder
 from backend.registry import ModelRegistry
 from backend.settings import Settings
+from tests.live import wait_for
 from tests.models import make_checkpoint
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture
