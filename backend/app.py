@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 OPEN_ROUTES = {"/health", "/openapi.json"}
 WEBHOOK_ROUTES = {"/webhook"}
+# Routes that change state accept the webhook secret as well as Basic auth, so they are never open
+# when only WEBHOOK_SECRET is configured.
+STATE_ROUTES = {"/webhook", "/train", "/prelabel", "/models/rollback"}
 
 
 class BadRequest(ValueError):
@@ -112,6 +115,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.json.sort_keys = False
     if not settings.webhook_secret.get_secret_value() and not settings.basic_auth_enabled:
         log.warning("WEBHOOK_SECRET and BASIC_AUTH_* are unset: /webhook and the training routes are open to anyone who can reach this port")
+    elif not settings.basic_auth_enabled:
+        log.warning("WEBHOOK_SECRET is set but BASIC_AUTH_* is not: Label Studio's 'Start Training' button sends only "
+                    "Basic auth and will be refused; set BASIC_AUTH_USER/BASIC_AUTH_PASS (and enter them in Label Studio), "
+                    "or train with POST /train?project=ID&token=<secret>")
 
     def svc() -> Services:
         return services or get_services()
@@ -123,7 +130,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         g.started = time.perf_counter()
         if request.path in OPEN_ROUTES:
             return None
-        ok = auth.webhook_ok(request, settings) if request.path in WEBHOOK_ROUTES else auth.basic_auth_ok(request, settings)
+        ok = auth.webhook_ok(request, settings) if request.path in STATE_ROUTES else auth.basic_auth_ok(request, settings)
         if not ok:
             response = jsonify(error="unauthorized", message="missing or wrong credentials")
             response.status_code = 401

@@ -334,3 +334,18 @@ def test_404_and_405_are_json(client_for):
     client = client_for(None)
     assert client.get("/nope").status_code == 404 and client.get("/nope").json["error"]
     assert client.get("/predict").status_code == 405
+
+
+def test_state_changing_routes_are_closed_when_only_the_webhook_secret_is_set(client_for):
+    client = client_for(None, webhook_secret="hook-secret-42")
+    for path in ("/train?project=4", "/prelabel?project=4", "/models/rollback"):
+        assert client.post(path, json={"project": 4}).status_code == 401, path
+    assert client.post("/train?project=4&token=hook-secret-42").status_code == 202
+
+
+def test_start_training_from_label_studio_is_accepted_with_basic_auth(client_for):
+    client = client_for(None, webhook_secret="hook-secret-42", basic_auth_user="ls", basic_auth_pass="pw-123456")
+    event = {"action": "START_TRAINING", "project": {"id": 4}}
+    assert client.post("/webhook", json=event).status_code == 401
+    basic = {"Authorization": "Basic " + base64.b64encode(b"ls:pw-123456").decode()}
+    assert client.post("/webhook", json=event, headers=basic).status_code == 201

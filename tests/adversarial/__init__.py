@@ -25,8 +25,8 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import redis as redis_lib
@@ -60,7 +60,7 @@ class PrivateRedis:
     def client(self, timeout: float = 2.0) -> redis_lib.Redis:
         return redis_lib.Redis.from_url(self.url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
-    def start(self) -> "PrivateRedis":
+    def start(self) -> PrivateRedis:
         assert self.binary, "redis-server is not installed"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -123,12 +123,13 @@ def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
 def make_settings(tmp_path: Path, redis_url: str, *, gemini=None, ls=None, **overrides):
     from backend.settings import Settings
 
-    values = dict(
-        redis_url=redis_url, model_dir=tmp_path / "models", data_dir=tmp_path / "data",
-        label_studio_url=ls.url if ls is not None else "", label_studio_api_key=ls.pat if ls is not None else "",
-        gemini_api_key=gemini.api_key if gemini is not None else "", gemini_base_url=gemini.base_url if gemini is not None else "",
-        gemini_task_deadline=5.0, gemini_timeout=2.0, gemini_breaker_failures=1000, yolo_score_threshold=0.0001,
-    )
+    values = {
+        "redis_url": redis_url, "model_dir": tmp_path / "models", "data_dir": tmp_path / "data",
+        "label_studio_url": ls.url if ls is not None else "", "label_studio_api_key": ls.pat if ls is not None else "",
+        "gemini_api_key": gemini.api_key if gemini is not None else "",
+        "gemini_base_url": gemini.base_url if gemini is not None else "",
+        "gemini_task_deadline": 5.0, "gemini_timeout": 2.0, "gemini_breaker_failures": 1000, "yolo_score_threshold": 0.0001,
+    }
     values.update(overrides)
     return Settings(**values)
 

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
-import socket
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from rq import Queue
 from rq.job import Job
 
 from backend import auth
@@ -237,7 +233,7 @@ def test_no_secret_reaches_the_logs_of_gunicorn_or_the_worker(deployment):
                          ("get", "/metrics"), ("post", "/models/rollback?project=7&version=v0009")):
         assert s.request(method, f"{url}{path}", headers=GOOD_AUTH, timeout=10).status_code in (200, 404), path
     started = time.perf_counter()
-    big = s.post(f"{url}/predict", data=b"{" + b" " * (40 * 1024 * 1024) + b"}", timeout=30,
+    big = s.post(f"{url}/predict", data=b"{" + b" " * (50 * 1024 * 1024) + b"}", timeout=30,
                  headers={**GOOD_AUTH, "Content-Type": "application/json"})
     assert big.status_code == 413 and big.json()["message"] and time.perf_counter() - started < 10
     chunks = (b" " * (1024 * 1024) for _ in range(50))

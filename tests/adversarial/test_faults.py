@@ -12,7 +12,9 @@ Label Studio down until a retry succeeds is tests/test_queue.py::test_label_stud
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import json
 import logging
 import signal
@@ -140,7 +142,7 @@ def test_429_storm_with_retry_delay_falls_back_to_yolo_within_the_deadline(app_f
     for width, stamps in calls.items():
         assert 2 <= len(stamps) <= 1 + int(deadline), (width, len(stamps))  # ... retried, within the deadline
         assert stamps[-1] - stamps[0] <= deadline, (width, stamps)
-        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
         assert min(gaps) >= 0.95, (width, gaps)  # and waited at least the 1 s retryDelay each time
     # the storm passes: the same tasks get Gemini's drafts again (no failure was cached)
     gemini.clear()
@@ -244,7 +246,7 @@ def _promote(handle, checkpoint, project: str = "7") -> str:
     return info.version
 
 
-def test_redis_killed_mid_request_then_restarted(app_factory, own_redis, ls, gemini, checkpoint):
+def test_redis_killed_mid_request_then_restarted(app_factory, own_redis, ls, gemini, checkpoint):  # noqa: F811
     handle = app_factory(own_redis.url, gemini=gemini, ls=ls, gemini_task_deadline=6.0)
     client = handle.client
     assert _promote(handle, checkpoint) == "v0001"
@@ -296,7 +298,7 @@ def test_redis_killed_mid_request_then_restarted(app_factory, own_redis, ls, gem
     assert {p["model_version"] for p in results} == {served}
 
 
-def test_a_hung_redis_costs_a_webhook_half_a_second_not_a_hang(app_factory, own_redis, ls, gemini, checkpoint):
+def test_a_hung_redis_costs_a_webhook_half_a_second_not_a_hang(app_factory, own_redis, ls, gemini, checkpoint):  # noqa: F811
     handle = app_factory(own_redis.url, gemini=gemini, ls=ls, gemini_task_deadline=6.0)
     _promote(handle, checkpoint)
     client = handle.client
@@ -411,10 +413,8 @@ def worker_env(monkeypatch, tmp_path, private_redis):  # noqa: F811
     yield configure
     for sig, handler in handlers.items():  # rq's worker installs its own
         signal.signal(sig, handler)
-    try:
+    with contextlib.suppress(Exception):  # nothing was built if a test failed early
         get_services().models.stop()
-    except Exception:
-        pass
     get_settings.cache_clear()
     get_services.cache_clear()
     private_redis.client().flushall()

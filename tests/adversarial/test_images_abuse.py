@@ -10,6 +10,7 @@ whole service: fake Label Studio over HTTP -> ImageLoader -> fake Gemini (real g
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import struct
@@ -209,7 +210,7 @@ def test_16_bit_png(predict, ls, oracle, gemini):
     arr = np.full((60, 60), 1000, dtype=np.uint16)
     arr[20:50, 15:45] = 60000
     data = encode(Image.fromarray(arr))
-    assert Image.open(__import__("io").BytesIO(data)).mode.startswith("I")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
     expected = Image.new("RGB", (60, 60), (0, 0, 0))
     ImageDraw.Draw(expected).rectangle([15, 20, 44, 49], fill=(255, 255, 255))
     oracle.add(expected, [((15, 20, 45, 50), "Car")])
@@ -237,7 +238,7 @@ def test_exif_rotated_boxes_land_on_the_image_as_shown(predict, ls, orientation)
     exif[0x0112] = orientation
     data = encode(stored, "JPEG", quality=95, exif=exif)
     # the fixture itself: a viewer that applies EXIF sees `shown` (checked with Pillow, not the backend)
-    check = ImageOps.exif_transpose(Image.open(__import__("io").BytesIO(data)))
+    check = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     assert check.size == (48, 72) and np.abs(np.asarray(check, dtype=int)[55, 15] - RED).max() < 40
     (region,) = served(*predict(upload(ls, f"exif-{orientation}.jpg", data)))
     assert_box(region, box, 48, 72)
@@ -249,7 +250,7 @@ def test_animated_image_uses_the_first_frame(predict, ls, fmt):
               car_picture((64, 64), (30, 2, 62, 12))]
     extra = {"lossless": True} if fmt == "WEBP" else {}
     data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **extra)
-    animated = Image.open(__import__("io").BytesIO(data))
+    animated = Image.open(io.BytesIO(data))
     assert getattr(animated, "n_frames", 1) == 3
     (region,) = served(*predict(upload(ls, f"anim.{fmt.lower()}", data)))
     assert_box(region, (4, 4, 24, 20), 64, 64)

@@ -43,7 +43,7 @@ class Trap:
         trap = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 trap.hits.append((self.path, dict(self.headers)))
                 body = encode(car_picture())
                 self.send_response(200)
@@ -79,7 +79,7 @@ def foreign():
 
 
 @pytest.fixture(scope="module")
-def ls(trap, foreign, private_redis):  # noqa: F811
+def ls():
     """Fake Label Studio whose ``/go/<name>`` answers 302 to ``targets[name]`` (a hostile redirect)."""
     fake = FakeLabelStudio()
     fake.targets = {}
@@ -188,7 +188,7 @@ def test_an_absolute_path_is_a_label_studio_path_never_a_local_file(predict, ls,
                                  "..%2Foutside%2Fsecret.png", "/etc/passwd", "images/link.png", "escape/passwords.txt",
                                  "images/%00.png", "....//outside/secret.png"])
 def test_dot_dot_and_symlinks_in_local_files_paths_open_nothing_outside_the_root(predict, local_root, monkeypatch, rel):
-    root, outside = local_root
+    _, outside = local_root
     opened: list[str] = []
     real_open = os.open
 
@@ -200,7 +200,7 @@ def test_dot_dot_and_symlinks_in_local_files_paths_open_nothing_outside_the_root
     odd, lines = predict(f"/data/local-files/?d={rel}", good="/data/local-files/?d=images/car.png")
     assert odd["result"] == []
     assert "forbidden_url" in lines or "not_found" in lines, lines
-    assert not [p for p in opened if p.startswith(str(outside)) or p.startswith("/etc")], opened
+    assert not [p for p in opened if p.startswith((str(outside), "/etc"))], opened
     assert any(p.endswith("images/car.png") for p in opened)  # the good task was read from the root
 
 
@@ -238,7 +238,7 @@ def test_redis_on_loopback_is_never_spoken_to(predict, private_redis, connection
 def test_other_loopback_services_record_nothing(predict, trap, connections):
     trap.hits.clear()
     for url in (f"http://127.0.0.1:{trap.port}/car.png", f"http://localhost:{trap.port}/car.png",
-                f"http://127.0.0.3:{trap.port}/car.png", f"http://10.0.0.1:{trap.port}/", f"http://192.168.1.1/"):
+                f"http://127.0.0.3:{trap.port}/car.png", f"http://10.0.0.1:{trap.port}/", "http://192.168.1.1/"):
         refused(*predict(url))
     assert trap.hits == []
     assert not [a for a in connections if a[1] == trap.port]
@@ -288,7 +288,7 @@ def test_label_studio_credentials_never_reach_another_host(predict, ls, foreign,
                 f"http://user:{ls.pat}@127.0.0.2:{foreign.httpd.server_address[1]}/car.png",
                 f"http://127.0.0.1:{trap.port}/data/upload/7/good-car.png",
                 f"https://127.0.0.1:{ls_port}/data/upload/7/good-car.png"):
-        odd, lines = predict(url)
+        odd, _ = predict(url)
         assert odd["result"] == [], url
     assert trap.hits == []
     assert [h.get("Authorization") for _, _, h in foreign.requests] == [None] * len(foreign.requests)

@@ -22,7 +22,8 @@ Everything is started once per session and stopped at the end:
   YOLO_BASE_MODEL, so the first retraining fine-tunes it for a few epochs and YOLO's fallback drafts
   hold real boxes (a random-init model needs minutes before any box scores above the 0.3 threshold).
 - ``backend``: ``bash scripts/run.sh`` (gunicorn + one rq worker) with PORT/BIND, the test Redis
-  (TEST_REDIS_URL, db 15), temporary MODEL_DIR/DATA_DIR/VAR_DIR, no .env file, the LS URL + PAT,
+  (TEST_REDIS_URL, db 15) with a per-run LSB_QUEUE_PREFIX (so no other test's worker or queue
+  clean-up touches its jobs), temporary MODEL_DIR/DATA_DIR/VAR_DIR, no .env file, the LS URL + PAT,
   the fake Gemini, Basic auth + WEBHOOK_SECRET and tiny training settings; its output goes to a file.
   It is stopped with SIGINT at the end (like Ctrl-C) and must stop cleanly.
 
@@ -439,10 +440,25 @@ BASE_RECIPE = {"model": "yolov8n.yaml", "train_images": 40, "val_images": 8, "se
                "max_objects": 2, "imgsz": 96, "epochs": 16, "batch": 4, "warmup_epochs": 0}
 
 
+def base_images():
+    """The recipe's synthetic images (train first, then val)."""
+    from tests.synthetic import make_images
+
+    recipe = BASE_RECIPE
+    return make_images(recipe["train_images"] + recipe["val_images"], seed=recipe["seed"], classes=CLASSES,
+                       size=tuple(recipe["size"]), max_objects=recipe["max_objects"])
+
+
 def base_model_path() -> Path:
+    """Keyed by the recipe, the Ultralytics version and the pixels and boxes it trains on (so an edit of
+    tests/synthetic.py that changes nothing drawn keeps the cache, and one that does makes a new one)."""
+    data = hashlib.sha1()
+    for image in base_images():
+        data.update(image.image.tobytes())
+        data.update(repr([(box.label, [round(v, 3) for v in box.xyxy]) for box in image.boxes]).encode())
     digest = hashlib.sha1(json.dumps({
         "recipe": BASE_RECIPE, "classes": CLASSES, "ultralytics": importlib.metadata.version("ultralytics"),
-        "synthetic": hashlib.sha1((ROOT / "tests" / "synthetic.py").read_bytes()).hexdigest(),
+        "data": data.hexdigest(),
     }, sort_keys=True).encode()).hexdigest()[:12]
     return CACHE_DIR / f"e2e-yolo-base-{digest}.pt"
 
@@ -459,14 +475,11 @@ def build_base_model(out: str | Path) -> None:
         import torch
         from ultralytics import YOLO
 
-        from tests.synthetic import make_images
-
         recipe = BASE_RECIPE
         work = Path(tempfile.mkdtemp(prefix="lsb-e2e-base-"))
         try:
             n_train = recipe["train_images"]
-            images = make_images(n_train + recipe["val_images"], seed=recipe["seed"], classes=CLASSES,
-                                 size=tuple(recipe["size"]), max_objects=recipe["max_objects"])
+            images = base_images()
             for split, subset in (("train", images[:n_train]), ("val", images[n_train:])):
                 (work / split / "images").mkdir(parents=True)
                 (work / split / "labels").mkdir(parents=True)
@@ -634,20 +647,22 @@ class Backend:
         }
 
 
-def _rq_worker_ready(redis_url: str, pids: set[int]) -> bool:
+def _rq_worker_ready(redis_url: str, pids: set[int], prefix: str) -> bool:
     import redis as redis_lib
     from rq import Worker
 
     connection = redis_lib.Redis.from_url(redis_url)
     try:
-        return any(worker.pid in pids and "training" in worker.queue_names() and "prelabel" in worker.queue_names()
-                   for worker in Worker.all(connection=connection))
+        wanted = {f"{prefix}training", f"{prefix}prelabel"}
+        return any(worker.pid in pids and wanted <= set(worker.queue_names()) for worker in Worker.all(connection=connection))
     finally:
         connection.close()
 
 
-def cleanup_redis(redis_url: str, projects: set[int]) -> None:
-    """Forget this run's projects in the shared test Redis (and a Gemini breaker left open)."""
+def cleanup_redis(redis_url: str, projects: set[int], queue_prefix: str | None = None) -> None:
+    """Forget this run's projects and queues in the shared test Redis (and a Gemini breaker left open).
+
+    Job hashes are left to expire (RQ's result/failure TTLs)."""
     import redis as redis_lib
 
     client = redis_lib.Redis.from_url(redis_url)
@@ -655,6 +670,10 @@ def cleanup_redis(redis_url: str, projects: set[int]) -> None:
         patterns = ["lsb:gemini:breaker:*"]
         for project in projects:
             patterns += [f"lsb:train:{project}:*", f"lsb:model:{project}:*", f"lsb:quality:{project}"]
+        if queue_prefix:
+            patterns += [f"rq:queue:{queue_prefix}*", f"rq:*:{queue_prefix}*"]
+            for name in (f"{queue_prefix}training", f"{queue_prefix}prelabel"):
+                client.srem("rq:queues", f"rq:queue:{name}")
         for pattern in patterns:
             for key in client.scan_iter(pattern):
                 client.delete(key)
@@ -703,13 +722,15 @@ def backend(base_model, label_studio, ls_token, gemini, redis_url, tmp_path_fact
     port = free_port()
     user, password, secret = "label-studio", secrets.token_urlsafe(18), secrets.token_urlsafe(24)
     env = {k: v for k, v in os.environ.items() if k not in settings_env_names()}
-    for name in ("LSB_QUEUE_PREFIX", "LSB_TRAIN_RETRY_INTERVALS", "LSB_TRAIN_LOCK_TTL", "PROMETHEUS_MULTIPROC_DIR", "BIND"):
+    for name in ("LSB_TRAIN_RETRY_INTERVALS", "LSB_TRAIN_LOCK_TTL", "PROMETHEUS_MULTIPROC_DIR", "BIND"):
         env.pop(name, None)
+    # Own RQ queues in the shared test Redis: other tests' workers and queue clean-ups never meet ours.
+    queue_prefix = f"e2e{secrets.token_hex(4)}-"
     env.update({
         # scripts/run.sh and gunicorn.conf.py
         "VENV": sys.prefix, "ENV_FILE": str(root / "no.env"), "VAR_DIR": str(root / "var"),
         "PORT": str(port), "BIND": f"127.0.0.1:{port}", "WORKERS": "2", "THREADS": "8", "STOP_TIMEOUT": "10",
-        "REDIS_URL": redis_url, "LOG_LEVEL": "INFO",
+        "REDIS_URL": redis_url, "LSB_QUEUE_PREFIX": queue_prefix, "LOG_LEVEL": "INFO",
         "MODEL_DIR": str(root / "models"), "DATA_DIR": str(root / "data"),
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": ls_token,
         "GEMINI_API_KEY": gemini.server.api_key, "GEMINI_BASE_URL": gemini.server.base_url,
@@ -734,9 +755,9 @@ def backend(base_model, label_studio, ls_token, gemini, redis_url, tmp_path_fact
         def worker_ready() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"scripts/run.sh exited with status {proc.returncode}:\n{tail(log_path)}")
-            return _rq_worker_ready(redis_url, set(server.service_pids()["rq worker"]))
+            return _rq_worker_ready(redis_url, set(server.service_pids()["rq worker"]), queue_prefix)
 
-        wait_for(worker_ready, 90, "the rq worker started by scripts/run.sh to listen on training and prelabel",
+        wait_for(worker_ready, 90, f"the rq worker started by scripts/run.sh to listen on {queue_prefix}training and {queue_prefix}prelabel",
                  on_timeout=lambda: tail(log_path))
     except BaseException:
         stop_backend(server)
@@ -745,6 +766,6 @@ def backend(base_model, label_studio, ls_token, gemini, redis_url, tmp_path_fact
     server.initial_pids = server.service_pids()
     yield server
     problems = stop_backend(server)
-    cleanup_redis(redis_url, server.projects)
+    cleanup_redis(redis_url, server.projects, queue_prefix)
     if problems:
         pytest.fail("scripts/run.sh did not stop cleanly: " + " | ".join(problems) + f"\n{tail(log_path, 3000)}")
