@@ -161,6 +161,10 @@ _SCHEMAS: dict[str, dict] = {
 }
 
 
+# Routes that change state take the webhook secret as well as Basic auth (backend.app.STATE_ROUTES).
+_SECRET_OR_BASIC = [{"webhookSecret": []}, {"webhookToken": []}, {"basicAuth": []}]
+
+
 def _project_query(required: bool) -> dict:
     return {"name": "project", "in": "query", "required": required, "schema": _ref("ProjectId"),
             "example": "2"}
@@ -216,7 +220,7 @@ def _paths(settings: Settings) -> dict:
         }},
         "/webhook": {"post": {
             "operationId": "webhook", "tags": ["label-studio"],
-            "security": [{"webhookSecret": []}, {"webhookToken": []}, {"basicAuth": []}],
+            "security": _SECRET_OR_BASIC,
             "summary": "Label Studio events: queued at once (training, pre-labeling), never processed inline.",
             "requestBody": {"required": True, "content": _json(_ref("WebhookEvent"),
                                                                {"action": "START_TRAINING", "project": {"id": 2}})},
@@ -255,7 +259,7 @@ def _paths(settings: Settings) -> dict:
             },
         }},
         "/train": {"post": {
-            "operationId": "train", "tags": ["training"],
+            "operationId": "train", "tags": ["training"], "security": _SECRET_OR_BASIC,
             "summary": "Queue a forced training (coalesced with one already queued).",
             "parameters": [_project_query(False)],
             "requestBody": {"required": False, "content": _json(_ref("ProjectBody"))},
@@ -265,7 +269,7 @@ def _paths(settings: Settings) -> dict:
             },
         }},
         "/prelabel": {"post": {
-            "operationId": "prelabel", "tags": ["training"],
+            "operationId": "prelabel", "tags": ["training"], "security": _SECRET_OR_BASIC,
             "summary": "Queue drafts for every task of the project that lacks one of the current version.",
             "parameters": [_project_query(False)],
             "requestBody": {"required": False, "content": _json(_ref("ProjectBody"))},
@@ -289,7 +293,7 @@ def _paths(settings: Settings) -> dict:
             },
         }},
         "/models/rollback": {"post": {
-            "operationId": "rollback", "tags": ["models"],
+            "operationId": "rollback", "tags": ["models"], "security": _SECRET_OR_BASIC,
             "summary": "Serve an earlier version (every process switches within a second).",
             "parameters": [_project_query(False),
                            {"name": "version", "in": "query", "required": False, "schema": {"type": "string"}}],
@@ -313,8 +317,9 @@ def build_spec(settings: Settings) -> dict:
             "description": (
                 "Label Studio's ML backend protocol (/health, /setup, /predict, /webhook, /versions) plus training, "
                 "model and metrics routes. Every route but /health and /openapi.json needs HTTP Basic auth when "
-                "BASIC_AUTH_USER/BASIC_AUTH_PASS are set; /webhook takes the WEBHOOK_SECRET instead (header "
-                "X-Webhook-Secret or ?token=). Every error is JSON: {\"error\": code, \"message\": text}."
+                "BASIC_AUTH_USER/BASIC_AUTH_PASS are set; the routes that change state (/webhook, /train, /prelabel, "
+                "/models/rollback) also take the WEBHOOK_SECRET (header X-Webhook-Secret or ?token=) and are never "
+                "open while one is set. Every error is JSON: {\"error\": code, \"message\": text}."
             ),
         },
         "security": [{"basicAuth": []}],

@@ -102,6 +102,22 @@ def test_documents_exactly_the_routes_flask_serves(handle):
     assert spec == build_spec(settings)
 
 
+def test_security_matches_the_app(handle):
+    from backend.app import OPEN_ROUTES, STATE_ROUTES
+
+    _, settings = handle()
+    spec = build_spec(settings)
+    for path, item in spec["paths"].items():
+        for operation in item.values():
+            security = operation.get("security", spec["security"])
+            if path in OPEN_ROUTES:
+                assert security == [], path
+            elif path in STATE_ROUTES:
+                assert security == [{"webhookSecret": []}, {"webhookToken": []}, {"basicAuth": []}], path
+            else:
+                assert security == [{"basicAuth": []}], path
+
+
 def test_is_a_valid_openapi_30_document(handle):
     import schemathesis  # a test dependency (requirements.txt)
 

@@ -57,3 +57,12 @@ def test_webhook_tasks_are_drafted_stored_once_and_failures_left_for_a_retry(pro
     again = prelabel_tasks(str(pid), None, None)
     assert again["stored"] == 1 and again["skipped"] == 3 and again["failed"] == 0
     assert all(len(ls.tasks[tid]["predictions"]) == 1 for tid in ids)
+
+
+def test_label_studio_down_is_a_clear_retryable_error(project):
+    from worker.annotations import LabelStudioUnavailable
+
+    ls, gemini, pid, ids, images = project
+    ls.stop()
+    with pytest.raises(LabelStudioUnavailable, match="unreachable"):
+        prelabel_tasks(str(pid), None, None)

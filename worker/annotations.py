@@ -121,14 +121,14 @@ def make_client(url: str, api_key: str, timeout: float = 30.0, max_retries: int 
     try:
         return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout, max_retries=max_retries)
     except Exception as exc:  # the SDK raises ApiError(401) for an expired PAT at construction
-        raise _translate(exc, url, "connect") from exc
+        raise translate_error(exc, url, "connect") from exc
 
 
 def client_from_settings(settings) -> Any:
     return make_client(settings.label_studio_url, settings.label_studio_api_key.get_secret_value())
 
 
-def _translate(exc: BaseException, url: str, what: str) -> LabelStudioError:
+def translate_error(exc: BaseException, url: str, what: str) -> LabelStudioError:
     """Map SDK / httpx errors to this module's exception types with a clear message."""
     import httpx
     from label_studio_sdk.core.api_error import ApiError
@@ -175,7 +175,7 @@ def fetch_label_config(client, project: str | int, url: str = "") -> str:
     try:
         info = client.projects.get(id=int(project))
     except Exception as exc:
-        raise _translate(exc, url, f"read project {project}") from exc
+        raise translate_error(exc, url, f"read project {project}") from exc
     config = getattr(info, "label_config", None) or ""
     if not config:
         raise LabelStudioError(f"project {project} has no label config")
@@ -232,7 +232,7 @@ def iter_raw_tasks(client, project: str | int, page_size: int | None = None, url
         for task in pager:
             yield _plain(task)
     except Exception as exc:
-        raise _translate(exc, url, f"list tasks of project {project}") from exc
+        raise translate_error(exc, url, f"list tasks of project {project}") from exc
 
 
 def fetch_project(project: str | int, settings=None, client=None, label_config: str | None = None) -> ProjectSnapshot:

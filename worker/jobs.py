@@ -237,9 +237,11 @@ def train_project(project: str, label_config: str | None = None, force: bool = F
     """RQ entry point (enqueued by :func:`worker.queue.request_training`)."""
     from rq import get_current_job
 
+    from backend.logs import configure_logging
     from backend.settings import get_settings
 
     settings = get_settings()
+    configure_logging(settings)  # the rq work horse: formatted, redacted log lines
     job = get_current_job()
     redis = job.connection if job is not None else redis_lib.Redis.from_url(settings.redis_url)
     project = project_key(project)

@@ -40,12 +40,11 @@ def enqueue_prelabel(redis: redis_lib.Redis, project: str, tasks: list[dict] | N
     return job.id
 
 
-def _label_studio(settings: Settings):
-    from label_studio_sdk import LabelStudio
+def label_studio(settings: Settings):
+    """The SDK client (PAT refresh handled by the SDK); clear errors when unset or unreachable."""
+    from worker.annotations import client_from_settings
 
-    if not settings.label_studio_url:
-        raise RuntimeError("LABEL_STUDIO_URL is not set: pre-labeling stores drafts through the Label Studio API")
-    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key.get_secret_value())
+    return client_from_settings(settings)
 
 
 def _existing_versions(ls, project: int) -> dict[int, set[str]]:
@@ -56,7 +55,7 @@ def _existing_versions(ls, project: int) -> dict[int, set[str]]:
     return held
 
 
-def _all_tasks(ls, project: int) -> list[dict]:
+def all_tasks(ls, project: int) -> list[dict]:
     tasks = []
     for task in ls.tasks.list(project=project, fields="all"):
         data = task.data if isinstance(task.data, dict) else {}
@@ -75,18 +74,38 @@ def _progress(**meta: Any) -> None:
 
 def prelabel_tasks(project: str, tasks: list[dict] | None = None, label_config: str | None = None) -> dict:
     """RQ job: draft and store predictions for ``tasks`` (or every task without a current draft)."""
-    from backend.label_config import ProjectConfig
+    from backend.logs import configure_logging
     from backend.services import get_services
 
     services = get_services()
+    configure_logging(services.settings)
+    try:
+        return _prelabel(services, int(project), tasks, label_config)
+    except Exception as exc:
+        import httpx
+        from label_studio_sdk.core.api_error import ApiError
+
+        from worker.annotations import translate_error
+
+        talking_to_ls = isinstance(exc, (httpx.TransportError, ApiError))
+        error = translate_error(exc, services.settings.label_studio_url, "pre-label") if talking_to_ls else exc
+        _progress(error=f"{type(error).__name__}: {error}")
+        log.error("pre-labeling project %s failed: %s", project, error)
+        if error is exc:
+            raise
+        raise error from exc  # retried by RQ (Retry on the job) with back-off
+
+
+def _prelabel(services, pid: int, tasks: list[dict] | None, label_config: str | None) -> dict:
+    from backend.label_config import ProjectConfig
+
     settings = services.settings
-    ls = _label_studio(settings)
-    pid = int(project)
+    ls = label_studio(settings)
     if label_config is None:
         label_config = ls.projects.get(pid).label_config
     config = ProjectConfig.parse(label_config)
     if tasks is None:
-        tasks = _all_tasks(ls, pid)
+        tasks = all_tasks(ls, pid)
 
     held = _existing_versions(ls, pid)
     started = time.monotonic()

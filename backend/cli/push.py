@@ -38,10 +38,10 @@ def _task_list(s, project: str, ids: str | None) -> tuple[list[dict] | None, str
     """(tasks, label config) from Label Studio through the pre-labeling module's own client and listing."""
     from worker import prelabel
 
-    ls = prelabel._label_studio(s)
+    ls = prelabel.label_studio(s)
     pid = int(project)
     label_config = ls.projects.get(pid).label_config
-    tasks = prelabel._all_tasks(ls, pid)
+    tasks = prelabel.all_tasks(ls, pid)
     if ids:
         wanted = {int(t) for t in ids.split(",") if t.strip()}
         tasks = [t for t in tasks if int(t["id"]) in wanted]

@@ -1,8 +1,9 @@
 """Who may call what, and no secret in any log.
 
 - Basic auth (BASIC_AUTH_USER / BASIC_AUTH_PASS) guards every route of the OpenAPI description except
-  the open ones (/health, /openapi.json); /webhook takes the shared secret (header X-Webhook-Secret
-  or ?token=) or Basic auth. Malformed credentials are a 401, never a 500.
+  the open ones (/health, /openapi.json); the routes that change state (/webhook, /train, /prelabel,
+  /models/rollback) take the shared secret (header X-Webhook-Secret or ?token=) or Basic auth.
+  Malformed credentials are a 401, never a 500.
 - Comparisons are constant-time: every check goes through ``hmac.compare_digest``, and the user and
   the password are both compared even when the user is already wrong (no early exit to time).
 - The real deployment (gunicorn + an ``rq worker``) with every secret set, driven through all routes,
@@ -22,6 +23,7 @@ import requests
 from rq.job import Job
 
 from backend import auth
+from backend.app import STATE_ROUTES
 from backend.openapi import build_spec
 from backend.settings import Settings
 from tests import fake_gemini as fg
@@ -121,6 +123,18 @@ def test_webhook_secret(guarded, how, kwargs, ok):
         assert response.status_code == 401 and "WWW-Authenticate" not in response.headers
 
 
+@pytest.mark.parametrize("path", ["/train", "/prelabel", "/models/rollback"])
+def test_state_changing_routes_take_the_secret_too(guarded, path):
+    client = guarded.client
+    for kwargs in ({"headers": {"X-Webhook-Secret": HOOK}}, {"query_string": {"token": HOOK, "project": "7"}}, {"headers": GOOD_AUTH}):
+        kwargs.setdefault("query_string", {"project": "7"})
+        assert client.post(path, json={"project": 7}, **kwargs).status_code in (202, 404), (path, kwargs)
+    for kwargs in ({}, {"headers": {"X-Webhook-Secret": HOOK[:-1]}}, {"query_string": {"token": "x", "project": "7"}},
+                   {"headers": basic(USER, HOOK)}):
+        response = client.post(path, json={"project": 7}, **kwargs)
+        assert response.status_code == 401 and response.json["error"] == "unauthorized", (path, kwargs)
+
+
 def test_every_check_is_constant_time_and_compares_user_and_password(guarded, monkeypatch):
     """All secret comparisons go through hmac.compare_digest, on bytes, both halves every time."""
     calls: list[tuple[bytes, bytes]] = []
@@ -138,7 +152,7 @@ def test_every_check_is_constant_time_and_compares_user_and_password(guarded, mo
                                   (basic(USER, "guess"), [(USER.encode(), USER.encode()), (b"guess", PASSWORD.encode())])):
             calls.clear()
             assert guarded.client.open(path, method=method.upper(), headers=headers).status_code == 401
-            if path == "/webhook":  # the secret first (missing: compared as ""), then Basic auth
+            if path in STATE_ROUTES:  # the secret first (missing: compared as ""), then Basic auth
                 assert calls[0] == (b"", HOOK.encode()) and calls[1:] == expected, calls
             else:
                 assert calls == expected, (path, calls)
