@@ -103,7 +103,7 @@ lock:
 # pinned, so pip-audit checks the pins as written (--no-deps --disable-pip) without installing them.
 audit:
 	test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/python -m pip install pip-audit; }
-	$(AUDIT_VENV)/bin/pip-audit -r requirements.txt --no-deps --disable-pip --progress-spinner off
+	$(AUDIT_VENV)/bin/pip-audit -r requirements.txt --no-deps --disable-pip --strict --progress-spinner off
 
 # --- cleaning -------------------------------------------------------------------------------------
 clean:
