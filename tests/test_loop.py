@@ -78,7 +78,7 @@ def test_webhook_trains_promotes_and_every_worker_swaps_without_restart(tmp_path
             assert {r["meta"]["source"] for r in prediction["result"]} == {"yolo"}
 
             # A second round (forced promotion: PROMOTE_MIN_GAIN=-1) swaps again, in both workers.
-            assert requests.post(f"{url}/train", params={"project": pid}, timeout=2).status_code == 202
+            assert requests.post(f"{url}/train", params={"project": pid, "token": SECRET}, timeout=2).status_code == 202
             assert wait_for(lambda: versions_seen(url, config) == {"yolo:v0002"}, timeout=400, interval=1.0), (
                 (tmp_path / "worker.log").read_text()[-3000:])
             assert gunicorn_workers(url) == workers_before, "the serving processes were never restarted"
