@@ -183,9 +183,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         schema = body.get("schema")
         if not isinstance(schema, str):
             raise BadRequest("'schema' (the label config) is required")
-        ProjectConfig.parse(schema)
+        config = ProjectConfig.parse(schema)
         project = _project_arg(body.get("project"))
-        return jsonify(model_version=svc().predictor.model_version(project))
+        try:
+            return jsonify(model_version=svc().predictor.model_version(project, config))
+        except FileNotFoundError as exc:
+            raise BadRequest(str(exc)) from exc
 
     @app.post("/predict")
     def predict():
@@ -208,7 +211,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 f"{len(tasks)} tasks exceed PREDICT_MAX_TASKS={settings.predict_max_tasks}; "
                 f"drafting them in the background (job {job_id}); predictions appear as they are stored")), 413
         query, query_label = _interactive_query(body.get("params"), config)
-        predictions = svc().predictor.predict(tasks, config, project, query=query, query_label=query_label)
+        try:
+            predictions = svc().predictor.predict(tasks, config, project, query=query, query_label=query_label)
+        except FileNotFoundError as exc:  # a model_path attribute naming no checkpoint inside MODEL_DIR
+            raise BadRequest(str(exc)) from exc
         return jsonify(results=predictions)
 
     @app.post("/webhook")

@@ -40,6 +40,7 @@ class ModelHolder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fixed: YoloDetector | None = None
+        self._by_path: dict[Path, YoloDetector] = {}
         if settings.yolo_model:
             path = Path(settings.yolo_model)
             self._fixed = self._load(path, f"custom-{path.stem}")
@@ -55,6 +56,33 @@ class ModelHolder:
         if model is None:
             self._ensure_started()
             model = self._sync(key)
+        return model
+
+    def resolve_model_path(self, raw: str) -> Path:
+        """A label config's ``model_path``: only checkpoints inside MODEL_DIR may be named there.
+
+        Loading a checkpoint unpickles it, so a path from the label config must never reach an
+        arbitrary file on this host.
+        """
+        root = Path(self.settings.model_dir).resolve()
+        path = (root / raw).resolve()
+        if not path.is_relative_to(root) or path.suffix != ".pt" or not path.is_file():
+            raise FileNotFoundError(f"model_path {raw!r} is not a .pt checkpoint inside MODEL_DIR")
+        return path
+
+    @staticmethod
+    def path_version(path: Path) -> str:
+        return f"path-{path.parent.name}-{path.stem}" if path.parent.name else f"path-{path.stem}"
+
+    def for_path(self, raw: str) -> YoloDetector:
+        """The detector for a label config's ``model_path`` (loaded once per process)."""
+        path = self.resolve_model_path(raw)
+        with self._lock:
+            model = self._by_path.get(path)
+        if model is None:
+            model = self._load(path, self.path_version(path))
+            with self._lock:
+                self._by_path[path] = model
         return model
 
     def version(self, project: str | int) -> str | None:

@@ -57,13 +57,20 @@ class Predictor:
     def _gemini_model(self) -> str | None:
         return self.gemini.model if self.gemini is not None and self.settings.routing != "yolo" else None
 
-    def state(self, project: str | int) -> ServingState:
+    @staticmethod
+    def _model_path(config: ProjectConfig | None) -> str:
+        """The official YOLO backend's ``model_path`` attribute on a control, if any."""
+        return next((c.model_path for c in config.controls if c.model_path), "") if config else ""
+
+    def state(self, project: str | int, config: ProjectConfig | None = None) -> ServingState:
         """The serving state without loading anything (for /setup)."""
         key = project_key(project)
-        return ServingState(key, self.models.version(key), self._gemini_model())
+        path = self._model_path(config)
+        yolo_version = self.models.path_version(self.models.resolve_model_path(path)) if path else self.models.version(key)
+        return ServingState(key, yolo_version, self._gemini_model())
 
-    def model_version(self, project: str | int) -> str:
-        return self.state(project).model_version
+    def model_version(self, project: str | int, config: ProjectConfig | None = None) -> str:
+        return self.state(project, config).model_version
 
     def predict(self, tasks: list[dict], config: ProjectConfig, project: str | int, query: str | None = None,
                 query_label: str | None = None) -> list[dict]:
@@ -81,8 +88,9 @@ class Predictor:
         The pre-labeling job stores a real "nothing found" but not a failure, so it can retry those.
         """
         key = project_key(project)
-        yolo = self.models.get(key)
-        yolo_info = self.registry.get(key, yolo.version) if yolo is not None else None
+        path = self._model_path(config)
+        yolo = self.models.for_path(path) if path else self.models.get(key)
+        yolo_info = self.registry.get(key, yolo.version) if yolo is not None and not path else None
         state = ServingState(key, yolo.version if yolo else None, self._gemini_model())
         urls = []
         for task in tasks:

@@ -349,3 +349,22 @@ def test_start_training_from_label_studio_is_accepted_with_basic_auth(client_for
     assert client.post("/webhook", json=event).status_code == 401
     basic = {"Authorization": "Basic " + base64.b64encode(b"ls:pw-123456").decode()}
     assert client.post("/webhook", json=event, headers=basic).status_code == 201
+
+
+def test_model_path_attribute_serves_a_checkpoint_inside_model_dir_only(client_for, tmp_path, checkpoint):
+    import shutil
+
+    (tmp_path / "models" / "custom").mkdir(parents=True)
+    shutil.copy(checkpoint, tmp_path / "models" / "custom" / "site.pt")
+    client = client_for(None, yolo_score_threshold=0.0001)
+    body = copy.deepcopy(FIXTURES[6]["body"])
+    body["label_config"] = body["label_config"].replace('toName="image">', 'toName="image" model_path="custom/site.pt">', 1)
+    version = setup_version(client, schema=body["label_config"])
+    assert version == "yolo:path-custom-site"
+    (prediction,) = client.post("/predict", json=body).json["results"]
+    assert prediction["model_version"] == version and prediction["result"]
+    for outside in ("../../etc/passwd", "/etc/passwd", str(checkpoint)):
+        bad = body["label_config"].replace('model_path="custom/site.pt"', f'model_path="{outside}"')
+        assert client.post("/setup", json={"project": "2.1", "schema": bad}).status_code == 400
+        response = client.post("/predict", json=dict(body, label_config=bad))
+        assert response.status_code == 400 and "MODEL_DIR" in response.json["message"]
