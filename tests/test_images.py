@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import ipaddress
 import json
 import logging
 import os
@@ -29,7 +28,6 @@ from urllib.parse import parse_qs, urlsplit
 import jwt
 import numpy as np
 import pytest
-import urllib3.util.connection
 from PIL import Image, ImageFile
 
 from backend import images
@@ -153,25 +151,7 @@ def foreign(servers) -> FakeServer:
     return servers[1]
 
 
-@pytest.fixture(autouse=True)
-def public_foreign(monkeypatch):
-    """127.0.0.2 plays a public internet host."""
-    real = images._is_public
-    monkeypatch.setattr(images, "_is_public", lambda ip: ip == ipaddress.ip_address("127.0.0.2") or real(ip))
-
-
-@pytest.fixture
-def connections(monkeypatch) -> list[tuple]:
-    """Every TCP connection urllib3 opens, to prove refused URLs never connect."""
-    seen: list[tuple] = []
-    real = urllib3.util.connection.create_connection
-
-    def spy(address, *args, **kwargs):
-        seen.append(address)
-        return real(address, *args, **kwargs)
-
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", spy)
-    return seen
+from tests.network_fixtures import connections, public_foreign  # noqa: E402,F401  (fixtures)
 
 
 @pytest.fixture

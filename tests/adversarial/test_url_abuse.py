@@ -13,7 +13,6 @@ tests/test_images.py, whose loader-level SSRF cases are not repeated here).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -21,7 +20,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import urllib3.util.connection
 from flask import redirect
 
 from backend import images
@@ -99,24 +97,7 @@ def gemini():
         yield fake
 
 
-@pytest.fixture(autouse=True)
-def public_foreign(monkeypatch):
-    real = images._is_public
-    monkeypatch.setattr(images, "_is_public", lambda ip: ip == ipaddress.ip_address("127.0.0.2") or real(ip))
-
-
-@pytest.fixture
-def connections(monkeypatch) -> list[tuple]:
-    """Every TCP connection the image loader opens (urllib3), to prove refused URLs never connect."""
-    seen: list[tuple] = []
-    real = urllib3.util.connection.create_connection
-
-    def spy(address, *args, **kwargs):
-        seen.append(address)
-        return real(address, *args, **kwargs)
-
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", spy)
-    return seen
+from tests.network_fixtures import connections, public_foreign  # noqa: E402,F401  (fixtures)
 
 
 @pytest.fixture
