@@ -289,14 +289,14 @@ def render_section(result: Result) -> str:
 
 
 def _summary(sections: dict[str, str], order: list[str]) -> str:
-    lines = ["| benchmark | metric | value | goal | status |", "|---|---|---|---|---|"]
+    lines = ["| benchmark | metric | value | ratio | goal | status |", "|---|---|---|---|---|---|"]
     for name in order:
         body = sections.get(name, "")
         title = re.search(r"^## (.+)$", body, re.M)
         for line in body.splitlines():
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
             if len(cells) == 6 and cells[5] in ("met", "**MISSED**"):
-                lines.append(f"| {title.group(1) if title else name} | {cells[0]} | {cells[1]} | {cells[4]} | {cells[5]} |")
+                lines.append(f"| {title.group(1) if title else name} | {cells[0]} | {cells[1]} | {cells[3]} | {cells[4]} | {cells[5]} |")
     return "\n".join(lines)
 
 
@@ -374,7 +374,8 @@ def write_yolo_dataset(root: Path, train, val, classes: Sequence[str] = CLASSES)
 
 def train_in_subprocess(data_yaml: Path, out_json: Path, log_path: Path, *, epochs: int | None = None,
                         time_min: float | None = None, imgsz: int | None = None, batch: int | None = None,
-                        extra: dict | None = None, data_dir: Path | None = None, env: dict | None = None) -> dict:
+                        extra: dict | None = None, data_dir: Path | None = None, env: dict | None = None,
+                        nice: int = 0) -> dict:
     """Run ``bench.train_child`` (worker.train.train at the given settings) in a child process.
 
     Returns its JSON result plus ``wall_s`` and ``peak_rss_mb`` (the child's ru_maxrss, from wait4).
@@ -394,7 +395,8 @@ def train_in_subprocess(data_yaml: Path, out_json: Path, log_path: Path, *, epoc
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     started = time.perf_counter()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: os.nice(nice)) if nice else None)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started

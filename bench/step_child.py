@@ -1,6 +1,6 @@
 """Time YOLO11n training steps (forward + backward, batch 16, imgsz 320) in this process.
 
-    python -m bench.step_child THREADS STEPS   -> prints one JSON line {"threads", "steps_s": [...]}
+    python -m bench.step_child THREADS STEPS [MAX_SECONDS]  -> one JSON line {"threads", "steps_s": [...]}
 
 Run by the training benchmark with and without OMP_WAIT_POLICY=PASSIVE, with and without a
 competing CPU-bound process, to show what torch's OpenMP spin-waiting costs on a shared 2-core host.
@@ -18,6 +18,7 @@ from bench.common import setup_environment
 
 def main() -> int:
     threads, steps = int(sys.argv[1]), int(sys.argv[2])
+    budget = float(sys.argv[3]) if len(sys.argv) > 3 else float("inf")
     setup_environment()
     from backend import ultralytics_env
 
@@ -43,10 +44,13 @@ def main() -> int:
 
     step()
     times = []
-    for _ in range(steps):
+    deadline = time.monotonic() + budget
+    for _ in range(steps):  # at least one timed step, then stop at the budget
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
+        if time.monotonic() > deadline:
+            break
     print(json.dumps({"threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "steps_s": times}))
     return 0
 

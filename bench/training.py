@@ -33,14 +33,14 @@ def _steps(threads: int, steps: int, passive: bool) -> float:
     env.pop("OMP_WAIT_POLICY", None)
     if passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    out = subprocess.run([sys.executable, "-m", "bench.step_child", str(threads), str(steps)], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "bench.step_child", str(threads), str(steps), "20"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600, check=True).stdout
     return Stats.of(json.loads(out.strip().splitlines()[-1])["steps_s"]).median
 
 
 def _contention(ctx: Context, result: Result) -> None:
     """Training steps with 2 torch threads, 2 threads + OMP_WAIT_POLICY=PASSIVE, 1 thread; idle and contended."""
-    steps = ctx.pick(5, 2)
+    steps = ctx.pick(4, 1)
     variants = (("2 threads", 2, False), ("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, True), ("1 thread", 1, False))
     figures: dict[str, dict[str, float]] = {"idle": {}, "contended": {}}
     for name, threads, passive in variants:

@@ -18,21 +18,18 @@ NAME = "yolo_latency"
 TITLE = "2. YOLO fallback latency: /predict vs Ultralytics directly"
 
 
-def _direct(checkpoint, images, n1: int, n16: int) -> tuple[list[float], list[float]]:
-    """Ultralytics in this process, same checkpoint, images and threads as the backend."""
+def _direct_model(checkpoint, images):
+    """Ultralytics in this process: same checkpoint, images, conf and torch threads as the backend."""
     import torch
     from ultralytics import YOLO
 
     model = YOLO(str(checkpoint))
-    model.predict(images[:1], imgsz=320, conf=0.25, device="cpu", verbose=False)
+    model.predict(images[:1], imgsz=320, conf=0.25, device="cpu", verbose=False)  # sets the predictor up
     torch.set_num_threads(os.cpu_count() or 1)  # the backend uses every core (YOLO_THREADS=0)
     for image in images:  # warm every shape
         model.predict([image], imgsz=320, conf=0.25, device="cpu", verbose=False)
-    one = [timed(lambda i=i: model.predict([images[i % len(images)]], imgsz=320, conf=0.25, device="cpu", verbose=False))[0]
-           for i in range(n1)]
     model.predict(images, imgsz=320, conf=0.25, device="cpu", verbose=False)
-    many = [timed(lambda: model.predict(images, imgsz=320, conf=0.25, device="cpu", verbose=False))[0] for _ in range(n16)]
-    return one, many
+    return lambda batch: model.predict(batch, imgsz=320, conf=0.25, device="cpu", verbose=False)
 
 
 def run(ctx: Context) -> Result:
@@ -60,11 +57,19 @@ def run(ctx: Context) -> Result:
             predict(tasks)
             for task in tasks:
                 predict([task])
-        one = [timed(lambda i=i: predict([tasks[i % len(tasks)]]))[0] for i in range(n1)]
-        many = [timed(lambda: predict(tasks))[0] for _ in range(n16)]
-        singles = [timed(lambda: [predict([t]) for t in tasks])[0] for _ in range(rounds)]
+        direct = _direct_model(checkpoint, images)
+        # Served and direct calls alternate, so a change in the machine's load hits both alike; the
+        # backend is idle while the direct call runs and the other way round.
+        one, direct_one, many, direct_many, singles = [], [], [], [], []
+        for i in range(n1):
+            one.append(timed(lambda: predict([tasks[i % len(tasks)]]))[0])
+            direct_one.append(timed(lambda: direct([images[i % len(images)]]))[0])
+        for i in range(n16):
+            many.append(timed(lambda: predict(tasks))[0])
+            direct_many.append(timed(lambda: direct(images))[0])
+            if i < rounds:
+                singles.append(timed(lambda: [predict([t]) for t in tasks])[0])
         boxes = sum(len(r["result"]) for r in predict(tasks))
-    direct_one, direct_many = _direct(checkpoint, images, n1, n16)
     s1, s16, d1, d16, sing = Stats.of(one), Stats.of(many), Stats.of(direct_one), Stats.of(direct_many), Stats.of(singles)
     for label, served, direct in (("1 task", s1, d1), ("16 tasks", s16, d16)):
         r50 = ratio(served.p50, direct.p50)
@@ -91,5 +96,5 @@ def run(ctx: Context) -> Result:
                      "served by the fake Label Studio and cached by the backend after the warm-up. Requests are sent "
                      "one at a time from the benchmark process. Baseline: `YOLO(checkpoint).predict(images, imgsz=320, "
                      "conf=0.25)` in the benchmark process on the same decoded images with the same torch thread count "
-                     "(all cores), while the backend is idle.")
+                     "(all cores), alternating call by call with the served requests (each runs while the other is idle).")
     return result

@@ -137,6 +137,11 @@ def test_detector_serves_an_export_like_the_pt(report, checkpoint, samples):
         assert [d.labels for d in ours] == [d.labels for d in theirs]
         for a, b in zip(ours, theirs):
             assert np.allclose(a.xyxy, b.xyxy, atol=0.5) and a.source == "yolo"
+        if fmt == "openvino":  # never OpenVINO's bf16 default (it moves boxes on CPUs that have bf16)
+            import openvino as ov
+
+            compiled = det._model.predictor.model.backend.ov_compiled_model
+            assert det._full_precision and compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
 
 
 def _holder(tmp_path, redis_url):

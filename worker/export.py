@@ -160,9 +160,19 @@ def _missing_packages(fmt: str) -> list[str]:
     return [p for p in _PACKAGES.get(fmt, ()) if importlib.util.find_spec(p) is None]
 
 
-def _predict(model, images: list[Image.Image], imgsz: int, conf: float) -> tuple[list[_Boxes], float]:
-    """Boxes per image (one image at a time, like a 1-task /predict) and the median ms per image."""
-    model.predict(images[:1], imgsz=imgsz, conf=conf, device="cpu", verbose=False)  # warm-up
+def _predict(model, images: list[Image.Image], imgsz: int, conf: float, path: Path | None = None) -> tuple[list[_Boxes], float]:
+    """Boxes per image (one image at a time, like a 1-task /predict) and the median ms per image.
+
+    Runs the model as serving does: an OpenVINO export is recompiled in f32 like
+    ``YoloDetector`` does (``backend.detectors.yolo.openvino_full_precision``).
+    """
+    model.predict(images[:1], imgsz=imgsz, conf=conf, device="cpu", verbose=False)  # warm-up, sets the predictor up
+    if path is not None and path.name.endswith("_openvino_model"):
+        from backend.detectors.yolo import openvino_full_precision
+
+        if not openvino_full_precision(model, path):
+            raise RuntimeError("OpenVINO did not accept f32 inference")
+        model.predict(images[:1], imgsz=imgsz, conf=conf, device="cpu", verbose=False)
     out, times = [], []
     for image in images:
         started = time.perf_counter()
@@ -224,7 +234,7 @@ def export_and_check(checkpoint: Path | str, out_dir: Path | str, sample_images:
             try:
                 exported = YOLO(str(produced), task="detect")
                 names = dict(exported.names)
-                boxes, ms = _predict(exported, images, imgsz, conf)
+                boxes, ms = _predict(exported, images, imgsz, conf, produced)
             except Exception as exc:
                 check.reason = f"export does not load or predict: {type(exc).__name__}: {exc}"[:500]
                 log.warning("export %s of %s unusable: %s", fmt, checkpoint, check.reason)

@@ -72,6 +72,32 @@ def export_metadata(path: Path | str) -> dict:
     return meta
 
 
+def openvino_full_precision(model, path: Path | str) -> bool:
+    """Recompile an Ultralytics-loaded OpenVINO model in f32 (after its predictor is set up).
+
+    OpenVINO's CPU plugin runs in bf16 by default on CPUs that have it (AVX512-BF16, AMX): boxes then
+    drift from the .pt's by a pixel or two (IoU ~0.95 measured on AMD EPYC), and Ultralytics offers no
+    way to pass ``INFERENCE_PRECISION_HINT``. Returns True once the compiled model runs in f32.
+    """
+    import functools
+
+    import openvino as ov
+
+    backend = getattr(getattr(getattr(model, "predictor", None), "model", None), "backend", None)
+    compiled = getattr(backend, "ov_compiled_model", None)
+    compile_model = getattr(backend, "compile_model", None)
+    if compiled is None or not isinstance(compile_model, functools.partial):
+        raise RuntimeError("no Ultralytics OpenVINO backend to recompile")
+    if compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32:
+        return True
+    config = {**compile_model.keywords.get("config", {}), "INFERENCE_PRECISION_HINT": "f32"}
+    backend.compile_model = functools.partial(compile_model.func, device_name=compile_model.keywords["device_name"], config=config)
+    path = Path(path)
+    xml = path if path.is_file() else next(path.glob("*.xml"))
+    backend.ov_compiled_model = backend.compile_model(ov.Core().read_model(model=str(xml), weights=str(xml.with_suffix(".bin"))))
+    return backend.ov_compiled_model.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+
+
 class YoloDetector:
     """A loaded checkpoint or export. Thread-safe: Ultralytics predictors are not, so calls take a lock."""
 
@@ -93,12 +119,16 @@ class YoloDetector:
         self._device = device
         self._imgsz = imgsz or self._trained_imgsz()
         self._lock = threading.Lock()
+        self._full_precision = False
         names = self._export_meta.get("names")
         if self.format != "pt" and isinstance(names, dict) and names:
             self.names: dict[int, str] = {int(k): str(v) for k, v in names.items()}
         else:  # for an export without metadata this loads it once more (Ultralytics' names property)
             self.names = dict(self._model.names)
-        self._threads = threads or os.cpu_count() or 1
+        # YOLO_THREADS are torch's inference threads. An export runs in ONNX Runtime's or OpenVINO's own
+        # thread pool and torch only pre/post-processes small tensors: more torch threads there only spin
+        # on the cores the runtime needs (measured: 2 torch threads made OpenVINO calls ~1.8x slower).
+        self._threads = threads or ((os.cpu_count() or 1) if self.format == "pt" else 1)
         self._set_threads()
 
     def _set_threads(self) -> None:
@@ -151,7 +181,13 @@ class YoloDetector:
     def _predict(self, images: list[Image.Image], conf: float):
         with self._lock:
             self._set_threads()
-            return self._model.predict(images, imgsz=self._imgsz, conf=conf, device=self._device, verbose=False)
+            results = self._model.predict(images, imgsz=self._imgsz, conf=conf, device=self._device, verbose=False)
+            if self.format == "openvino" and not self._full_precision:  # the first call set the predictor up
+                if not openvino_full_precision(self._model, self.path):
+                    raise RuntimeError("OpenVINO did not accept f32 inference")
+                self._full_precision = True
+                results = self._model.predict(images, imgsz=self._imgsz, conf=conf, device=self._device, verbose=False)
+            return results
 
     def detect_batch(self, images: list[Image.Image], config: ProjectConfig, threshold: float) -> list[Detections]:
         """Detections for each image, labels mapped through the config (unmapped classes dropped)."""
