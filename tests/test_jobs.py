@@ -107,3 +107,20 @@ def test_train_project_outside_rq_records_failure(fake_ls, tmp_path, redis15, pr
     last = json.loads(redis15.get(wq.key(pid, "last")))
     assert last["status"] == "failed" and "502" in last["error"]
     get_settings.cache_clear()
+
+
+def test_promotion_exports_verified_fast_formats_that_the_server_then_uses(fake_ls, tmp_path, redis15, project_id):
+    from backend.hotswap import ModelHolder
+
+    pid, _, _ = populate(fake_ls, n=12, project=project_id)
+    settings = make_settings(tmp_path, fake_ls, export_formats="onnx")
+    result = run_training(pid, settings=settings, redis=redis15)
+    assert result["status"] == "promoted"
+    info = ModelRegistry(settings.model_dir, redis15).current(pid)
+    assert info.meta["exports"] == {"onnx": "model.onnx"} and info.export("onnx").is_file()
+    holder = ModelHolder(settings, ModelRegistry(settings.model_dir, redis15))
+    try:
+        served = holder.get(pid)
+        assert served.version == "v0001" and served.format == "onnx"
+    finally:
+        holder.stop()

@@ -81,6 +81,17 @@ def _keep_rejected(settings, project: str, checkpoint: Path) -> Path:
     return target
 
 
+def _verified_exports(settings, checkpoint: Path, dataset, imgsz: int) -> dict[str, Path]:
+    """Faster CPU formats of the candidate (EXPORT_FORMATS), kept only if they give the .pt's boxes."""
+    formats = [f.strip() for f in settings.export_formats.split(",") if f.strip()]
+    if not formats:
+        return {}
+    from worker.export import export_verified
+
+    samples = [item.image_path for item in (dataset.val_items or dataset.items)[:8]]
+    return export_verified(checkpoint, Path(checkpoint).parent / "exports", samples, imgsz, formats=formats)
+
+
 def _metrics_summary(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
@@ -185,7 +196,8 @@ def run_training(
         version = current.version if current else None
         rejected_path = None
         if decision.promote:
-            info = registry.add_version(project, trained.checkpoint, meta)
+            info = registry.add_version(project, trained.checkpoint, meta,
+                                        extra_files=_verified_exports(settings, trained.checkpoint, dataset, meta["imgsz"]))
             registry.promote(project, info.version)
             version = info.version
             Path(trained.checkpoint).unlink(missing_ok=True)
