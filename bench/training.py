@@ -131,6 +131,18 @@ def run(ctx: Context) -> Result:
                        f"{r['wall_s']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
                        note=f"{r['epochs_run']} epochs, held-out mAP50 {r['map50']:.3f}" if r["map50"] is not None else ""))
         ctx.partial(result)
+    weak = [n for n in sizes if (runs[n]["map50"] or 0) < 0.5]
+    if weak and not ctx.quick:
+        maps = ", ".join(f"{runs[n]['map50'] or 0:.3f}" for n in weak)
+        result.notes.append(
+            f"At defaults the {', '.join(map(str, weak))}-image run(s) reached held-out mAP50 {maps}: 30 epochs of a few batches are too few "
+            f"optimizer steps from random init (40 train images = 3 steps per epoch, 90 in all), and with no current model "
+            f"the gate promotes whatever comes out. A time budget (TRAIN_TIME_LIMIT_MIN) gives small datasets many more "
+            f"epochs in the same minutes; a minimum mAP for a first promotion would keep a useless model from serving.")
+    if not ctx.quick and ours["wall_s"] > budget_min * 60 * 1.05:
+        result.notes.append(
+            f"Our defaults have no time limit: here they needed {ours['wall_s'] / 60:.1f} min for the reference's "
+            f"{budget_min:g}-minute budget (same mAP50); on a slower or busier host they overshoot it further.")
     small, large = sizes[0], sizes[-1]
     scale = ratio(runs[large]["wall_s"], runs[small]["wall_s"])
     result.add(Row(f"time scaling {small} → {large} images ({large / small:g}× the data)", f"{scale:.2f}× the time",
