@@ -42,6 +42,7 @@ COPY gunicorn.conf.py label_config.xml ./
 ENV PYTHONPATH=/app \
     PORT=9090 \
     YOLO_OFFLINE=1 \
+    OMP_WAIT_POLICY=PASSIVE \
     YOLO_AUTOINSTALL=0 \
     YOLO_CONFIG_DIR=/app/var/ultralytics \
     MODEL_DIR=/data/models \

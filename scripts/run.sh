@@ -50,6 +50,10 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 # Ultralytics without network (PROTOCOL.md section 3); the backend sets these too.
 export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0
+# Training and serving share the cores: spin-waiting OpenMP threads made a training step 6x slower
+# beside other CPU work (BENCHMARKS.md section 7). PASSIVE costs an idle host some speed; override it
+# on a dedicated training host.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export YOLO_CONFIG_DIR="${YOLO_CONFIG_DIR:-$VAR_DIR/ultralytics}"
 mkdir -p "$YOLO_CONFIG_DIR"
 
