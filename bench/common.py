@@ -536,18 +536,6 @@ def register_version(ctx: Context, model_dir: Path, project: str, checkpoint: Pa
     return registry, info
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except Exception:
-            value = None
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
 def cleanup_redis(ctx: Context, project: str) -> None:
     """Drop the benchmark project's keys from the benchmark Redis."""
     try:
