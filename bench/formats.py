@@ -160,12 +160,22 @@ def run(ctx: Context) -> Result:
     missed_over = [r for r in result.rows if r.status == "MISSED" and "≤ 1.3×" in r.goal]
     shape = "×".join(str(s) for s in timings["pt"]["shape"])
     if missed_speed:
+        bf16 = timings.get("openvino-bf16")
+        ov = timings.get("openvino")
+        extra = ""
+        if bf16 and ov:
+            extra = (f" The runtime itself is the limit: OpenVINO in f32 runs the model in {ov['direct1'].median * 1000:.1f} ms "
+                     f"against {pt['direct1'].median * 1000:.1f} ms for the torch module "
+                     f"({ratio(pt['direct1'].median, ov['direct1'].median):.1f}×); only OpenVINO's bf16 default "
+                     f"({bf16['direct1'].median * 1000:.1f} ms, {ratio(pt['direct1'].median, bf16['direct1'].median):.1f}×) reaches "
+                     f"3×, and bf16 moves boxes by about a pixel (IoU ~0.95 against the .pt), failing the IoU ≥ 0.99 export "
+                     f"check — so the served export is f32 and the 3× goal is traded for identical boxes. PROTOCOL.md's "
+                     f"4.4 ms OpenVINO figure matches bf16. At 16 images the .pt batches well on 2 cores and the exports "
+                     f"gain little.")
         result.notes.append(
-            "≥ 3× end to end: missed where marked. The model call is only part of detect_batch; Ultralytics' "
-            "pre-processing (letterbox, HWC→CHW, /255) and post-processing (NMS, scaling boxes back) and our label "
-            "mapping cost the same for every format, so the end-to-end gain is capped below the runtime's own gain "
-            f"(input tensor {shape} for one 320×240 image). PROTOCOL.md section 3 measured PyTorch at 13 ms with 2 "
-            "threads and OpenVINO at 4.4 ms: 2.95×, already under 3× for the model call alone at batch 1.")
+            "≥ 3× end to end: missed where marked. Pre-processing (letterbox) and post-processing (NMS, boxes "
+            "scaled back, label mapping) cost the same for every format, so the end-to-end gain is below the "
+            f"runtime's own gain (input tensor {shape} for one 320×240 image)." + extra)
     if missed_over:
         result.notes.append(
             "≤ 1.3× of the runtime called directly: missed where marked, because the fixed per-call cost of "
