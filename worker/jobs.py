@@ -176,6 +176,9 @@ def run_training(
                                  float(settings.promote_min_gain), device=str(settings.train_device))
         t = lap("evaluate", t)
 
+        # Exports take seconds: do them before the last lock check, never between it and publishing.
+        exports = _verified_exports(settings, trained.checkpoint, dataset,
+                                    int(trained.train_args.get("imgsz", settings.train_imgsz))) if decision.promote else {}
         slot.check()  # never publish after losing the lock to another worker
         candidate_metrics = decision.candidate
         current_metrics = decision.current
@@ -196,8 +199,7 @@ def run_training(
         version = current.version if current else None
         rejected_path = None
         if decision.promote:
-            info = registry.add_version(project, trained.checkpoint, meta,
-                                        extra_files=_verified_exports(settings, trained.checkpoint, dataset, meta["imgsz"]))
+            info = registry.add_version(project, trained.checkpoint, meta, extra_files=exports)
             registry.promote(project, info.version)
             version = info.version
             Path(trained.checkpoint).unlink(missing_ok=True)
