@@ -14,6 +14,7 @@ from pathlib import Path
 
 _FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
 _done = False
+_CPU_F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
 def _local_font() -> Path | None:
@@ -54,3 +55,27 @@ def prepare(config_dir: str | os.PathLike | None = None) -> Path:
         )
         _done = True
     return folder
+
+
+def openvino_in_f32() -> None:
+    """Make every OpenVINO ``Core`` of this process compile CPU models in f32 (idempotent).
+
+    OpenVINO's CPU plugin runs in bf16 by default on CPUs that have it (AVX512-BF16, AMX): YOLO
+    boxes then drift from the .pt's by a pixel or two (IoU ~0.95 measured on AMD EPYC), which
+    fails the export check. Ultralytics builds its own ``Core`` when it loads an export and sets the
+    precision hint only on Windows and ARM, so the hint goes on the ``Core`` class itself: the
+    model is compiled once, in f32, instead of compiled in bf16 and then again.
+    """
+    import openvino as ov
+
+    if getattr(ov.Core, "lsb_cpu_f32", False):
+        return
+
+    class CoreF32(ov.Core):
+        lsb_cpu_f32 = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.set_property("CPU", dict(_CPU_F32))
+
+    ov.Core = CoreF32

@@ -37,13 +37,16 @@ def _direct_runner(fmt: str, path, model_pt, precision: str = "f32"):
         return lambda x: compiled(x)
     import torch
 
+    from backend.detectors.yolo import on_inference_thread
+
     module = model_pt.predictor.model  # AutoBackend around the fused module, as predict uses it
 
     def run(x):
         with torch.inference_mode():
             return module(torch.from_numpy(x))
 
-    return run
+    # On the thread YoloDetector predicts on: a second calling thread would get its own OpenMP team.
+    return lambda x: on_inference_thread(run, x)
 
 
 def run(ctx: Context) -> Result:

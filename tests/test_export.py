@@ -141,7 +141,7 @@ def test_detector_serves_an_export_like_the_pt(report, checkpoint, samples):
             import openvino as ov
 
             compiled = det._model.predictor.model.backend.ov_compiled_model
-            assert det._full_precision and compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+            assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
 
 
 def _holder(tmp_path, redis_url):

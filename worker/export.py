@@ -163,16 +163,18 @@ def _missing_packages(fmt: str) -> list[str]:
 def _predict(model, images: list[Image.Image], imgsz: int, conf: float, path: Path | None = None) -> tuple[list[_Boxes], float]:
     """Boxes per image (one image at a time, like a 1-task /predict) and the median ms per image.
 
-    Runs the model as serving does: an OpenVINO export is recompiled in f32 like
-    ``YoloDetector`` does (``backend.detectors.yolo.openvino_full_precision``).
+    Runs the model as serving does: an OpenVINO export in f32 (``ultralytics_env.openvino_in_f32``).
     """
-    model.predict(images[:1], imgsz=imgsz, conf=conf, device="cpu", verbose=False)  # warm-up, sets the predictor up
-    if path is not None and path.name.endswith("_openvino_model"):
-        from backend.detectors.yolo import openvino_full_precision
+    openvino = path is not None and path.name.endswith("_openvino_model")
+    if openvino:
+        from backend.ultralytics_env import openvino_in_f32
 
-        if not openvino_full_precision(model, path):
-            raise RuntimeError("OpenVINO did not accept f32 inference")
-        model.predict(images[:1], imgsz=imgsz, conf=conf, device="cpu", verbose=False)
+        openvino_in_f32()
+    model.predict(images[:1], imgsz=imgsz, conf=conf, device="cpu", verbose=False)  # warm-up, sets the predictor up
+    if openvino:
+        from backend.detectors.yolo import check_openvino_f32
+
+        check_openvino_f32(model, path)
     out, times = [], []
     for image in images:
         started = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,18 @@ log = logging.getLogger(__name__)
 
 # Export formats served instead of the .pt when a version has them, fastest first (PROTOCOL.md 3).
 EXPORT_FORMATS = ("openvino", "onnx")
+
+# Every YOLO call of the process runs on this one thread. Torch's OpenMP keeps a thread team per
+# calling thread: requests arriving on gunicorn's 8 threads built 8 teams, more OpenMP threads than
+# cores, and libgomp then stops spin-waiting between the model's parallel regions: a 1-image predict
+# took 2x as long from any thread once a second one had predicted (measured: 12.7 ms vs 29.7 ms).
+# Ultralytics predictors are not thread-safe either, so calls were serialised anyway.
+_INFERENCE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yolo-inference")
+
+
+def on_inference_thread(fn, *args):
+    """``fn(*args)`` on the process's one YOLO inference thread (see above), waiting for its result."""
+    return _INFERENCE.submit(fn, *args).result()
 
 
 def model_format(path: Path | str) -> str:
@@ -72,34 +85,26 @@ def export_metadata(path: Path | str) -> dict:
     return meta
 
 
-def openvino_full_precision(model, path: Path | str) -> bool:
-    """Recompile an Ultralytics-loaded OpenVINO model in f32 (after its predictor is set up).
-
-    OpenVINO's CPU plugin runs in bf16 by default on CPUs that have it (AVX512-BF16, AMX): boxes then
-    drift from the .pt's by a pixel or two (IoU ~0.95 measured on AMD EPYC), and Ultralytics offers no
-    way to pass ``INFERENCE_PRECISION_HINT``. Returns True once the compiled model runs in f32.
-    """
-    import functools
-
-    import openvino as ov
-
+def openvino_precision(model):
+    """The ``openvino.Type`` an Ultralytics-loaded OpenVINO model was compiled in (after its first predict)."""
     backend = getattr(getattr(getattr(model, "predictor", None), "model", None), "backend", None)
     compiled = getattr(backend, "ov_compiled_model", None)
-    compile_model = getattr(backend, "compile_model", None)
-    if compiled is None or not isinstance(compile_model, functools.partial):
-        raise RuntimeError("no Ultralytics OpenVINO backend to recompile")
-    if compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32:
-        return True
-    config = {**compile_model.keywords.get("config", {}), "INFERENCE_PRECISION_HINT": "f32"}
-    backend.compile_model = functools.partial(compile_model.func, device_name=compile_model.keywords["device_name"], config=config)
-    path = Path(path)
-    xml = path if path.is_file() else next(path.glob("*.xml"))
-    backend.ov_compiled_model = backend.compile_model(ov.Core().read_model(model=str(xml), weights=str(xml.with_suffix(".bin"))))
-    return backend.ov_compiled_model.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    if compiled is None:
+        raise RuntimeError("no Ultralytics OpenVINO backend")
+    return compiled.get_property("INFERENCE_PRECISION_HINT")
+
+
+def check_openvino_f32(model, path: Path | str) -> None:
+    """Refuse to serve an OpenVINO model compiled in anything but f32 (bf16 moves boxes)."""
+    import openvino as ov
+
+    precision = openvino_precision(model)
+    if precision != ov.Type.f32:
+        raise RuntimeError(f"OpenVINO compiled {path} in {precision}, not f32")
 
 
 class YoloDetector:
-    """A loaded checkpoint or export. Thread-safe: Ultralytics predictors are not, so calls take a lock."""
+    """A loaded checkpoint or export. Thread-safe: every call runs on the process's one inference thread."""
 
     source = "yolo"
 
@@ -115,11 +120,11 @@ class YoloDetector:
         self.version = version
         self.model_name = f"yolo:{version}"
         self._export_meta = export_metadata(path) if self.format != "pt" else {}
+        if self.format == "openvino":
+            ultralytics_env.openvino_in_f32()  # before Ultralytics compiles it, at the first predict
         self._model = YOLO(str(path), task=task or self._export_meta.get("task") or "detect")
         self._device = device
         self._imgsz = imgsz or self._trained_imgsz()
-        self._lock = threading.Lock()
-        self._full_precision = False
         names = self._export_meta.get("names")
         if self.format != "pt" and isinstance(names, dict) and names:
             self.names: dict[int, str] = {int(k): str(v) for k, v in names.items()}
@@ -174,20 +179,40 @@ class YoloDetector:
         return size or 640
 
     def warm_up(self) -> None:
-        """Pay Ultralytics' first-call cost before the model serves (called by the hot-swap loader)."""
-        self._predict([Image.new("RGB", (64, 64))], conf=0.99)
-        self._set_threads()  # the first predict set up Ultralytics' predictor, which changed them
+        """Pay the first-call costs before the model serves (called by the hot-swap loader).
+
+        The expensive first call (Ultralytics' predictor set-up, fusing, an export's compile) runs
+        off the inference thread, so the serving model keeps answering meanwhile, and in a thread
+        of its own that then ends, taking along any OpenMP team it made (see ``_INFERENCE``). One
+        more call on the inference thread sets its torch threads.
+        """
+        blank = [Image.new("RGB", (64, 64))]
+        failure: list[BaseException] = []
+
+        def first_call() -> None:
+            try:
+                self._model.predict(blank, imgsz=self._imgsz, conf=0.99, device=self._device, verbose=False)
+            except BaseException as exc:  # re-raised in the caller
+                failure.append(exc)
+
+        thread = threading.Thread(target=first_call, name="yolo-warm-up")  # not a daemon: exit waits for it
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
+        self._predict(blank, conf=0.99)
+        if self.format == "openvino":
+            check_openvino_f32(self._model, self.path)
 
     def _predict(self, images: list[Image.Image], conf: float):
-        with self._lock:
-            self._set_threads()
-            results = self._model.predict(images, imgsz=self._imgsz, conf=conf, device=self._device, verbose=False)
-            if self.format == "openvino" and not self._full_precision:  # the first call set the predictor up
-                if not openvino_full_precision(self._model, self.path):
-                    raise RuntimeError("OpenVINO did not accept f32 inference")
-                self._full_precision = True
-                results = self._model.predict(images, imgsz=self._imgsz, conf=conf, device=self._device, verbose=False)
-            return results
+        return on_inference_thread(self._predict_here, images, conf)
+
+    def _predict_here(self, images: list[Image.Image], conf: float):
+        self._set_threads()
+        try:
+            return self._model.predict(images, imgsz=self._imgsz, conf=conf, device=self._device, verbose=False)
+        finally:
+            self._set_threads()  # a first predict sets Ultralytics' predictor up, which changes them
 
     def detect_batch(self, images: list[Image.Image], config: ProjectConfig, threshold: float) -> list[Detections]:
         """Detections for each image, labels mapped through the config (unmapped classes dropped)."""
