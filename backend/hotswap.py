@@ -9,10 +9,12 @@ so no request ever waits for or fails on a load.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import redis as redis_lib
@@ -23,6 +25,21 @@ from backend.registry import CHANNEL, ModelRegistry, project_key
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_HOLDERS: "weakref.WeakSet[ModelHolder]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_watchers() -> None:
+    """Stop every watcher before the interpreter finalizes. A daemon thread still inside torch then
+    (warming a model up, dropping the old one) is killed mid-C++ and aborts the whole process with
+    "terminate called without an active exception" (seen in the test suite). Gunicorn workers skip
+    this: they leave with os._exit (gunicorn.conf.py)."""
+    holders = list(_HOLDERS)
+    for holder in holders:
+        holder.stop()
+    for holder in holders:
+        holder.join(timeout=10.0)
 
 
 class ModelHolder:
@@ -39,6 +56,7 @@ class ModelHolder:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
         self._fixed: YoloDetector | None = None
         self._by_path: dict[Path, YoloDetector] = {}
         if settings.yolo_model:
@@ -151,12 +169,22 @@ class ModelHolder:
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(target=self._watch, name="model-hotswap", daemon=True)
+                    self._listener = threading.Thread(target=_listen, name="model-pubsub", daemon=True,
+                                                      args=(self._redis_url, self._stop, self._wake, self._load_locks))
+                    _HOLDERS.add(self)
                     self._thread.start()
-                    threading.Thread(target=self._listen, name="model-pubsub", daemon=True).start()
+                    self._listener.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the watcher threads to end after :meth:`stop` (a model being loaded finishes first)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in (self._thread, self._listener):
+            if thread is not None:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -168,24 +196,29 @@ class ModelHolder:
             self._wake.wait(self.settings.hotswap_poll_seconds)
             self._wake.clear()
 
-    def _listen(self) -> None:
-        """Wake the watcher on every promotion notice; reconnect forever with backoff."""
-        delay = 0.5
-        while not self._stop.is_set():
-            try:
-                client = redis_lib.Redis.from_url(self._redis_url, socket_connect_timeout=2, health_check_interval=10)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
-                delay = 0.5
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
-                        try:
-                            project = json.loads(message["data"]).get("project")
-                        except (ValueError, TypeError):
-                            continue
-                        if project in self._load_locks:
-                            self._wake.set()
-            except redis_lib.RedisError:
-                time.sleep(delay)
-                delay = min(delay * 2, 10)
+
+def _listen(redis_url: str, stop: threading.Event, wake: threading.Event, projects: dict) -> None:
+    """Wake the watcher on every promotion notice for one of ``projects``; reconnect forever with backoff.
+
+    A plain function, not a method: this daemon thread must hold no reference to the holder, or at
+    interpreter exit it could be the one to drop the last one and free torch models mid-finalization.
+    """
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            client = redis_lib.Redis.from_url(redis_url, socket_connect_timeout=2, health_check_interval=10)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(CHANNEL)
+            delay = 0.5
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message and message.get("type") == "message":
+                    try:
+                        project = json.loads(message["data"]).get("project")
+                    except (ValueError, TypeError):
+                        continue
+                    if project in projects:
+                        wake.set()
+        except redis_lib.RedisError:
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
