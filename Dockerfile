@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Label Studio ML backend, CPU only. One image, two roles (see docker-compose.yml):
 #   API:    gunicorn -c gunicorn.conf.py backend.wsgi:app              (the default CMD)
-#   worker: rq worker --url "$REDIS_URL" --with-scheduler training prelabel
+#   worker: rq worker --url "$REDIS_URL" --with-scheduler training prelabel   (with OMP_WAIT_POLICY=PASSIVE)
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -42,7 +42,6 @@ COPY gunicorn.conf.py label_config.xml ./
 ENV PYTHONPATH=/app \
     PORT=9090 \
     YOLO_OFFLINE=1 \
-    OMP_WAIT_POLICY=PASSIVE \
     YOLO_AUTOINSTALL=0 \
     YOLO_CONFIG_DIR=/app/var/ultralytics \
     MODEL_DIR=/data/models \

@@ -50,10 +50,11 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 # Ultralytics without network (PROTOCOL.md section 3); the backend sets these too.
 export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0
-# Training and serving share the cores: spin-waiting OpenMP threads made a training step 6x slower
-# beside other CPU work (BENCHMARKS.md section 7). PASSIVE costs an idle host some speed; override it
-# on a dedicated training host.
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# Training shares the cores with serving: its spin-waiting OpenMP threads made a training step 6x
+# slower beside other CPU work (BENCHMARKS.md section 7), so the rq worker runs with PASSIVE. The web
+# processes keep OpenMP's default: PASSIVE there made a 1-image YOLO predict ~2x slower (section 2).
+# An OMP_WAIT_POLICY set by the caller applies to both.
+WORKER_OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export YOLO_CONFIG_DIR="${YOLO_CONFIG_DIR:-$VAR_DIR/ultralytics}"
 mkdir -p "$YOLO_CONFIG_DIR"
 
@@ -242,7 +243,7 @@ log "serving on port $PORT with $WORKERS gunicorn workers x $THREADS threads; rq
 set -m
 "$VENV/bin/gunicorn" -c gunicorn.conf.py backend.wsgi:app < /dev/null > >(prefix web) 2>&1 &
 WEB_PID=$!
-"$VENV/bin/rq" worker --url "$REDIS_URL" --with-scheduler "${QUEUE_PREFIX}training" "${QUEUE_PREFIX}prelabel" \
+OMP_WAIT_POLICY="$WORKER_OMP_WAIT_POLICY" "$VENV/bin/rq" worker --url "$REDIS_URL" --with-scheduler "${QUEUE_PREFIX}training" "${QUEUE_PREFIX}prelabel" \
     < /dev/null > >(prefix worker) 2>&1 &
 WORKER_PID=$!
 set +m
