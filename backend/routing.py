@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from backend.detections import Detections
@@ -25,6 +25,10 @@ from backend.registry import VersionInfo
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Images of a request load on their own threads, ahead of the Gemini calls: a Gemini slot that
+# frees up finds the next image decoded instead of downloading it first (BENCHMARKS.md section 1).
+LOAD_THREADS = 8
 
 
 @dataclass
@@ -57,44 +61,64 @@ class Router:
             yolo_info: VersionInfo | None = None, query: str | None = None) -> list[TaskOutcome]:
         order = self.order(yolo, yolo_info)
         outcomes = [TaskOutcome() for _ in urls]
-        images: list[LoadedImage | None] = [None] * len(urls)
-        with ThreadPoolExecutor(max_workers=self.settings.gemini_concurrency, thread_name_prefix="task") as pool:
-            first_gemini = order[0] == "gemini"
-            futures = [pool.submit(self._load_and_maybe_gemini, url, task_id, config, query, first_gemini) for url, task_id in urls]
-            for i, future in enumerate(futures):
-                images[i], outcomes[i] = future.result()
-
-            pending = [i for i, o in enumerate(outcomes) if o.detections is None and images[i] is not None]
-            for source in (order[1:] if first_gemini else order):
+        with ThreadPoolExecutor(max_workers=min(LOAD_THREADS, len(urls)) or 1, thread_name_prefix="load") as loaders, \
+                ThreadPoolExecutor(max_workers=self.settings.gemini_concurrency, thread_name_prefix="gemini") as callers:
+            loads = [loaders.submit(self._load, url, task_id) for url, task_id in urls]
+            # Gemini first: each call starts the moment its image is loaded, while the others load.
+            calls = self._start_gemini(callers, loads, range(len(urls)), config, query) if order[0] == "gemini" else {}
+            images = self._gather_images(loads, outcomes)
+            pending = [i for i, image in enumerate(images) if image is not None]
+            for source in order:
                 if not pending:
                     break
                 if source == "yolo":
                     pending = self._run_yolo(yolo, config, images, outcomes, pending)
                 else:
-                    results = list(pool.map(lambda i: self._gemini(images[i], config, query), pending))
-                    for i, (det, reason) in zip(pending, results):
-                        outcomes[i].detections = det
-                        outcomes[i].fallback_reason = outcomes[i].fallback_reason or reason
-                    pending = [i for i in pending if outcomes[i].detections is None]
-        for i in pending:
-            outcomes[i].reason = outcomes[i].reason or "; ".join(
-                r for r in (outcomes[i].fallback_reason, "no YOLO model" if yolo is None else "") if r
-            ) or "no detector available"
+                    calls = calls or self._start_gemini(callers, loads, pending, config, query)
+                    pending = self._collect_gemini(calls, outcomes, pending)
+        for outcome in outcomes:
+            if outcome.detections is None and not outcome.reason:
+                outcome.reason = "; ".join(
+                    r for r in (outcome.fallback_reason, "no YOLO model" if yolo is None else "") if r
+                ) or "no detector available"
         return outcomes
 
-    def _load_and_maybe_gemini(self, url: str, task_id: int | None, config: ProjectConfig, query: str | None,
-                               use_gemini: bool) -> tuple[LoadedImage | None, TaskOutcome]:
+    @staticmethod
+    def _gather_images(loads: list[Future], outcomes: list[TaskOutcome]) -> list[LoadedImage | None]:
+        """Every task's image (waiting for the loads), or None with the reason in its outcome."""
+        images: list[LoadedImage | None] = []
+        for i, load in enumerate(loads):
+            image, reason = load.result()
+            images.append(image)
+            outcomes[i].reason = reason
+        return images
+
+    def _start_gemini(self, callers: ThreadPoolExecutor, loads: list[Future], indices, config: ProjectConfig,
+                      query: str | None) -> dict[int, Future]:
+        """A Gemini call per task, each waiting for its own image only."""
+        def call(i: int) -> tuple[Detections | None, str]:
+            image, _ = loads[i].result()
+            return self._gemini(image, config, query) if image is not None else (None, "")
+
+        return {i: callers.submit(call, i) for i in indices}
+
+    @staticmethod
+    def _collect_gemini(calls: dict[int, Future], outcomes: list[TaskOutcome], pending: list[int]) -> list[int]:
+        """Gemini's answers into the outcomes; the tasks it could not serve stay pending."""
+        for i in pending:
+            det, reason = calls[i].result()
+            outcomes[i].detections = det
+            outcomes[i].fallback_reason = outcomes[i].fallback_reason or reason
+        return [i for i in pending if outcomes[i].detections is None]
+
+    def _load(self, url: str, task_id: int | None) -> tuple[LoadedImage | None, str]:
         try:
-            image = self.loader.load(url, task_id)
+            return self.loader.load(url, task_id), ""
         except ImageError as exc:
-            return None, TaskOutcome(reason=f"image {exc.reason}: {exc.message}")
+            return None, f"image {exc.reason}: {exc.message}"
         except Exception as exc:  # a loader bug on odd input must fail this task only, not the batch
             log.exception("loading the image of task %s failed unexpectedly", task_id)
-            return None, TaskOutcome(reason=f"image error: {type(exc).__name__}")
-        outcome = TaskOutcome()
-        if use_gemini:
-            outcome.detections, outcome.fallback_reason = self._gemini(image, config, query)
-        return image, outcome
+            return None, f"image error: {type(exc).__name__}"
 
     def _gemini(self, image: LoadedImage, config: ProjectConfig, query: str | None) -> tuple[Detections | None, str]:
         if self.gemini is None:
@@ -132,3 +156,4 @@ class Router:
             outcomes[i].detections = det
             DETECT_SECONDS.labels("yolo").observe(elapsed / len(pending))
         return []
+

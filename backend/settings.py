@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     gemini_api_version: str = Field("", description="API version (v1, v1beta); empty = the SDK's default.")
     gemini_timeout: float = Field(20.0, description="Seconds for one Gemini call.")
     gemini_task_deadline: float = Field(30.0, description="Seconds one task may spend on Gemini, retries included, before falling back.")
-    gemini_concurrency: int = Field(12, ge=1, description="Gemini calls in flight at once for one request or job (paid-tier rate limits allow far more).")
+    gemini_concurrency: int = Field(16, ge=1, description="Gemini calls in flight at once for one request or job (paid-tier rate limits allow far more).")
     gemini_max_objects: int = Field(25, ge=1, description="Object cap asked of Gemini and enforced on its answer.")
     gemini_max_image_side: int = Field(1024, ge=64, description="Images are downscaled to this long side before sending.")
     gemini_temperature: float = Field(0.5, description="Sampling temperature.")

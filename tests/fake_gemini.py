@@ -178,7 +178,7 @@ def non_json(body: str = "<html><body>502 Bad Gateway</body></html>") -> Answer:
 
 
 def delayed(answer: Answer, seconds: float) -> Answer:
-    """``answer`` sent only after ``seconds`` (longer than the client timeout = a timeout)."""
+    """``answer`` sent ``seconds`` after the request arrived (longer than the client timeout = a timeout)."""
     return replace(answer, delay=seconds)
 
 
@@ -431,6 +431,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve("POST")
 
     def _serve(self, method: str) -> None:
+        arrived = time.monotonic()  # a delay is Gemini's latency: it counts from here, like a server's
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:
@@ -444,7 +445,7 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.owner
         owner._record(request)
         answer = owner.answer(request)
-        if answer.delay and owner._stopping.wait(answer.delay):
+        if answer.delay and owner._stopping.wait(max(0.0, answer.delay - (time.monotonic() - arrived))):
             return
         if answer.drop:
             self.close_connection = True

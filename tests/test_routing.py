@@ -99,3 +99,41 @@ def test_yolo_mode_never_calls_gemini(yolo, gemini_server):
     gemini_server.clear()
     (outcome,) = router("yolo", gemini_server).run([(data_url(), 1)], CONFIG, yolo, None)
     assert outcome.detections.source == "yolo" and gemini_server.calls == []
+
+
+def test_images_load_ahead_of_the_gemini_calls(gemini_server, monkeypatch):
+    """Loads run in their own pool: a Gemini slot that frees up finds its next image decoded."""
+    import threading
+
+    gemini_server.clear()
+    loaded, answered_after_all_loads = [], []
+    all_loaded = threading.Event()
+
+    def responder(request):
+        answered_after_all_loads.append(all_loaded.wait(2))
+        return fg.ok('[{"box_2d": [0, 0, 500, 500], "label": "Car"}]')
+
+    monkeypatch.setattr(gemini_server, "responder", responder)
+    r = router("gemini", gemini_server, gemini_concurrency=1)  # one slot: calls go one after another
+    real_load = r.loader.load
+
+    def load(url, task_id=None):
+        image = real_load(url, task_id)
+        loaded.append(task_id)
+        if len(loaded) == 4:
+            all_loaded.set()
+        return image
+
+    monkeypatch.setattr(r.loader, "load", load)
+    outcomes = r.run([(data_url(), i) for i in range(1, 5)], CONFIG, None, None)
+    assert [o.detections.source for o in outcomes] == ["gemini"] * 4
+    assert answered_after_all_loads[0] is True  # every image was in while the first call was in flight
+
+
+def test_a_bad_image_fails_only_its_task(gemini_server):
+    gemini_server.clear()
+    gemini_server.script(fg.ok('[{"box_2d": [0, 0, 500, 500], "label": "Car"}]'))
+    outcomes = router("gemini", gemini_server).run([("data:image/png;base64,bm90IGFuIGltYWdl", 1), (data_url(), 2)],
+                                                   CONFIG, None, None)
+    assert outcomes[0].detections is None and outcomes[0].reason.startswith("image ")
+    assert outcomes[1].detections.source == "gemini" and len(gemini_server.calls) == 1
