@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     yolo_base_model: str = Field("yolo11n.yaml", description="First training starts from this local .pt or model yaml (random init).")
     train_min_new_annotations: int = Field(10, ge=1, description="Annotation events since the last training that trigger a new one.")
     train_epochs: int = Field(30, ge=1, description="Epochs per training (the time limit may stop it sooner).")
+    train_min_steps: int = Field(240, ge=0, description="A training from random init makes at least this many optimizer steps: epochs are raised for small datasets (0 = off).")
     train_imgsz: int = Field(320, ge=32, description="Training image size.")
     train_batch: int = Field(16, ge=1, description="Batch size (nbs is set equal: see PROTOCOL.md section 3).")
     train_device: str = Field("cpu", description="Training device: cpu, 0, 0,1 ...")

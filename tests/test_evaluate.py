@@ -107,7 +107,7 @@ def test_gate_on_real_models(tmp_path):
     metrics = evaluate_checkpoint(good["checkpoint"], ds, config)
     assert metrics["map50_95"] > 0.3 and metrics["map50"] > 0.6, metrics
     settings = Settings(data_dir=tmp_path, model_dir=tmp_path / "m", train_imgsz=64, train_epochs=1, train_batch=8,
-                        yolo_base_model="yolov8n.yaml")
+                        train_min_steps=0, yolo_base_model="yolov8n.yaml")
     weak = train(ds.data_yaml, settings, progress=None).checkpoint  # 1 epoch from scratch
     decision = evaluate_gate(weak, good["checkpoint"], ds, config, min_gain=0.0)
     assert not decision.promote and decision.candidate["map50_95"] < decision.current["map50_95"]

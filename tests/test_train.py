@@ -37,7 +37,7 @@ def test_train_from_scratch_and_fine_tune(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     tasks, loader, _ = synthetic_tasks(16, seed=5)
     settings = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "m", train_imgsz=64, train_epochs=2,
-                        train_batch=8, yolo_base_model="yolov8n.pt")  # not a local file: falls back to yaml
+                        train_min_steps=0, train_batch=8, yolo_base_model="yolov8n.pt")  # not a local file: falls back to yaml
     ds = build_dataset("9", tasks, ProjectConfig.parse(label_config(CLASSES)), settings, loader=loader)
     updates = []
     result = train(ds.data_yaml, settings, progress=updates.append)
@@ -76,3 +76,47 @@ def test_missing_checkpoint_is_not_downloaded(tmp_path):
     with pytest.raises(FileNotFoundError):
         predict_items(tmp_path / "nope.pt", [], None)  # type: ignore[arg-type]
     assert not Path("nope.pt").exists()
+
+
+def test_small_datasets_from_scratch_get_enough_optimizer_steps():
+    from worker.train import epochs_for
+
+    s = Settings(train_epochs=30, train_batch=16, train_min_steps=240)
+    assert epochs_for(s, 40, fine_tune=False) == 80   # 3 steps an epoch: 240 steps need 80 epochs
+    assert epochs_for(s, 8, fine_tune=False) == 240   # one batch an epoch
+    assert epochs_for(s, 128, fine_tune=False) == 30  # 8 steps x 30 epochs already make 240
+    assert epochs_for(s, 1000, fine_tune=False) == 30  # never fewer than TRAIN_EPOCHS
+    assert epochs_for(s, 40, fine_tune=True) == 30    # fine-tuning keeps TRAIN_EPOCHS
+    assert epochs_for(Settings(train_epochs=30, train_batch=16, train_min_steps=0), 40, fine_tune=False) == 30
+
+
+def test_train_images_counts_the_train_split(tmp_path):
+    from worker.train import train_images
+
+    for split, n in (("train", 5), ("val", 3)):
+        folder = tmp_path / "images" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"{i}.jpg").write_bytes(b"x")
+        (folder / "notes.txt").write_text("not an image")
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n")
+    assert train_images(data) == 5
+    data.write_text('{"path": "%s", "train": ["images/train", "images/val"], "val": "images/val", "names": ["a"]}' % tmp_path)
+    assert train_images(data) == 8  # the worker writes JSON, which YAML reads too; lists of folders count all
+
+
+@pytest.mark.slow
+def test_training_from_scratch_runs_the_raised_epochs(tmp_path):
+    from backend.label_config import ProjectConfig
+    from tests.synthetic import label_config
+    from worker.dataset import build_dataset
+    from worker.train import train_images
+
+    tasks, loader, _ = synthetic_tasks(12, seed=8)
+    settings = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "m", train_imgsz=64, train_epochs=1,
+                        train_min_steps=3, train_batch=8, yolo_base_model="yolov8n.yaml")
+    ds = build_dataset("11", tasks, ProjectConfig.parse(label_config(CLASSES)), settings, loader=loader)
+    assert train_images(ds.data_yaml) <= 8  # one batch an epoch: 3 steps need 3 epochs
+    result = train(ds.data_yaml, settings, progress=None)
+    assert result.epochs_run == 3 and result.train_args["epochs"] == 3

@@ -39,7 +39,7 @@ from tests.synthetic import label_config, ls_result, make_images  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/15"
 CLASSES = ("Car", "Person")
-TINY = {"train_imgsz": 96, "train_epochs": 1, "train_batch": 8, "yolo_base_model": "yolov8n.yaml",
+TINY = {"train_imgsz": 96, "train_epochs": 1, "train_min_steps": 0, "train_batch": 8, "yolo_base_model": "yolov8n.yaml",
         "train_val_fraction": 0.2, "train_val_min": 4}
 
 
@@ -91,7 +91,7 @@ def make_settings(tmp_path: Path, fake_ls: FakeLabelStudio | None = None, api_ke
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes ``get_settings()`` in a worker subprocess equal ``settings``."""
     env = {}
-    for name in ("redis_url", "data_dir", "model_dir", "label_studio_url", "train_imgsz", "train_epochs", "train_batch",
+    for name in ("redis_url", "data_dir", "model_dir", "label_studio_url", "train_imgsz", "train_epochs", "train_min_steps", "train_batch",
                  "yolo_base_model", "train_val_fraction", "train_val_min", "promote_min_gain", "keep_versions",
                  "train_min_new_annotations", "train_job_timeout", "train_time_limit_min"):
         env[name.upper()] = str(getattr(settings, name))
@@ -186,7 +186,8 @@ def good_model() -> dict:
 
         base = _memo_dir() / "good"
         settings = Settings(data_dir=base / "data", model_dir=base / "models", train_imgsz=GOOD_MODEL["imgsz"],
-                            train_epochs=GOOD_MODEL["epochs"], train_batch=GOOD_MODEL["batch"], yolo_base_model="yolov8n.yaml")
+                            train_epochs=GOOD_MODEL["epochs"], train_min_steps=0, train_batch=GOOD_MODEL["batch"],
+                            yolo_base_model="yolov8n.yaml")
         tasks, loader, images = synthetic_tasks(GOOD_MODEL["n"], seed=GOOD_MODEL["seed"])
         config = ProjectConfig.parse(label_config(CLASSES))
         dataset = build_dataset("1", tasks, config, settings, loader=loader)
