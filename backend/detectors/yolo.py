@@ -103,6 +103,18 @@ def check_openvino_f32(model, path: Path | str) -> None:
         raise RuntimeError(f"OpenVINO compiled {path} in {precision}, not f32")
 
 
+def _lowest_priority_for_this_thread() -> None:
+    """Nice 19 for the calling thread only (Linux): a model warming up yields the cores to the one serving.
+
+    Only for a short-lived thread that starts no lasting threads: threads it creates inherit the nice
+    value, so OpenVINO's (which then run every inference) must not be born here.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: warm up at normal priority
+        pass
+
+
 class YoloDetector:
     """A loaded checkpoint or export. Thread-safe: every call runs on the process's one inference thread."""
 
@@ -190,6 +202,8 @@ class YoloDetector:
         failure: list[BaseException] = []
 
         def first_call() -> None:
+            if self.format == "pt":
+                _lowest_priority_for_this_thread()
             try:
                 self._model.predict(blank, imgsz=self._imgsz, conf=0.99, device=self._device, verbose=False)
             except BaseException as exc:  # re-raised in the caller
