@@ -99,20 +99,22 @@ def run(ctx: Context) -> Result:
                           f"a perfect pipeline takes") if ceiling < 1 else ""))
                 result.add(Row(f"… tasks drafted by Gemini (latency {latency:g} s)", f"{min(served)}/{n_tasks} (worst repeat)"))
                 result.raw[f"latency_{latency}"] = {"pipeline_s": times, "sequential_s": seq_times, "served": served}
-                per_round = (pipe.median - rounds * latency) / rounds
                 per_call = seq.median / n_tasks - latency
                 if rate / ideal_rate < 0.9:
+                    per_task = (pipe.median - rounds * latency) / n_tasks
                     result.notes.append(
-                        f"Latency {latency:g} s: {100 * rate / ideal_rate:.0f}% of ideal (goal 90%). Each of the {rounds} rounds "
-                        f"costs {1000 * per_round:.0f} ms on top of the latency, against {1000 * per_call:.0f} ms per call in the "
-                        f"sequential loop: the {concurrency} tasks of a round start and finish together (the fake answers after "
-                        f"exactly {latency:g} s), so their CPU work — image download and PNG decode, JPEG encode, the "
-                        f"google-genai SDK building and parsing the request (~3 ms per call in a profile), region building — "
-                        f"runs at the same moment in one process and queues on the GIL: a round costs the latency plus "
-                        f"~{concurrency} × the CPU per task. At 1 s the same overhead is ~5%; at 0.2 s it is ~20%. Real "
-                        f"latencies vary, which spreads the work; fixes that would help: more calls in flight than "
-                        f"GEMINI_CONCURRENCY's 8 (the API's rate limit allows more), and loading images in their own pool "
-                        f"ahead of the Gemini slots (Router._load_and_maybe_gemini does both in the same thread).")
+                        f"Latency {latency:g} s: {100 * rate / ideal_rate:.0f}% of ideal (goal 90%). The request takes "
+                        f"{1000 * (pipe.median - rounds * latency):.0f} ms more than its {rounds} rounds of {latency:g} s: "
+                        f"{1000 * per_task:.1f} ms per task, the CPU each task needs in the backend process, serialised on "
+                        f"the GIL (py-spy: the google-genai SDK building and parsing the request ~2.5 ms, image download "
+                        f"and PNG decode, JPEG encode, Redis look-ups of cache, budget and breaker, logging; "
+                        f"{1000 * per_call:.1f} ms per call in the sequential loop). Calls finishing together queue for it, "
+                        f"so every task adds its share whatever the concurrency: n × {1000 * per_task:.1f} ms on top of "
+                        f"n / {concurrency} × {latency:g} s, about {100 * per_task * concurrency / latency:.0f}% here, "
+                        f"{100 * per_task * concurrency:.0f}% at 1 s. 90% at {latency:g} s with {concurrency} in flight needs ≤ "
+                        f"{1000 * 0.1 * latency / concurrency / 0.9:.1f} ms per task; fewer in flight would meet the "
+                        f"ratio but not the 8× (at 8, the ideal itself is 8×). Real Gemini calls take 1–5 s, where the "
+                        f"same overhead is ≤ 5%.")
                 if speedup < 8.0:
                     ceiling = ratio(seq.median, n_tasks / concurrency * latency)
                     result.notes.append(
@@ -120,10 +122,11 @@ def run(ctx: Context) -> Result:
                         f"itself: with {concurrency} calls in flight the best possible time is {n_tasks}/{concurrency} rounds × "
                         f"{latency:g} s = {n_tasks / concurrency * latency:.1f} s, and the sequential loop pays the same per-call "
                         f"overhead as the pipeline (a pipeline at exactly the ideal time would score {ceiling:.2f}× against this loop). The 90%-of-ideal goal is the "
-                        f"meaningful one; raising GEMINI_CONCURRENCY above 8 is what buys more than 8×.")
-    result.method = (f"gunicorn (1 worker × 8 gthreads, default settings, ROUTING=gemini, GEMINI_CONCURRENCY={concurrency}) "
-                     f"against tests/fake_gemini.py answering every call after the given latency with a fixed 3-box answer (its own CPU cost, "
-                     f"~2 ms per call on the same 2 cores, stays negligible; Google's work is not on our machine), images served by tests/fake_label_studio.py (PNG, 320×240, downloaded and decoded "
+                        f"meaningful one; GEMINI_CONCURRENCY above 8 is what buys more than 8×.")
+    result.method = (f"gunicorn (1 worker × 8 gthreads, default settings, ROUTING=gemini, GEMINI_CONCURRENCY={concurrency}: "
+                     f"images load on their own threads, each Gemini call starts when its image is in) "
+                     f"against tests/fake_gemini.py answering every call the given latency after the request arrived, with a fixed 3-box answer (its own CPU "
+                     f"cost, ~2 ms per call on the same 2 cores, falls inside that latency as Google's work would), images served by tests/fake_label_studio.py (PNG, 320×240, downloaded and decoded "
                      f"by the backend). Fresh images for every repeat, so neither the image cache nor the Gemini answer "
                      f"cache ever hits. Baseline: the same GeminiDetector (no cache) called once per task in a loop "
                      f"in one process on already-decoded images.")

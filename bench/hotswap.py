@@ -109,10 +109,16 @@ def _analyse(result: Result, label: str, data: dict, n_workers: int) -> None:
     result.raw[label] = {"delays": delays, "stale": stale_delays, "failed": failed[:20], "p99_before": b99, "p99_during": w99,
                          "served_format": data["format"]}
     if p95 > 2.0 or r > 2.0 or failed:
-        result.notes.append(
-            f"[{label}] goal missed (p95 swap {p95:.2f} s, p99 ratio {r:.2f}×, {len(failed)} failures): each worker loads and "
-            f"warms the new model in a background thread of the same process that serves the load, so on 2 cores the "
-            f"load, two loads and the load generator compete for CPU.")
+        why = ("each worker compiles the new OpenVINO model (~210 ms of CPU; Ultralytics' first predict) in a "
+               "background thread of the process that serves, both workers at the same moment on 2 cores, while requests "
+               "take ~5 ms each: for that moment the two compiles and the load generator have the cores. A .pt warms up "
+               "at nice 19 instead (met below); an OpenVINO compile cannot: the inference threads it starts would "
+               "inherit the low priority. Next step: the RQ worker's export check writes OpenVINO's compiled-blob cache "
+               "(CACHE_DIR) next to the version, so serving imports it (~70 ms) instead of compiling"
+               if data["format"] == "OpenVINO export" else
+               "each worker loads and warms the new model in a background thread of the process that serves the load, "
+               "so on 2 cores the load, two loads and the load generator compete for CPU")
+        result.notes.append(f"[{label}] goal missed (p95 swap {p95:.2f} s, p99 ratio {r:.2f}×, {len(failed)} failures): {why}.")
 
 
 def run(ctx: Context) -> Result:
@@ -136,5 +142,6 @@ def run(ctx: Context) -> Result:
                      f"(same weights, new version names) are promoted every {interval:g} s through ModelRegistry "
                      "(Redis key + pub/sub). Swap time per worker comes from its log line; latency windows: the "
                      "steady period before the first promotion vs the 2 s after each promotion. Variants: versions "
-                     "with verified exports (the worker serves OpenVINO) and .pt-only versions.")
+                     "with verified exports (the worker serves OpenVINO) and .pt-only versions. A new model warms up on a "
+                     "short-lived thread (a .pt at nice 19), then once on the inference thread.")
     return result

@@ -29,8 +29,9 @@ def main() -> int:
     from worker.train import train
 
     changes = {"data_dir": args.data_dir}
-    if args.epochs is not None:
+    if args.epochs is not None:  # an explicit epoch count is run as given: TRAIN_MIN_STEPS does not raise it
         changes["train_epochs"] = args.epochs
+        changes["train_min_steps"] = 0
     if args.time_min is not None:
         changes["train_time_limit_min"] = args.time_min
     if args.imgsz is not None:
@@ -56,7 +57,8 @@ def main() -> int:
         "map50": metrics.get("metrics/mAP50(B)"),
         "map50_95": metrics.get("metrics/mAP50-95(B)"),
         "final_metrics": metrics,
-        "settings": {k: getattr(settings, k) for k in ("train_epochs", "train_imgsz", "train_batch", "train_time_limit_min")},
+        "settings": {k: getattr(settings, k) for k in ("train_epochs", "train_min_steps", "train_imgsz", "train_batch",
+                                                         "train_time_limit_min")},
     }
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=2, default=str)

@@ -1,8 +1,8 @@
 """7. Training cost and quality: one retrain at the project's default settings, and what it reaches.
 
 Each training runs ``worker.train.train`` (what the RQ job calls) in its own process at the default
-settings of backend/settings.py (TRAIN_EPOCHS, TRAIN_IMGSZ, TRAIN_BATCH, nbs = batch, no time
-limit, from YOLO_BASE_MODEL = yolo11n.yaml, random init), on synthetic shapes split 80/20 like
+settings of backend/settings.py (TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS for small datasets, TRAIN_IMGSZ,
+TRAIN_BATCH, nbs = batch, no time limit, from YOLO_BASE_MODEL = yolo11n.yaml, random init), on synthetic shapes split 80/20 like
 the job's held-out split. Peak memory is the child's ru_maxrss. Quality: held-out mAP50 (Ultralytics'
 final validation of best.pt) of our defaults vs the PROTOCOL.md section 3 reference recipe (nbs =
 batch plus a 5-minute time budget, i.e. TRAIN_TIME_LIMIT_MIN=5) on 128 train / 48 held-out images.
@@ -84,6 +84,7 @@ def run(ctx: Context) -> Result:
     result = Result(NAME, TITLE, params={
         "TRAIN_EPOCHS": defaults.train_epochs if not ctx.quick else f"{quick_epochs} (quick)",
         "TRAIN_IMGSZ": defaults.train_imgsz, "TRAIN_BATCH": defaults.train_batch, "nbs": "= batch",
+        "TRAIN_MIN_STEPS": defaults.train_min_steps if not ctx.quick else "0 (quick)",
         "TRAIN_TIME_LIMIT_MIN": defaults.train_time_limit_min, "YOLO_BASE_MODEL": defaults.yolo_base_model,
         "reference_budget_min": budget_min, "images": "synthetic shapes 320x240, 1-3 objects, 3 classes",
         "OMP_WAIT_POLICY": "PASSIVE"})
@@ -135,10 +136,10 @@ def run(ctx: Context) -> Result:
     if weak and not ctx.quick:
         maps = ", ".join(f"{runs[n]['map50'] or 0:.3f}" for n in weak)
         result.notes.append(
-            f"At defaults the {', '.join(map(str, weak))}-image run(s) reached held-out mAP50 {maps}: 30 epochs of a few batches are too few "
-            f"optimizer steps from random init (40 train images = 3 steps per epoch, 90 in all), and with no current model "
-            f"the gate promotes whatever comes out. A time budget (TRAIN_TIME_LIMIT_MIN) gives small datasets many more "
-            f"epochs in the same minutes; a minimum mAP for a first promotion would keep a useless model from serving.")
+            f"At defaults the {', '.join(map(str, weak))}-image run(s) reached held-out mAP50 {maps} "
+            f"({', '.join(str(runs[n]['epochs_run']) for n in weak)} epochs): too few optimizer steps from random init "
+            f"even at TRAIN_MIN_STEPS={defaults.train_min_steps}, and with no current model the gate promotes whatever "
+            f"comes out. A minimum mAP for a first promotion would keep a useless model from serving.")
     if not ctx.quick and ours["wall_s"] > budget_min * 60 * 1.05:
         result.notes.append(
             f"Our defaults have no time limit: here they needed {ours['wall_s'] / 60:.1f} min for the reference's "
