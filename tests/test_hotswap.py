@@ -96,35 +96,3 @@ def test_stop_ends_the_watcher_threads(holder_and_registry, checkpoints, project
     holder.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
 
-
-_EXIT_DURING_A_LOAD = """
-import sys
-import redis
-from backend.hotswap import ModelHolder
-from backend.registry import ModelRegistry
-from backend.settings import Settings
-settings = Settings(model_dir=sys.argv[1], redis_url=sys.argv[2], hotswap_poll_seconds=0.05)
-registry = ModelRegistry(settings.model_dir, redis.Redis.from_url(settings.redis_url))
-holder = ModelHolder(settings, registry)
-assert holder.get(sys.argv[3]) is not None  # serving a model; the watcher threads are running
-holder.stop()
-del holder  # only the watcher threads, ending now, still hold it: whichever ends last frees the model
-print("exiting", flush=True)
-"""
-
-
-def test_the_process_exits_cleanly_while_the_watchers_stop(tmp_path, redis_url, checkpoints, project):
-    """A watcher thread freeing torch objects during interpreter finalization aborted the process
-    ("terminate called without an active exception", exit 134; seen intermittently in the suite)."""
-    import subprocess
-    import sys
-
-    from tests.live import base_env
-
-    settings = Settings(model_dir=tmp_path / "models", redis_url=redis_url)
-    registry = ModelRegistry(settings.model_dir, redis.Redis.from_url(redis_url))
-    registry.promote(project, registry.add_version(project, checkpoints[0], {"classes": ["Car", "Person"]}).version)
-    done = subprocess.run([sys.executable, "-c", _EXIT_DURING_A_LOAD, str(settings.model_dir), redis_url, project],
-                          env=base_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "exiting" in done.stdout and "terminate called" not in done.stderr

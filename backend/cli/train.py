@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     what.add_argument("--project", help="Label Studio project id: the backend's training job")
     p.add_argument("--now", action="store_true", help="--project: train in this process instead of queueing")
     p.add_argument("--no-force", action="store_true", help="--project: skip when no annotation changed")
-    p.add_argument("--epochs", type=int, help="default TRAIN_EPOCHS")
+    p.add_argument("--epochs", type=int, help="run exactly this many (default TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS from scratch)")
     p.add_argument("--imgsz", type=int, help="default TRAIN_IMGSZ")
     p.add_argument("--batch", type=int, help="default TRAIN_BATCH")
     p.add_argument("--time-min", type=float, help="wall-time budget in minutes (default TRAIN_TIME_LIMIT_MIN)")
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     _, classes = read_data_yaml(data)
     updates = {k: v for k, v in (("train_epochs", args.epochs), ("train_imgsz", args.imgsz), ("train_batch", args.batch),
                                  ("train_time_limit_min", args.time_min)) if v is not None}
+    if args.epochs is not None:  # an explicit --epochs is run as given: TRAIN_MIN_STEPS does not raise it
+        updates["train_min_steps"] = 0
     if updates:
         s = s.model_copy(update=updates)
 
