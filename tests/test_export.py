@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +202,55 @@ def test_model_format_names():
     assert model_format("a/model_openvino_model") == "openvino"
     with pytest.raises(ValueError):
         model_format("a/model.engine")
+
+
+# Run in a fresh process: OpenVINO's TBB workers are born with the first OpenVINO model of a process,
+# and the export fixtures of this module have already made them here.
+_SWAP_IN_A_FRESH_PROCESS = r"""
+import json, sys
+from pathlib import Path
+from backend.detectors import yolo
+from backend.label_config import ProjectConfig
+from PIL import Image
+
+def threads():
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
+    return out
+
+lowered = []
+original = yolo._lowest_priority_for_this_thread
+yolo._lowest_priority_for_this_thread = lambda: (lowered.append(1), original())
+checkpoint, export, config = Path(sys.argv[1]), {"openvino": Path(sys.argv[2])}, ProjectConfig.parse(sys.argv[3])
+first = yolo.YoloDetector.load(checkpoint, "v1", export)
+lowered_first, lowered[:] = list(lowered), []
+swapped = yolo.YoloDetector.load(checkpoint, "v2", export)
+images = [Image.new("RGB", (128, 96), (90, 120, 150))] * 4
+before = threads()
+for _ in range(150):
+    swapped.detect_batch(images, config, 0.001)
+after = threads()
+busy = {tid: nice for tid, (nice, ticks) in after.items() if ticks - before.get(tid, (0, 0))[1] >= 5}
+print(json.dumps({"formats": [first.format, swapped.format], "lowered": [lowered_first, lowered], "busy_nice": sorted(busy.values())}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_swapped_in_openvino_model_warms_up_at_low_priority_and_serves_at_normal(report, checkpoint):
+    """During a hot-swap the new OpenVINO model compiles at nice 19 (the serving model keeps the cores),
+    yet every thread that runs its inferences is at nice 0: the process's first OpenVINO model, whose
+    warm-up gives birth to OpenVINO's worker threads, warms up at normal priority."""
+    proc = subprocess.run([sys.executable, "-c", _SWAP_IN_A_FRESH_PROCESS, str(checkpoint), str(report.passed["openvino"]),
+                           label_config(CLASSES)], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["formats"] == ["openvino", "openvino"]
+    lowered_first, lowered_swapped = out["lowered"]
+    assert lowered_first == [] and lowered_swapped, "only the swapped-in model should load and warm up at nice 19"
+    assert out["busy_nice"] and set(out["busy_nice"]) == {0}, f"inference ran on threads at nice {out['busy_nice']}"

@@ -103,16 +103,53 @@ def check_openvino_f32(model, path: Path | str) -> None:
         raise RuntimeError(f"OpenVINO compiled {path} in {precision}, not f32")
 
 
+# Set once this process has warmed up an OpenVINO model at normal priority: OpenVINO's TBB worker
+# threads, which run every later inference beside the calling thread, then exist at nice 0.
+_OPENVINO_WORKERS_BORN = threading.Event()
+
+
 def _lowest_priority_for_this_thread() -> None:
     """Nice 19 for the calling thread only (Linux): a model warming up yields the cores to the one serving.
 
-    Only for a short-lived thread that starts no lasting threads: threads it creates inherit the nice
-    value, so OpenVINO's (which then run every inference) must not be born here.
+    Only for a short-lived thread whose lasting child threads never run inference: threads inherit
+    the nice value. A .pt's OpenMP team dies with the thread. An OpenVINO compile starts a few
+    threads of its own that measured idle during inference (the calling thread and TBB's workers,
+    born with the process's first OpenVINO model, do the work), so only that first model must warm
+    up at normal priority. ONNX Runtime's session threads run every inference: never lowered.
     """
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux, or not allowed: warm up at normal priority
         pass
+
+
+def _warms_up_at_low_priority(fmt: str) -> bool:
+    """Whether a model of this format may load and warm up at nice 19 (see the function below)."""
+    return fmt == "pt" or (fmt == "openvino" and _OPENVINO_WORKERS_BORN.is_set())
+
+
+def _on_a_warm_up_thread(fn, low_priority: bool):
+    """``fn()`` on a short-lived thread of its own, optionally at nice 19, returning or raising as ``fn`` does.
+
+    Loading and warming a new model off the serving path: the inference thread keeps answering with
+    the current model, and any OpenMP team the new one makes ends with this thread (see ``_INFERENCE``).
+    """
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        if low_priority:
+            _lowest_priority_for_this_thread()
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="yolo-warm-up")  # not a daemon: exit waits for it
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box.get("result")
 
 
 class YoloDetector:
@@ -170,14 +207,15 @@ class YoloDetector:
                 if path is None:
                     continue
                 try:
-                    detector = cls(path, version, device, imgsz, threads)
+                    detector = _on_a_warm_up_thread(lambda: cls(path, version, device, imgsz, threads),
+                                                    _warms_up_at_low_priority(fmt))
                     detector.warm_up()
                     log.info("YOLO %s serves from its %s export", version, fmt)
                     return detector
                 except Exception as exc:
                     log.warning("YOLO %s: the %s export %s did not load (%s: %s); trying the next format",
                                 version, fmt, path, type(exc).__name__, exc)
-        detector = cls(checkpoint, version, device, imgsz, threads)
+        detector = _on_a_warm_up_thread(lambda: cls(checkpoint, version, device, imgsz, threads), _warms_up_at_low_priority("pt"))
         detector.warm_up()
         return detector
 
@@ -194,29 +232,17 @@ class YoloDetector:
         """Pay the first-call costs before the model serves (called by the hot-swap loader).
 
         The expensive first call (Ultralytics' predictor set-up, fusing, an export's compile) runs
-        off the inference thread, so the serving model keeps answering meanwhile, and in a thread
-        of its own that then ends, taking along any OpenMP team it made (see ``_INFERENCE``). One
-        more call on the inference thread sets its torch threads.
+        on a warm-up thread (:func:`_on_a_warm_up_thread`), at nice 19 where that is safe, so the
+        serving model keeps the cores meanwhile. One more call on the inference thread sets its
+        torch threads.
         """
         blank = [Image.new("RGB", (64, 64))]
-        failure: list[BaseException] = []
-
-        def first_call() -> None:
-            if self.format == "pt":
-                _lowest_priority_for_this_thread()
-            try:
-                self._model.predict(blank, imgsz=self._imgsz, conf=0.99, device=self._device, verbose=False)
-            except BaseException as exc:  # re-raised in the caller
-                failure.append(exc)
-
-        thread = threading.Thread(target=first_call, name="yolo-warm-up")  # not a daemon: exit waits for it
-        thread.start()
-        thread.join()
-        if failure:
-            raise failure[0]
+        _on_a_warm_up_thread(lambda: self._model.predict(blank, imgsz=self._imgsz, conf=0.99, device=self._device, verbose=False),
+                             _warms_up_at_low_priority(self.format))
         self._predict(blank, conf=0.99)
         if self.format == "openvino":
             check_openvino_f32(self._model, self.path)
+            _OPENVINO_WORKERS_BORN.set()
 
     def _predict(self, images: list[Image.Image], conf: float):
         return on_inference_thread(self._predict_here, images, conf)
