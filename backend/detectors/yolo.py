@@ -116,6 +116,9 @@ def _lowest_priority_for_this_thread() -> None:
     threads of its own that measured idle during inference (the calling thread and TBB's workers,
     born with the process's first OpenVINO model, do the work), so only that first model must warm
     up at normal priority. ONNX Runtime's session threads run every inference: never lowered.
+    Never for work that holds the GIL for long (a checkpoint's unpickling in ``YOLO(path)``): a
+    nice-19 thread holding it gets no core while the serving threads wait for it (measured when
+    construction ran here: p99 5.6 s and 7 s swaps during a .pt hot-swap).
     """
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
@@ -207,15 +210,14 @@ class YoloDetector:
                 if path is None:
                     continue
                 try:
-                    detector = _on_a_warm_up_thread(lambda: cls(path, version, device, imgsz, threads),
-                                                    _warms_up_at_low_priority(fmt))
+                    detector = cls(path, version, device, imgsz, threads)
                     detector.warm_up()
                     log.info("YOLO %s serves from its %s export", version, fmt)
                     return detector
                 except Exception as exc:
                     log.warning("YOLO %s: the %s export %s did not load (%s: %s); trying the next format",
                                 version, fmt, path, type(exc).__name__, exc)
-        detector = _on_a_warm_up_thread(lambda: cls(checkpoint, version, device, imgsz, threads), _warms_up_at_low_priority("pt"))
+        detector = cls(checkpoint, version, device, imgsz, threads)
         detector.warm_up()
         return detector
 
