@@ -109,14 +109,15 @@ def _analyse(result: Result, label: str, data: dict, n_workers: int) -> None:
     result.raw[label] = {"delays": delays, "stale": stale_delays, "failed": failed[:20], "p99_before": b99, "p99_during": w99,
                          "served_format": data["format"]}
     if p95 > 2.0 or r > 2.0 or failed:
-        why = ("each worker loads and warms the new model (a .pt's YOLO() construction and fuse, ~30-130 ms of CPU; an "
-               "OpenVINO compile, ~250 ms) on a short-lived thread at nice 19 in the process that serves, both workers at "
-               "the same moment on 2 cores, while requests take ~5 ms each: the serving threads keep priority, yet the "
-               "p99 of the ~180 requests in the window rests on its 2 slowest, which meet the load's own spikes"
-               if data["format"] == "OpenVINO export" else
-               "each worker loads and warms the new model (YOLO() construction, fuse, first predict) on a short-lived "
-               "thread at nice 19 in the process that serves; on 2 cores the load generator and two processes "
-               "share the cores, and the p99 of the ~180 requests in the window rests on its 2 slowest")
+        why = ("each worker builds the new model (YOLO(path) unpickles the checkpoint, ~30-130 ms of CPU holding the "
+               "GIL, so it stays at normal priority: at nice 19 a starved thread holding the GIL stalled every request, "
+               "p99 5.6 s) and warms it up (first predict; "
+               + ("an OpenVINO compile, ~250 ms; " if data["format"] == "OpenVINO export" else "")
+               + "on a short-lived thread at nice 19) inside the process that serves, both workers at the same moment "
+               "on 2 cores beside the load generator, while a request takes ~5-25 ms. The p99 of the ~180 requests in "
+               "the window rests on its 2 slowest: across runs of this code it ranged 1.5-5× for the .pt and 1.5-2.0× "
+               "for OpenVINO. Next step: workers load a version when its export check passes, before it is promoted, "
+               "so the promotion itself is a pointer swap")
         result.notes.append(f"[{label}] goal missed (p95 swap {p95:.2f} s, p99 ratio {r:.2f}×, {len(failed)} failures): {why}.")
 
 
