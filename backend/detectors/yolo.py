@@ -127,32 +127,8 @@ def _lowest_priority_for_this_thread() -> None:
 
 
 def _warms_up_at_low_priority(fmt: str) -> bool:
-    """Whether a model of this format may load and warm up at nice 19 (see the function below)."""
+    """Whether a model of this format may warm up at nice 19 (see :func:`_lowest_priority_for_this_thread`)."""
     return fmt == "pt" or (fmt == "openvino" and _OPENVINO_WORKERS_BORN.is_set())
-
-
-def _on_a_warm_up_thread(fn, low_priority: bool):
-    """``fn()`` on a short-lived thread of its own, optionally at nice 19, returning or raising as ``fn`` does.
-
-    Loading and warming a new model off the serving path: the inference thread keeps answering with
-    the current model, and any OpenMP team the new one makes ends with this thread (see ``_INFERENCE``).
-    """
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        if low_priority:
-            _lowest_priority_for_this_thread()
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="yolo-warm-up")  # not a daemon: exit waits for it
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box.get("result")
 
 
 class YoloDetector:
@@ -234,13 +210,27 @@ class YoloDetector:
         """Pay the first-call costs before the model serves (called by the hot-swap loader).
 
         The expensive first call (Ultralytics' predictor set-up, fusing, an export's compile) runs
-        on a warm-up thread (:func:`_on_a_warm_up_thread`), at nice 19 where that is safe, so the
-        serving model keeps the cores meanwhile. One more call on the inference thread sets its
-        torch threads.
+        off the inference thread, so the serving model keeps answering meanwhile, and in a thread
+        of its own that then ends, taking along any OpenMP team it made (see ``_INFERENCE``), at
+        nice 19 where that is safe. One more call on the inference thread sets its torch threads.
         """
         blank = [Image.new("RGB", (64, 64))]
-        _on_a_warm_up_thread(lambda: self._model.predict(blank, imgsz=self._imgsz, conf=0.99, device=self._device, verbose=False),
-                             _warms_up_at_low_priority(self.format))
+        failure: list[BaseException] = []
+        low_priority = _warms_up_at_low_priority(self.format)
+
+        def first_call() -> None:
+            if low_priority:
+                _lowest_priority_for_this_thread()
+            try:
+                self._model.predict(blank, imgsz=self._imgsz, conf=0.99, device=self._device, verbose=False)
+            except BaseException as exc:  # re-raised in the caller
+                failure.append(exc)
+
+        thread = threading.Thread(target=first_call, name="yolo-warm-up")  # not a daemon: exit waits for it
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
         self._predict(blank, conf=0.99)
         if self.format == "openvino":
             check_openvino_f32(self._model, self.path)
