@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Label Studio ML backend, CPU only. One image, two roles (see docker-compose.yml):
-#   API:    gunicorn -c gunicorn.conf.py backend.wsgi:app              (the default CMD)
+#   API:    gunicorn -c gunicorn.conf.py backend.web.wsgi:app              (the default CMD)
 #   worker: rq worker --url "$REDIS_URL" --with-scheduler training prelabel   (with OMP_WAIT_POLICY=PASSIVE)
 FROM python:3.11-slim
 
@@ -54,4 +54,4 @@ EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '9090'), timeout=4)"]
 
-CMD ["gunicorn", "-c", "gunicorn.conf.py", "backend.wsgi:app"]
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "backend.web.wsgi:app"]

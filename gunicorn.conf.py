@@ -1,4 +1,4 @@
-"""Gunicorn settings of the ML backend: ``gunicorn -c gunicorn.conf.py backend.wsgi:app``.
+"""Gunicorn settings of the ML backend: ``gunicorn -c gunicorn.conf.py backend.web.wsgi:app``.
 
 Used as is by ``scripts/run.sh`` (``make run``) and by the Docker image. Environment:
 PORT (9090), WORKERS (2), THREADS (8), BIND (overrides 0.0.0.0:$PORT), LOG_LEVEL (INFO),

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     setup_environment()
-    from backend import ultralytics_env
+    from backend.core import ultralytics_env
 
     ultralytics_env.prepare()
     info = machine()

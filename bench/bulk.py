@@ -12,21 +12,34 @@ import hashlib
 
 import requests
 
-from bench.common import (Context, Result, Row, Stats, backend, gemini_state_reset, goal_row, fixed_answer, predict_body,
-                          project_id, ratio, synthetic, timed, upload_tasks)
+from bench.common import (
+    Context,
+    Result,
+    Row,
+    Stats,
+    backend,
+    fixed_answer,
+    gemini_state_reset,
+    goal_row,
+    predict_body,
+    project_id,
+    ratio,
+    synthetic,
+    timed,
+    upload_tasks,
+)
 
 NAME = "bulk"
 TITLE = "1. Bulk pre-annotation: 64 tasks in one /predict (Gemini)"
 
 
 def run(ctx: Context) -> Result:
-    from backend.detectors.gemini import GeminiDetector
-    from backend.label_config import ProjectConfig
-    from backend.settings import Settings
+    from backend.core.label_config import ProjectConfig
+    from backend.core.settings import Settings
+    from backend.detectors.gemini.client import GeminiDetector
+    from bench.common import label_config
     from tests import fake_gemini as fg
     from tests.fake_label_studio import FakeLabelStudio
-
-    from bench.common import label_config
 
     n_tasks = ctx.pick(64, 16)
     latencies = ctx.pick([1.0, 0.2], [0.2])

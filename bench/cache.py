@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import requests
 
-from bench.common import (Context, Result, Row, Stats, backend, gemini_state_reset, goal_row, fixed_answer, predict_body,
-                          project_id, ratio, synthetic, timed, upload_tasks)
+from bench.common import (
+    Context,
+    Result,
+    Row,
+    Stats,
+    backend,
+    fixed_answer,
+    gemini_state_reset,
+    goal_row,
+    predict_body,
+    project_id,
+    ratio,
+    synthetic,
+    timed,
+    upload_tasks,
+)
 
 NAME = "cache"
 TITLE = "6. Cache: the same 64 tasks predicted again"

@@ -354,7 +354,7 @@ def synthetic(n: int, seed: int, size: tuple[int, int] = (320, 240), max_objects
 
 def write_yolo_dataset(root: Path, train, val, classes: Sequence[str] = CLASSES) -> Path:
     """A YOLO detection dataset (images/, labels/, data.yaml with an absolute path) from synthetic images."""
-    from backend.geometry import xyxy_to_yolo
+    from backend.core.geometry import xyxy_to_yolo
 
     for split, items in (("train", train), ("val", val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -376,7 +376,7 @@ def train_in_subprocess(data_yaml: Path, out_json: Path, log_path: Path, *, epoc
                         time_min: float | None = None, imgsz: int | None = None, batch: int | None = None,
                         extra: dict | None = None, data_dir: Path | None = None, env: dict | None = None,
                         nice: int = 0) -> dict:
-    """Run ``bench.train_child`` (worker.train.train at the given settings) in a child process.
+    """Run ``bench.train_child`` (worker.training.trainer.train at the given settings) in a child process.
 
     Returns its JSON result plus ``wall_s`` and ``peak_rss_mb`` (the child's ru_maxrss, from wait4).
     """
@@ -527,7 +527,7 @@ def fixed_answer(latency: float = 0.0):
 
 def register_version(ctx: Context, model_dir: Path, project: str, checkpoint: Path, promote: bool = True,
                      exports: dict[str, Path] | None = None):
-    from backend.registry import ModelRegistry
+    from backend.core.registry import ModelRegistry
 
     registry = ModelRegistry(model_dir, ctx.redis())
     info = registry.add_version(project, checkpoint, {"classes": list(CLASSES), "imgsz": 320}, extra_files=exports)
@@ -589,8 +589,8 @@ def gemini_state_reset(ctx: Context) -> None:
 
 
 def verified_exports(ctx: Context, checkpoint: Path, fresh: bool = False) -> tuple[dict[str, Path], dict]:
-    """ONNX and OpenVINO exports of ``checkpoint`` that passed ``worker.export``'s check (cached beside it)."""
-    from worker.export import export_and_check
+    """ONNX and OpenVINO exports of ``checkpoint`` that passed ``worker.training.exporter``'s check (cached beside it)."""
+    from worker.training.exporter import export_and_check
 
     out = checkpoint.parent / "exports"
     report_file = out / "report.json"

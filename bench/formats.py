@@ -3,7 +3,7 @@
 "End to end" is the serving path: ``YoloDetector.detect_batch`` (Ultralytics pre-processing, the
 model, NMS, class mapping to labels) on decoded images. "Direct" is the runtime alone on the very
 tensor Ultralytics feeds it (``session.run`` / the compiled OpenVINO model / the fused torch module).
-The exports are made and checked by ``worker.export`` (IoU ≥ 0.99 against the .pt's boxes).
+The exports are made and checked by ``worker.training.exporter`` (IoU ≥ 0.99 against the .pt's boxes).
 """
 
 from __future__ import annotations
@@ -13,8 +13,19 @@ import time
 
 import numpy as np
 
-from bench.common import (Context, Result, Row, Stats, goal_row, label_config, ratio, synthetic, timed,
-                          trained_checkpoint, verified_exports)
+from bench.common import (
+    Context,
+    Result,
+    Row,
+    Stats,
+    goal_row,
+    label_config,
+    ratio,
+    synthetic,
+    timed,
+    trained_checkpoint,
+    verified_exports,
+)
 
 NAME = "formats"
 TITLE = "3. CPU inference formats: ONNX Runtime and OpenVINO vs PyTorch"
@@ -51,8 +62,8 @@ def _direct_runner(fmt: str, path, model_pt, precision: str = "f32"):
 
 def run(ctx: Context) -> Result:
 
+    from backend.core.label_config import ProjectConfig
     from backend.detectors.yolo import YoloDetector
-    from backend.label_config import ProjectConfig
 
     checkpoint = trained_checkpoint(ctx)
     n1, n16 = ctx.pick(60, 8), ctx.pick(15, 2)
@@ -188,7 +199,7 @@ def run(ctx: Context) -> Result:
             "numpy NMS) would close most of the gap; not done because the predictor is what guarantees the "
             "export gives the .pt's boxes.")
     result.method = ("In one process: `YoloDetector(path)` for the .pt and for each verified export "
-                     "(`worker.export.export_and_check`, dynamic-shape exports, fp32), `detect_batch` on 320×240 "
+                     "(`worker.training.exporter.export_and_check`, dynamic-shape exports, fp32), `detect_batch` on 320×240 "
                      "images with conf 0.25 — batch 1 cycling through 16 images, then all 16 at once; torch threads as "
                      "YoloDetector sets them (all cores for the .pt, 1 for an export, whose runtime has its own pool), every call on "
                      "YoloDetector's one inference thread; ONNX Runtime at its defaults and OpenVINO in LATENCY mode, as "

@@ -13,9 +13,25 @@ from pathlib import Path
 
 import requests
 
-from bench.common import (Context, Result, Stats, backend, finish_load, gemini_state_reset, goal_row, fixed_answer,
-                          predict_body, project_id, ratio, register_version, start_load, synthetic,
-                          trained_checkpoint, upload_tasks, write_yolo_dataset)
+from bench.common import (
+    Context,
+    Result,
+    Stats,
+    backend,
+    finish_load,
+    fixed_answer,
+    gemini_state_reset,
+    goal_row,
+    predict_body,
+    project_id,
+    ratio,
+    register_version,
+    start_load,
+    synthetic,
+    trained_checkpoint,
+    upload_tasks,
+    write_yolo_dataset,
+)
 
 NAME = "health"
 TITLE = "5. /health latency while busy"
@@ -134,7 +150,7 @@ def run(ctx: Context) -> Result:
                      "(like Label Studio), for each phase: idle; while /predict calls of 64 tasks run back to back "
                      "against a fake Gemini answering after 1 s (I/O-bound); while /predict calls run back to back "
                      "with Gemini answering 400 at once so every task falls back to YOLO in one batch (CPU-bound, "
-                     "inside the serving process); while `worker.train.train` runs in another process at default "
+                     "inside the serving process); while `worker.training.trainer.train` runs in another process at default "
                      "settings with a time budget (what the RQ worker does on the same host), as deployed and then "
                      "with OMP_WAIT_POLICY=PASSIVE under `nice 10`.")
     return result

@@ -15,9 +15,25 @@ from pathlib import Path
 
 import requests
 
-from bench.common import (Context, Result, Row, Stats, backend, finish_load, goal_row, percentile, predict_body,
-                          project_id, ratio, register_version, start_load, synthetic, trained_checkpoint, upload_tasks,
-                          verified_exports)
+from bench.common import (
+    Context,
+    Result,
+    Row,
+    Stats,
+    backend,
+    finish_load,
+    goal_row,
+    percentile,
+    predict_body,
+    project_id,
+    ratio,
+    register_version,
+    start_load,
+    synthetic,
+    trained_checkpoint,
+    upload_tasks,
+    verified_exports,
+)
 
 NAME = "hotswap"
 TITLE = "4. Hot-swap under steady load"

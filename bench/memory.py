@@ -13,8 +13,19 @@ from pathlib import Path
 
 import requests
 
-from bench.common import (Context, Result, Row, backend, goal_row, predict_body, project_id, register_version,
-                          synthetic, trained_checkpoint, upload_tasks)
+from bench.common import (
+    Context,
+    Result,
+    Row,
+    backend,
+    goal_row,
+    predict_body,
+    project_id,
+    register_version,
+    synthetic,
+    trained_checkpoint,
+    upload_tasks,
+)
 
 NAME = "memory"
 TITLE = "8. Memory: backend RSS after 100 and 10,000 predictions"

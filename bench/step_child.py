@@ -20,7 +20,7 @@ def main() -> int:
     threads, steps = int(sys.argv[1]), int(sys.argv[2])
     budget = float(sys.argv[3]) if len(sys.argv) > 3 else float("inf")
     setup_environment()
-    from backend import ultralytics_env
+    from backend.core import ultralytics_env
 
     ultralytics_env.prepare()
     import torch

@@ -1,4 +1,4 @@
-"""One training run in its own process (so its peak RSS can be read): ``worker.train.train`` as the
+"""One training run in its own process (so its peak RSS can be read): ``worker.training.trainer.train`` as the
 RQ job runs it, at the project's default settings unless told otherwise. Writes a JSON result.
 
     python -m bench.train_child --data DATA_YAML --out RESULT_JSON [--epochs N] [--time-min M] ...
@@ -25,8 +25,8 @@ def main() -> int:
     parser.add_argument("--extra", default="{}", help="JSON of extra model.train overrides")
     args = parser.parse_args()
     setup_environment()
-    from backend.settings import Settings
-    from worker.train import train
+    from backend.core.settings import Settings
+    from worker.training.trainer import train
 
     changes = {"data_dir": args.data_dir}
     if args.epochs is not None:  # an explicit epoch count is run as given: TRAIN_MIN_STEPS does not raise it

@@ -1,6 +1,6 @@
 """7. Training cost and quality: one retrain at the project's default settings, and what it reaches.
 
-Each training runs ``worker.train.train`` (what the RQ job calls) in its own process at the default
+Each training runs ``worker.training.trainer.train`` (what the RQ job calls) in its own process at the default
 settings of backend/settings.py (TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS for small datasets, TRAIN_IMGSZ,
 TRAIN_BATCH, nbs = batch, no time limit, from YOLO_BASE_MODEL = yolo11n.yaml, random init), on synthetic shapes split 80/20 like
 the job's held-out split. Peak memory is the child's ru_maxrss. Quality: held-out mAP50 (Ultralytics'
@@ -16,7 +16,19 @@ import subprocess
 import sys
 import time
 
-from bench.common import ROOT, TRAIN_ENV, Context, Result, Row, Stats, goal_row, ratio, synthetic, train_in_subprocess, write_yolo_dataset
+from bench.common import (
+    ROOT,
+    TRAIN_ENV,
+    Context,
+    Result,
+    Row,
+    Stats,
+    goal_row,
+    ratio,
+    synthetic,
+    train_in_subprocess,
+    write_yolo_dataset,
+)
 
 NAME = "training"
 TITLE = "7. Training cost (time, peak RSS) and quality in a fixed CPU budget"
@@ -74,7 +86,7 @@ def _contention(ctx: Context, result: Result) -> None:
 
 
 def run(ctx: Context) -> Result:
-    from backend.settings import Settings
+    from backend.core.settings import Settings
 
     defaults = Settings()
     sizes = ctx.pick([50, 100, 200], [16, 32])
@@ -156,7 +168,7 @@ def run(ctx: Context) -> Result:
                         + ", ".join(f"{n}: {fixed[n]:.0f} s" for n in sizes)))
 
     result.raw["scaling"] = runs
-    result.method = ("`bench.train_child` runs `worker.train.train(data.yaml, Settings(...))` in a child process "
+    result.method = ("`bench.train_child` runs `worker.training.trainer.train(data.yaml, Settings(...))` in a child process "
                      "(wall time from spawn to exit, imports and Ultralytics' final validation included; peak RSS = "
                      "the child's ru_maxrss from wait4). Datasets are written directly in YOLO format (JPEG q95) from "
                      "tests/synthetic.py images; the held-out images are Ultralytics' val split. Every run starts from "

@@ -11,8 +11,22 @@ import os
 
 import requests
 
-from bench.common import (Context, Result, Row, Stats, backend, goal_row, predict_body, project_id, ratio,
-                          register_version, synthetic, timed, trained_checkpoint, upload_tasks)
+from bench.common import (
+    Context,
+    Result,
+    Row,
+    Stats,
+    backend,
+    goal_row,
+    predict_body,
+    project_id,
+    ratio,
+    register_version,
+    synthetic,
+    timed,
+    trained_checkpoint,
+    upload_tasks,
+)
 
 NAME = "yolo_latency"
 TITLE = "2. YOLO fallback latency: /predict vs Ultralytics directly"

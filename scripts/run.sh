@@ -4,7 +4,7 @@
 #   scripts/run.sh            (or: make run)      Ctrl-C / SIGTERM stops everything.
 #
 # - Settings come from the environment, then from ./.env (ENV_FILE) for what the environment leaves
-#   unset; see `python -m backend.settings`. PORT (9090), WORKERS (2), THREADS (8), REDIS_URL.
+#   unset; see `python -m backend.core.settings`. PORT (9090), WORKERS (2), THREADS (8), REDIS_URL.
 # - If nothing answers at REDIS_URL and it points at this machine, a private redis-server is started
 #   (no persistence unless REDIS_PERSIST=1; log and pid under var/run/) and stopped again at exit.
 # - Runtime files live under VAR_DIR (./var): Ultralytics config, Prometheus multiprocess files.
@@ -220,7 +220,7 @@ fi
 
 # Validates the settings (a bad value stops here with pydantic's message) and reports Gemini's mode.
 "$PY" - <<'PY' || die "invalid configuration (see above)"
-from backend.settings import get_settings
+from backend.core.settings import get_settings
 s = get_settings()
 if s.gemini_enabled:
     print(f"[run] Gemini on: model {s.gemini_model}, routing {s.routing}")
@@ -241,7 +241,7 @@ log "serving on port $PORT with $WORKERS gunicorn workers x $THREADS threads; rq
 # which then sends each child exactly one stop signal. (Seen with rq 3.0: the terminal's SIGINT plus
 # this script's SIGTERM arriving together sometimes went unnoticed until the cold stop.)
 set -m
-"$VENV/bin/gunicorn" -c gunicorn.conf.py backend.wsgi:app < /dev/null > >(prefix web) 2>&1 &
+"$VENV/bin/gunicorn" -c gunicorn.conf.py backend.web.wsgi:app < /dev/null > >(prefix web) 2>&1 &
 WEB_PID=$!
 OMP_WAIT_POLICY="$WORKER_OMP_WAIT_POLICY" "$VENV/bin/rq" worker --url "$REDIS_URL" --with-scheduler "${QUEUE_PREFIX}training" "${QUEUE_PREFIX}prelabel" \
     < /dev/null > >(prefix worker) 2>&1 &

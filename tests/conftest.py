@@ -9,7 +9,7 @@ import tempfile
 os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "lsb-test-ultralytics"))
 # Exports cost seconds per promotion; tests that check them turn them back on explicitly.
 os.environ.setdefault("EXPORT_FORMATS", "")
-from backend import ultralytics_env  # noqa: E402
+from backend.core import ultralytics_env  # noqa: E402
 
 ultralytics_env.prepare()
 

@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.geometry import xyxy_to_gemini
+from backend.core.geometry import xyxy_to_gemini
 
 log = logging.getLogger(__name__)
 

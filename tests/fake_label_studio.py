@@ -1,6 +1,6 @@
 """A small fake Label Studio API for worker tests (Flask on 127.0.0.1, a free port).
 
-Implements exactly what ``worker.annotations`` (through label-studio-sdk) and an image loader use:
+Implements exactly what ``backend.core.label_studio`` (through label-studio-sdk) and an image loader use:
 
 - ``POST /api/token/refresh/``  ``{"refresh": PAT}`` -> ``{"access": JWT}`` (a PAT is a JWT refresh token)
 - ``GET /api/projects/<id>/``   project with ``label_config``

@@ -67,7 +67,7 @@ def gunicorn(env: dict[str, str], log_path: Path, workers: int = 2, threads: int
         prom.mkdir(parents=True, exist_ok=True)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "backend.wsgi:app"],
+        proc = subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "backend.web.wsgi:app"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 import urllib3
 
-from backend import images
+from backend.core import images
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@
 Each class is a shape with its own colour (easy to learn in a few epochs): ``Car`` is a red
 rectangle, ``Person`` a blue ellipse, ``Sign`` a green tall rectangle. Images are drawn on plain
 or noisy backgrounds; every object's pixel box is known exactly, and :func:`ls_result` turns the
-boxes into Label Studio ``rectanglelabels`` regions (through :mod:`backend.geometry`).
+boxes into Label Studio ``rectanglelabels`` regions (through :mod:`backend.core.geometry`).
 
     images = make_images(24, seed=1)
     task_result = ls_result(images[0].boxes, images[0].width, images[0].height)
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from backend.geometry import xyxy_to_ls
+from backend.core.geometry import xyxy_to_ls
 
 DEFAULT_CLASSES = ("Car", "Person", "Sign")
 _COLOURS = {
@@ -102,7 +102,7 @@ def make_image(
     max_overlap: float = 0.1,
 ) -> SyntheticImage:
     """One image with up to ``n_objects`` non-overlapping shapes of random classes."""
-    from backend.geometry import box_iou
+    from backend.core.geometry import box_iou
 
     image = _background(rng, width, height, noisy)
     draw = ImageDraw.Draw(image)

@@ -30,7 +30,7 @@ VENV = Path(sys.prefix)  # the venv running the tests is the one run.sh should u
 RUN_SH = ROOT / "scripts" / "run.sh"
 CI_RUN = ROOT / ".ci" / "run"
 
-GUNICORN_ARGS = ["-c", "gunicorn.conf.py", "backend.wsgi:app"]
+GUNICORN_ARGS = ["-c", "gunicorn.conf.py", "backend.web.wsgi:app"]
 WORKER_QUEUES = ["training", "prelabel"]
 DEV_ONLY_PACKAGES = {"tests", "bench"}  # top-level packages the image does not need
 
@@ -177,7 +177,7 @@ def test_every_compose_variable_is_in_env_example():
 
 def test_env_example_names_are_known_and_load():
     """No typos: every name in .env.example is a setting, a compose variable or a run.sh knob."""
-    from backend.settings import Settings
+    from backend.core.settings import Settings
 
     setting_names = set()
     for name, field in Settings.model_fields.items():
@@ -194,7 +194,7 @@ def test_env_example_names_are_known_and_load():
         assert entries[key] == "", f"{key} must be empty in the template"
     assert entries["WEBHOOK_SECRET"], "WEBHOOK_SECRET needs a placeholder"
     # The file is sourced by run.sh (bash) and must give valid settings.
-    code = "from backend.settings import Settings; Settings()"
+    code = "from backend.core.settings import Settings; Settings()"
     result = subprocess.run(
         ["bash", "-c", f'set -euo pipefail; set -a; . ./.env.example; set +a; exec "{sys.executable}" -c "{code}"'],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
@@ -310,7 +310,7 @@ def test_make_dry_run():
 def test_label_config_parses_and_validates():
     from label_studio_sdk.label_interface import LabelInterface
 
-    from backend.label_config import ProjectConfig
+    from backend.core.label_config import ProjectConfig
 
     xml = (ROOT / "label_config.xml").read_text()
     config = ProjectConfig.parse(xml)

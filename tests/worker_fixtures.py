@@ -3,7 +3,7 @@
 - ``redis15``: a bytes client on db 15 (RQ needs bytes); keys of the test's project are removed after.
 - ``project_id``: a random project id, so tests never share Redis keys.
 - ``fake_ls``: a running :class:`tests.fake_label_studio.FakeLabelStudio`.
-- ``make_settings(tmp_path, fake_ls, **overrides)``: a real :class:`backend.settings.Settings` for tiny runs.
+- ``make_settings(tmp_path, fake_ls, **overrides)``: a real :class:`backend.core.settings.Settings` for tiny runs.
 - ``populate(fake_ls, n, ...)``: a project with synthetic annotated tasks.
 - ``good_model()``: one well-trained tiny checkpoint per test process (about 20 s, memoised).
 - ``RQWorker``: a real ``rq worker`` subprocess in its own process group (SIGKILL-able).
@@ -28,11 +28,11 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from backend.ultralytics_env import prepare
+from backend.core.ultralytics_env import prepare
 
 prepare()  # before anything imports ultralytics
 
-from backend.settings import Settings  # noqa: E402
+from backend.core.settings import Settings  # noqa: E402
 from tests.fake_label_studio import FakeLabelStudio  # noqa: E402
 from tests.synthetic import label_config, ls_result, make_images  # noqa: E402
 
@@ -144,7 +144,7 @@ class _DictLoader:
 
 def synthetic_tasks(n: int, seed: int, classes=CLASSES, size=(128, 96)):
     """(AnnotatedTask list, loader) without any server."""
-    from worker.annotations import AnnotatedTask
+    from backend.core.label_studio import AnnotatedTask
 
     images = make_images(n, seed=seed, classes=classes, size=size, max_objects=2)
     files, tasks = {}, []
@@ -180,9 +180,9 @@ def good_model() -> dict:
     (about 12 s on an idle 2-core machine).
     """
     if "good" not in _MEMO:
-        from backend.label_config import ProjectConfig
-        from worker.dataset import build_dataset
-        from worker.train import train
+        from backend.core.label_config import ProjectConfig
+        from worker.training.dataset import build_dataset
+        from worker.training.trainer import train
 
         base = _memo_dir() / "good"
         settings = Settings(data_dir=base / "data", model_dir=base / "models", train_imgsz=GOOD_MODEL["imgsz"],
@@ -318,7 +318,7 @@ def stub_train(project: str, label_config: str | None = None, force: bool = Fals
     """Holds the running lock for ``STUB_SECONDS`` and records when it ran (for coalescing tests)."""
     from rq import get_current_job
 
-    from worker.queue import training_slot
+    from backend.core.queue import training_slot
 
     job = get_current_job()
     conn = job.connection

@@ -1,7 +1,7 @@
 """One small class per Label Studio control tag turns :class:`Detections` into its regions.
 
 Like the control models of Label Studio's official YOLO backend: each class knows one tag's
-result format and nothing else; geometry comes from :mod:`backend.geometry`.
+result format and nothing else; geometry comes from :mod:`backend.core.geometry`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import uuid
 from typing import ClassVar
 
-from backend.detections import Detections
-from backend.label_config import ControlSpec
+from backend.core.detections import Detections
+from backend.core.label_config import ControlSpec
 
 
 class ControlModel:

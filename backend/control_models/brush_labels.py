@@ -6,7 +6,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
 from backend.control_models.base import ControlModel
-from backend.detections import Detections
+from backend.core.detections import Detections
 
 
 class BrushLabelsModel(ControlModel):

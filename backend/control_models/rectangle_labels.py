@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from backend import geometry
 from backend.control_models.base import ControlModel
-from backend.detections import Detections
+from backend.core import geometry
+from backend.core.detections import Detections
 
 
 class RectangleLabelsModel(ControlModel):

@@ -1,11 +1,11 @@
 """Local open-vocabulary drafting: OWL-ViT / OWLv2 boxes from the label config's words, SAM masks.
 
 ``OwlVitDetector.detect(image, sha256, config, query=None) -> Detections`` has the shape of
-:meth:`backend.detectors.gemini.GeminiDetector.detect`, so routing, the CLI and evaluation can use
+:meth:`backend.detectors.gemini.client.GeminiDetector.detect`, so routing, the CLI and evaluation can use
 either. Text queries come from the label config: every ``<Label>``'s value, ``hint`` and
 ``predicted_values``, each put in OWL-ViT's training template ("a photo of a {}"); every query
 maps back to its label (:func:`build_queries`). An interactive ``query`` replaces them all (used as typed) and
-is labelled like Gemini labels it (:func:`backend.detectors.gemini.best_label`).
+is labelled like Gemini labels it (:func:`backend.detectors.gemini.client.best_label`).
 
 Pipeline after the model (each step optional, in this order; supervision does the box work):
 
@@ -26,9 +26,9 @@ Weights: ``OWLVIT_MODEL`` (default ``google/owlv2-base-patch16-ensemble``) and `
 nothing is downloaded at run time. Box coordinates come out of the model as normalised
 ``cx, cy, w, h`` (YOLO's format) of the model's input frame: OWLv2 pads the image to a square at
 the bottom/right, so its frame is ``max(w, h)`` on both sides; OWL-ViT stretches, so its frame is
-the image itself. The conversion is :func:`backend.geometry.yolo_to_xyxy`.
+the image itself. The conversion is :func:`backend.core.geometry.yolo_to_xyxy`.
 
-Settings: ``OWLVIT_MODEL``, ``OWLVIT_THRESHOLD``, ``SAM_MODEL``, ``OWLVIT_DEVICE`` (:mod:`backend.settings`).
+Settings: ``OWLVIT_MODEL``, ``OWLVIT_THRESHOLD``, ``SAM_MODEL``, ``OWLVIT_DEVICE`` (:mod:`backend.core.settings`).
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend import geometry
-from backend.detections import Detections
-from backend.detectors.gemini import best_label
+from backend.core import geometry
+from backend.core.detections import Detections
+from backend.core.label_config import ProjectConfig
+from backend.detectors.gemini.client import best_label
 from backend.detectors.sam import BoxSegmenter, ModelNotAvailable, resolve_pretrained, set_torch_threads
-from backend.label_config import ProjectConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class OwlVitOptions:
 
     @classmethod
     def from_env(cls, **overrides) -> OwlVitOptions:
-        from backend.settings import Settings
+        from backend.core.settings import Settings
 
         settings = Settings()
         values = {

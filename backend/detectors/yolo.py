@@ -1,6 +1,6 @@
 """YOLO detector: one loaded Ultralytics model, batched inference, class names mapped to labels.
 
-The model is a ``.pt`` checkpoint or one of its verified exports (``worker.export``): an ONNX file
+The model is a ``.pt`` checkpoint or one of its verified exports (``worker.training.exporter``): an ONNX file
 (ONNX Runtime) or an ``*_openvino_model`` folder (OpenVINO), both several times faster on CPU.
 :meth:`YoloDetector.load` picks the fastest export that loads and falls back to the ``.pt``.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend import geometry, ultralytics_env
-from backend.detections import Detections
-from backend.label_config import ProjectConfig
+from backend.core import geometry, ultralytics_env
+from backend.core.detections import Detections
+from backend.core.label_config import ProjectConfig
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ Every case asserts its outcome (status code, message, what was served, what was 
   optional fake Gemini / fake Label Studio, like production wires them.
 - image helpers: encoders and the "red car" picture the fake Gemini's Oracle finds by colour.
 
-Cases covered elsewhere and not repeated here: the image loader's own unit cases (tests/test_images.py),
-a worker SIGKILLed mid-training (tests/test_queue.py::test_sigkill_mid_training_leaves_current_untouched),
-Label Studio down until a retry succeeds (tests/test_queue.py::test_label_studio_down_is_retried_with_backoff),
-a crash inside ``add_version`` at the registry level (tests/test_registry.py).
+Cases covered elsewhere and not repeated here: the image loader's own unit cases (tests/backend/core/test_images.py),
+a worker SIGKILLed mid-training (tests/backend/core/test_queue.py::test_sigkill_mid_training_leaves_current_untouched),
+Label Studio down until a retry succeeds (tests/backend/core/test_queue.py::test_label_studio_down_is_retried_with_backoff),
+a crash inside ``add_version`` at the registry level (tests/backend/core/test_registry.py).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
 # --- the app ---------------------------------------------------------------------------------------
 
 def make_settings(tmp_path: Path, redis_url: str, *, gemini=None, ls=None, **overrides):
-    from backend.settings import Settings
+    from backend.core.settings import Settings
 
     values = {
         "redis_url": redis_url, "model_dir": tmp_path / "models", "data_dir": tmp_path / "data",
@@ -144,9 +144,9 @@ class AppHandle:
 
 def build_app(tmp_path: Path, redis_url: str, *, gemini=None, ls=None, **overrides) -> AppHandle:
     """The real app on ``redis_url``; a Gemini detector gets its own cache/breaker prefix."""
-    from backend.app import create_app
-    from backend.detectors.gemini import GeminiDetector
-    from backend.services import build
+    from backend.detectors.gemini.client import GeminiDetector
+    from backend.serving.services import build
+    from backend.web.app import create_app
 
     settings = make_settings(tmp_path, redis_url, gemini=gemini, ls=ls, **overrides)
     services = build(settings)

@@ -9,7 +9,7 @@
 - The real deployment (gunicorn + an ``rq worker``) with every secret set, driven through all routes,
   including failing ones (a Gemini key the API refuses, Label Studio going down mid-way, jobs failing
   in the worker): the captured output of both processes contains none of the secrets.
-(Unit cases of backend.auth and backend.logs are in tests/test_auth.py and tests/test_logs.py.)
+(Unit cases of backend.web.auth and backend.core.logs are in tests/backend/web/test_auth.py and tests/backend/core/test_logs.py.)
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import pytest
 import requests
 from rq.job import Job
 
-from backend import auth
-from backend.app import STATE_ROUTES
-from backend.openapi import build_spec
-from backend.settings import Settings
+from backend.core.settings import Settings
+from backend.web import auth
+from backend.web.app import STATE_ROUTES
+from backend.web.openapi import build_spec
 from tests import fake_gemini as fg
 from tests.adversarial import CONFIG, PROJECT, app_factory, car_picture, encode, predict_body, private_redis, task  # noqa: F401
 from tests.fake_label_studio import FakeLabelStudio

@@ -6,8 +6,8 @@ The promise checked each time: every task gets exactly one prediction, in order,
 accident; nothing half-written becomes visible; a failed job says why and is retried.
 
 Covered elsewhere, not repeated: a worker SIGKILLed mid-training (current version untouched, no partial
-version, the next trigger trains again) is tests/test_queue.py::test_sigkill_mid_training_leaves_current_untouched;
-Label Studio down until a retry succeeds is tests/test_queue.py::test_label_studio_down_is_retried_with_backoff.
+version, the next trigger trains again) is tests/backend/core/test_queue.py::test_sigkill_mid_training_leaves_current_untouched;
+Label Studio down until a retry succeeds is tests/backend/core/test_queue.py::test_label_studio_down_is_retried_with_backoff.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
-from backend import registry as registry_mod
-from backend.registry import ModelRegistry
+from backend.core import registry as registry_mod
+from backend.core.registry import ModelRegistry
 from tests import fake_gemini as fg
 from tests.adversarial import (  # noqa: F401  (fixtures)
     CONFIG,
@@ -395,8 +395,8 @@ def test_a_full_disk_while_promoting_keeps_the_current_version(app_factory, priv
 @pytest.fixture
 def worker_env(monkeypatch, tmp_path, private_redis):  # noqa: F811
     """Environment for jobs run in this process (they read get_settings()/get_services())."""
-    from backend.services import get_services
-    from backend.settings import get_settings
+    from backend.core.settings import get_settings
+    from backend.serving.services import get_services
 
     private_redis.client().flushall()
     for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WEBHOOK_SECRET", "LSB_QUEUE_PREFIX"):
@@ -426,13 +426,13 @@ def _run_worker(redis, queue_name: str) -> None:
 
 
 def test_label_studio_down_during_a_training_job(worker_env, private_redis, checkpoint, tmp_path):  # noqa: F811
-    from worker import queue as wq
+    from backend.core import queue as wq
 
     redis = private_redis.client()
     ls = FakeLabelStudio().start()
     ls.add_project(CONFIG, project_id=7)
     worker_env(ls)
-    from backend.settings import get_settings
+    from backend.core.settings import get_settings
 
     settings = get_settings()
     registry = ModelRegistry(settings.model_dir, redis)
@@ -460,7 +460,7 @@ def test_label_studio_down_during_a_training_job(worker_env, private_redis, chec
 
 
 def test_label_studio_down_during_a_prelabel_job(worker_env, private_redis, tmp_path, caplog):  # noqa: F811
-    from worker.prelabel import enqueue_prelabel
+    from backend.core.queue import enqueue_prelabel
 
     redis = private_redis.client()
     ls = FakeLabelStudio().start()

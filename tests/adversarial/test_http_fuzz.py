@@ -30,8 +30,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis import checks as st_checks
 
-from backend.openapi import build_spec
-from backend.settings import Settings
+from backend.core.settings import Settings
+from backend.web.openapi import build_spec
 from tests.adversarial import CONFIG, PROJECT, app_factory, build_app, car_picture, encode, private_redis  # noqa: F401
 from tests.models import make_checkpoint
 

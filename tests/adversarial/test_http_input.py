@@ -159,7 +159,7 @@ def test_ten_thousand_tasks_are_413_and_drafted_in_the_background(handle, redis_
     assert body["message"] == (f"10000 tasks exceed PREDICT_MAX_TASKS={handle.settings.predict_max_tasks}; drafting them "
                                f"in the background (job {job_id}); predictions appear as they are stored")
     job = Queue("prelabel", connection=redis_db).fetch_job(job_id)
-    assert job.func_name == "worker.prelabel.prelabel_tasks"
+    assert job.func_name == "worker.jobs.prelabeling.prelabel_tasks"
     project, stored_tasks, config = job.args
     assert project == "7" and config == CONFIG
     assert [t["id"] for t in stored_tasks] == list(range(10_000))  # every task, in order, none lost

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from backend.registry import ModelRegistry
+from backend.core.registry import ModelRegistry
 from tests.adversarial import CONFIG, PROJECT, car_picture, encode, predict_body, private_redis, rss_kb, task  # noqa: F401
 from tests.fake_label_studio import FakeLabelStudio
 from tests.live import base_env, gunicorn

@@ -8,7 +8,7 @@ record nothing, no connection is even opened to a forbidden address, and no toke
 foreign request or log.
 
 127.0.0.2 plays a public internet host (``images._is_public`` is patched for it, as in
-tests/test_images.py, whose loader-level SSRF cases are not repeated here).
+tests/backend/core/test_images.py, whose loader-level SSRF cases are not repeated here).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from flask import redirect
 
-from backend import images
+from backend.core import images
 from tests import fake_gemini as fg
 from tests.adversarial import CAR_BOX, RED, app_factory, assert_box, car_picture, encode, predict_body, private_redis, task  # noqa: F401
+from tests.backend.core.test_images import FakeServer
 from tests.fake_label_studio import FakeLabelStudio
 from tests.live import wait_for
-from tests.test_images import FakeServer
 
 GOOD = "/data/upload/7/good-car.png"
 GOOD_ID, BAD_ID = 1, 666

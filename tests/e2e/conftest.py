@@ -469,7 +469,7 @@ def build_base_model(out: str | Path) -> None:
     with file_lock(out.with_name(f".{out.name}.lock"), "the YOLO base checkpoint"):
         if out.is_file():
             return
-        from backend.ultralytics_env import prepare
+        from backend.core.ultralytics_env import prepare
 
         prepare()
         import torch
@@ -558,10 +558,10 @@ def base_model(tmp_path_factory) -> BaseModel:
 # --- the backend (scripts/run.sh) ------------------------------------------------------------------
 
 def settings_env_names() -> set[str]:
-    """Every environment variable backend.settings reads (they are all set here or dropped)."""
+    """Every environment variable backend.core.settings reads (they are all set here or dropped)."""
     from pydantic import AliasChoices
 
-    from backend.settings import Settings
+    from backend.core.settings import Settings
 
     names = set()
     for name, info in Settings.model_fields.items():

@@ -1,0 +1,272 @@
+"""COCO-style evaluation of detections against human labels (pycocotools).
+
+Ground truth comes from :mod:`backend.evaluation.truth`. Predictions are :class:`~backend.core.detections.Detections` from any
+source. :func:`evaluate` computes, over ``(prediction, truth)`` pairs of one image each:
+
+- ``coco``: mAP50-95, mAP50, mAP75, mAP and AR by object size (small < 32², medium < 96², large;
+  the area is the mask's when the truth has masks, else the box's) from **pycocotools**' COCOeval,
+  the reference implementation;
+- ``gate``: mAP50, mAP50-95, precision and recall at ``score_threshold`` from
+  :func:`worker.training.gate.evaluate_detections`, the code the training gate and the training job's
+  draft-quality figures use, so the numbers here and in a version's ``meta.json`` agree;
+- ``per_class``: AP50 / AP50-95 (pycocotools), precision / recall (worker.training.gate), counts;
+- ``iou``: for every true box, the IoU of the best predicted box of the same label (0 = missed):
+  histogram, mean, median, share >= 0.5;
+- ``sizes``: per size bucket, the number of true boxes, recall at IoU 0.5, mean best IoU and mAP;
+- ``masks`` (both sides have masks): segm mAP (pycocotools), instance mIoU and Dice over true
+  objects whose best box matches at IoU >= 0.5, and semantic (per class, pixels of all instances)
+  mIoU and Dice;
+- ``speed``: images per second over the wall time and per-image latency percentiles.
+
+:func:`backend.evaluation.report.write_report` turns the result into a Markdown report with plots.
+Conversions: :mod:`backend.core.geometry`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from backend.core import geometry
+from backend.core.detections import Detections
+
+log = logging.getLogger(__name__)
+
+SMALL = 32 ** 2
+MEDIUM = 96 ** 2
+SIZES = ("small", "medium", "large")
+IOU_BINS = np.round(np.linspace(0.0, 1.0, 21), 2)
+
+
+def _quiet(fn, *args, **kwargs):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def _none_if_negative(value: float) -> float | None:
+    return None if value is None or value < 0 else round(float(value), 6)
+
+
+def coco_eval(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[str], iou_type: str = "bbox") -> dict:
+    """pycocotools COCOeval over the pairs: summary stats, per-class AP and the PR curve at IoU 0.5."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    cid = {name: i + 1 for i, name in enumerate(classes)}
+    images, gts, dts = [], [], []
+    segm = iou_type == "segm"
+    for image_id, (pred, gt) in enumerate(pairs, start=1):
+        width, height = gt.image_size if gt.image_size != (0, 0) else pred.image_size
+        images.append({"id": image_id, "width": int(width), "height": int(height), "file_name": str(image_id)})
+        for k, label in enumerate(gt.labels):
+            if label not in cid:
+                continue
+            bbox = geometry.xyxy_to_coco(gt.xyxy[k])
+            ann = {"id": len(gts) + 1, "image_id": image_id, "category_id": cid[label], "bbox": bbox, "iscrowd": 0,
+                   "area": float(gt.masks[k].sum()) if gt.masks is not None else bbox[2] * bbox[3]}
+            if segm:
+                ann["segmentation"] = geometry.mask_to_rle(gt.masks[k])
+            gts.append(ann)
+        for k, label in enumerate(pred.labels):
+            if label not in cid:
+                continue
+            det = {"image_id": image_id, "category_id": cid[label], "score": float(pred.scores[k])}
+            if segm:
+                det["segmentation"] = geometry.mask_to_rle(pred.masks[k])
+            else:
+                det["bbox"] = geometry.xyxy_to_coco(pred.xyxy[k])
+            dts.append(det)
+    empty = {"map50_95": 0.0, "map50": 0.0, "map75": 0.0, **{f"map_{s}": None for s in SIZES},
+             "ar1": 0.0, "ar10": 0.0, "ar100": 0.0, **{f"ar_{s}": None for s in SIZES}, "per_class": {}, "pr_curve": None}
+    if not gts:
+        return {**empty, "note": "no ground-truth objects"}
+    if not dts:
+        return {**empty, "note": "no predictions"}
+    gt_api = COCO()
+    gt_api.dataset = {"images": images, "annotations": gts, "categories": [{"id": i, "name": n} for n, i in cid.items()]}
+    _quiet(gt_api.createIndex)
+    dt_api = _quiet(gt_api.loadRes, dts)
+    evaluator = COCOeval(gt_api, dt_api, iou_type)
+    _quiet(evaluator.evaluate)
+    _quiet(evaluator.accumulate)
+    _quiet(evaluator.summarize)
+    s = evaluator.stats
+    precision = evaluator.eval["precision"]  # [T iou, R 101 recall points, K classes, A areas, M maxDets]
+    per_class = {}
+    for name, k in cid.items():
+        p_all = precision[:, :, k - 1, 0, -1]
+        p_50 = precision[0, :, k - 1, 0, -1]
+        per_class[name] = {"ap50_95": round(float(p_all[p_all > -1].mean()), 6) if (p_all > -1).any() else None,
+                           "ap50": round(float(p_50[p_50 > -1].mean()), 6) if (p_50 > -1).any() else None}
+    curve = precision[0, :, :, 0, -1]
+    valid = curve > -1
+    pr = None
+    if valid.any():
+        mean = np.where(valid.any(axis=1), np.where(valid, curve, 0).sum(axis=1) / np.maximum(valid.sum(axis=1), 1), np.nan)
+        pr = {"recall": [round(float(r), 2) for r in evaluator.params.recThrs],
+              "precision": [None if np.isnan(v) else round(float(v), 6) for v in mean]}
+    return {
+        "map50_95": _none_if_negative(s[0]) or 0.0, "map50": _none_if_negative(s[1]) or 0.0, "map75": _none_if_negative(s[2]) or 0.0,
+        "map_small": _none_if_negative(s[3]), "map_medium": _none_if_negative(s[4]), "map_large": _none_if_negative(s[5]),
+        "ar1": _none_if_negative(s[6]), "ar10": _none_if_negative(s[7]), "ar100": _none_if_negative(s[8]),
+        "ar_small": _none_if_negative(s[9]), "ar_medium": _none_if_negative(s[10]), "ar_large": _none_if_negative(s[11]),
+        "per_class": per_class, "pr_curve": pr,
+    }
+
+
+def best_ious(pred: Detections, gt: Detections) -> tuple[np.ndarray, np.ndarray]:
+    """For each true box: the IoU of the best same-label predicted box (0 if none) and its index (-1)."""
+    if not len(gt):
+        return np.zeros(0), np.zeros(0, dtype=int)
+    if not len(pred):
+        return np.zeros(len(gt)), np.full(len(gt), -1)
+    iou = geometry.box_iou(gt.xyxy, pred.xyxy)
+    same = np.array(gt.labels, dtype=object)[:, None] == np.array(pred.labels, dtype=object)[None, :]
+    iou = np.where(same, iou, 0.0)
+    idx = iou.argmax(axis=1)
+    best = iou[np.arange(len(gt)), idx]
+    return best, np.where(best > 0, idx, -1)
+
+
+def size_bucket(area: float) -> str:
+    return "small" if area < SMALL else "medium" if area < MEDIUM else "large"
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 4) if len(values) else None
+
+
+def evaluate(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[str], *,
+             latencies: Sequence[float] | None = None, wall_seconds: float | None = None,
+             score_threshold: float = 0.0) -> dict:
+    """Every metric of the module docstring; JSON-safe."""
+    from worker.training.gate import evaluate_detections
+
+    pairs = [(p, g if g.image_size != (0, 0) else replace(g, image_size=p.image_size)) for p, g in pairs]
+    classes = list(classes)
+    coco = coco_eval(pairs, classes, "bbox")
+    gate = evaluate_detections(pairs, classes=classes, score_threshold=score_threshold)
+
+    all_best: list[float] = []
+    by_size: dict[str, list[float]] = {s: [] for s in SIZES}
+    mask_iou: list[float] = []
+    mask_dice: list[float] = []
+    inter: dict[str, float] = {c: 0.0 for c in classes}
+    union: dict[str, float] = {c: 0.0 for c in classes}
+    total: dict[str, float] = {c: 0.0 for c in classes}
+    with_masks = bool(pairs) and all(g.masks is not None or not len(g) for _, g in pairs) and \
+        all(p.masks is not None or not len(p) for p, _ in pairs) and any(g.masks is not None for _, g in pairs)
+    for pred, gt in pairs:
+        best, idx = best_ious(pred, gt)
+        all_best.extend(best.tolist())
+        areas = geometry.box_area(gt.xyxy) if gt.masks is None else gt.masks.reshape(len(gt), -1).sum(axis=1)
+        for value, area in zip(best, areas):
+            by_size[size_bucket(float(area))].append(float(value))
+        if not with_masks:
+            continue
+        for k in range(len(gt)):
+            if best[k] >= 0.5 and idx[k] >= 0 and pred.masks is not None:
+                g, p = gt.masks[k], pred.masks[idx[k]]
+                i, u, s = float((g & p).sum()), float((g | p).sum()), float(g.sum() + p.sum())
+                mask_iou.append(i / u if u else 0.0)
+                mask_dice.append(2 * i / s if s else 0.0)
+        height, width = (gt.masks.shape[1:] if gt.masks is not None and len(gt) else (pred.image_size[1], pred.image_size[0]))
+        for c in classes:
+            g = _union(gt, c, width, height)
+            p = _union(pred, c, width, height)
+            inter[c] += float((g & p).sum())
+            union[c] += float((g | p).sum())
+            total[c] += float(g.sum() + p.sum())
+
+    best_arr = np.array(all_best)
+    counts, _ = np.histogram(best_arr, bins=IOU_BINS) if len(best_arr) else (np.zeros(len(IOU_BINS) - 1, dtype=int), None)
+    n_pred_by_class = {c: 0 for c in classes}
+    n_gt_by_class = {c: 0 for c in classes}
+    for pred, gt in pairs:
+        for label in pred.labels:
+            if label in n_pred_by_class:
+                n_pred_by_class[label] += 1
+        for label in gt.labels:
+            if label in n_gt_by_class:
+                n_gt_by_class[label] += 1
+
+    per_class = {}
+    for c in classes:
+        gate_c = gate.per_class.get(c, {})
+        per_class[c] = {
+            "ap50": coco["per_class"].get(c, {}).get("ap50"), "ap50_95": coco["per_class"].get(c, {}).get("ap50_95"),
+            "n_gt": n_gt_by_class[c], "n_pred": n_pred_by_class[c], "gate_ap50": gate_c.get("ap50"),
+        }
+    out: dict[str, Any] = {
+        "n_images": len(pairs),
+        "n_gt": int(sum(len(g) for _, g in pairs)),
+        "n_pred": int(sum(len(p) for p, _ in pairs)),
+        "n_pred_unknown_label": int(sum(1 for p, _ in pairs for label in p.labels if label not in classes)),
+        "classes": classes,
+        "coco": {k: v for k, v in coco.items() if k not in ("per_class", "pr_curve")},
+        "gate": {"map50": gate.map50, "map50_95": gate.map50_95, "precision": gate.precision, "recall": gate.recall,
+                 "tp50": gate.tp50, "score_threshold": score_threshold},
+        "per_class": per_class,
+        "pr_curve": coco.get("pr_curve"),
+        "iou": {
+            "mean": round(float(best_arr.mean()), 6) if len(best_arr) else None,
+            "median": round(float(np.median(best_arr)), 6) if len(best_arr) else None,
+            "recall50": round(float((best_arr >= 0.5).mean()), 6) if len(best_arr) else None,
+            "bins": IOU_BINS.tolist(),
+            "counts": [int(c) for c in counts],
+        },
+        "sizes": {
+            s: {"n_gt": len(v), "recall50": round(float(np.mean(np.array(v) >= 0.5)), 6) if v else None,
+                "mean_iou": round(float(np.mean(v)), 6) if v else None, "map50_95": coco.get(f"map_{s}")}
+            for s, v in by_size.items()
+        },
+        "masks": None,
+        "speed": _speed(latencies, wall_seconds, len(pairs)),
+    }
+    if with_masks:
+        segm = coco_eval(pairs, classes, "segm")
+        present = [c for c in classes if union[c] > 0]
+        out["masks"] = {
+            "segm_map50_95": segm["map50_95"], "segm_map50": segm["map50"],
+            "instance_miou": round(float(np.mean(mask_iou)), 6) if mask_iou else None,
+            "instance_dice": round(float(np.mean(mask_dice)), 6) if mask_dice else None,
+            "n_matched": len(mask_iou),
+            "semantic_miou": round(float(np.mean([inter[c] / union[c] for c in present])), 6) if present else None,
+            "semantic_dice": round(float(np.mean([2 * inter[c] / total[c] for c in present])), 6) if present else None,
+            "per_class_iou": {c: round(inter[c] / union[c], 6) for c in present},
+        }
+    return out
+
+
+def _union(det: Detections, label: str, width: int, height: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    if det.masks is None:
+        return mask
+    for k, name in enumerate(det.labels):
+        if name == label and det.masks[k].shape == mask.shape:
+            mask |= det.masks[k]
+    return mask
+
+
+def _speed(latencies: Sequence[float] | None, wall: float | None, n: int) -> dict | None:
+    if not latencies and not wall:
+        return None
+    lat = list(latencies or [])
+    return {
+        "images": n,
+        "wall_s": round(float(wall), 3) if wall else None,
+        "images_per_second": round(n / wall, 4) if wall else None,
+        "latency_mean_s": round(float(np.mean(lat)), 4) if lat else None,
+        "latency_p50_s": _percentile(lat, 50), "latency_p90_s": _percentile(lat, 90),
+        "latency_p95_s": _percentile(lat, 95), "latency_max_s": round(float(max(lat)), 4) if lat else None,
+        "latencies_s": [round(float(v), 4) for v in lat],
+    }
+
+
+# --- report -------------------------------------------------------------------------------------

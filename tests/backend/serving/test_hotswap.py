@@ -1,0 +1,98 @@
+"""Hot-swap in one process: a promoted version replaces the served model without a restart."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+
+from backend.core.registry import ModelRegistry
+from backend.core.settings import Settings
+from backend.serving.hotswap import ModelHolder
+from tests.live import wait_for
+from tests.models import make_checkpoint
+
+
+@pytest.fixture
+def project() -> str:
+    return str(900000 + uuid.uuid4().int % 99999)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return [make_checkpoint(root / f"m{i}.pt", ["Car", "Person"], seed=i) for i in range(2)]
+
+
+@pytest.fixture
+def holder_and_registry(tmp_path, redis_url):
+    settings = Settings(model_dir=tmp_path / "models", redis_url=redis_url, hotswap_poll_seconds=0.2)
+    registry = ModelRegistry(settings.model_dir, redis.Redis.from_url(redis_url))
+    holder = ModelHolder(settings, registry)
+    yield holder, registry
+    holder.stop()
+
+
+def test_no_model_until_one_is_promoted(holder_and_registry, project):
+    holder, _ = holder_and_registry
+    assert holder.get(project) is None
+    assert holder.version(project) is None
+
+
+def test_promotion_is_picked_up_without_a_request(holder_and_registry, checkpoints, project):
+    holder, registry = holder_and_registry
+    v1 = registry.add_version(project, checkpoints[0], {"classes": ["Car", "Person"]})
+    registry.promote(project, v1.version)
+    first = holder.get(project)
+    assert first is not None and first.version == "v0001"
+
+    v2 = registry.add_version(project, checkpoints[1], {"classes": ["Car", "Person"]})
+    registry.promote(project, v2.version)
+    # The background watcher loads v0002 while v0001 keeps serving; nobody calls get() meanwhile.
+    assert wait_for(lambda: holder.loaded().get(project) == "v0002")
+    assert holder.get(project).version == "v0002"
+    assert holder.version(project) == "v0002"
+
+
+def test_unloadable_version_keeps_the_old_model(holder_and_registry, checkpoints, project, tmp_path):
+    holder, registry = holder_and_registry
+    v1 = registry.add_version(project, checkpoints[0], {})
+    registry.promote(project, v1.version)
+    assert holder.get(project).version == "v0001"
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    v2 = registry.add_version(project, broken, {})
+    registry.promote(project, v2.version)
+    time.sleep(1.0)  # several watcher rounds
+    assert holder.get(project).version == "v0001"
+    assert holder.loaded()[project] == "v0001"
+
+
+def test_version_does_not_load_synchronously(holder_and_registry, checkpoints, project):
+    holder, registry = holder_and_registry
+    v1 = registry.add_version(project, checkpoints[0], {})
+    registry.promote(project, v1.version)
+    # /setup asks for the version: it answers from the registry and the load happens in the background.
+    assert holder.version(project) == "v0001"
+    assert wait_for(lambda: holder.loaded().get(project) == "v0001")
+
+
+def test_fixed_model_from_settings(tmp_path, redis_url, checkpoints):
+    settings = Settings(model_dir=tmp_path / "models", redis_url=redis_url, yolo_model=str(checkpoints[0]))
+    holder = ModelHolder(settings, ModelRegistry(settings.model_dir, None))
+    assert holder.get("5").version == "custom-m0"
+    assert holder.version("123.456") == "custom-m0"
+
+
+def test_stop_ends_the_watcher_threads(holder_and_registry, checkpoints, project):
+    holder, registry = holder_and_registry
+    registry.promote(project, registry.add_version(project, checkpoints[0], {"classes": ["Car", "Person"]}).version)
+    assert holder.get(project) is not None
+    threads = [holder._thread, holder._listener]
+    assert all(t is not None and t.is_alive() for t in threads)
+    holder.stop()
+    holder.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+

@@ -1,0 +1,11 @@
+"""Where things are, for every test module whatever its depth under tests/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+FIXTURES = TESTS / "fixtures"
+#: Requests a real Label Studio 1.23.2 sent to an ML backend, recorded once (the protocol's fixtures).
+RECORDED_REQUESTS = FIXTURES / "ls-1.23.2-requests.json"

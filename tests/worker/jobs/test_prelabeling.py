@@ -1,0 +1,68 @@
+"""Pre-labeling job: drafts imported tasks and stores them in Label Studio, idempotently."""
+
+from __future__ import annotations
+
+import pytest
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.serving.services import get_services
+from tests import fake_gemini as fg
+from tests.fake_label_studio import FakeLabelStudio
+from tests.synthetic import label_config, make_images
+from worker.jobs.prelabeling import prelabel_tasks
+
+CLASSES = ("Car", "Person")
+
+
+@pytest.fixture
+def project(monkeypatch, tmp_path, redis_url):
+    images = make_images(4, seed=3, max_objects=2)
+    oracle = fg.Oracle()
+    for im in images:
+        oracle.add(im.image, [(b.xyxy, b.label) for b in im.boxes])
+    with FakeLabelStudio() as ls, fg.FakeGemini(responder=oracle) as gemini:
+        pid = ls.add_project(label_config(CLASSES))
+        ids = [ls.add_task(pid, im.encode()) for im in images]
+        for name, value in (("LABEL_STUDIO_URL", ls.url), ("LABEL_STUDIO_API_KEY", ls.pat), ("GEMINI_API_KEY", fg.DEFAULT_KEY),
+                            ("GEMINI_BASE_URL", gemini.base_url), ("REDIS_URL", redis_url), ("MODEL_DIR", str(tmp_path / "m")),
+                            ("DATA_DIR", str(tmp_path / "d")), ("GEMINI_TASK_DEADLINE", "3"), ("GEMINI_BREAKER_FAILURES", "1000"),
+                            ("GEMINI_CACHE_TTL", "1")):
+            monkeypatch.setenv(name, value)
+        from backend.core.settings import get_settings
+
+        get_settings.cache_clear()
+        get_services.cache_clear()
+        yield ls, gemini, pid, ids, images
+        get_services.cache_clear()
+        get_settings.cache_clear()
+
+
+def test_webhook_tasks_are_drafted_stored_once_and_failures_left_for_a_retry(project):
+    ls, gemini, pid, ids, images = project
+    gemini.script(fg.blocked())  # the first task's Gemini call is blocked and there is no YOLO model
+    tasks = [{"id": tid, "data": ls.tasks[tid]["data"]} for tid in ids]
+    result = prelabel_tasks(str(pid), tasks, ls.projects[pid]["label_config"])
+    assert result["tasks"] == 4 and result["stored"] == 3 and result["failed"] == 1
+    assert any("blocked" in reason for reason in result["failure_reasons"])
+    stored = {tid: ls.tasks[tid]["predictions"] for tid in ids}
+    assert sorted(len(p) for p in stored.values()) == [0, 1, 1, 1]
+    interface = LabelInterface(ls.projects[pid]["label_config"])
+    for predictions in stored.values():
+        for prediction in predictions:
+            assert prediction["model_version"] == "gemini:gemini-2.5-flash"
+            assert interface.validate_prediction({k: prediction[k] for k in ("result", "score", "model_version")},
+                                                 return_errors=True) == []
+
+    # Running again (a retry, or "pre-label everything"): only the failed task is drafted now.
+    again = prelabel_tasks(str(pid), None, None)
+    assert again["stored"] == 1 and again["skipped"] == 3 and again["failed"] == 0
+    assert all(len(ls.tasks[tid]["predictions"]) == 1 for tid in ids)
+
+
+def test_label_studio_down_is_a_clear_retryable_error(project):
+    from backend.core.label_studio import LabelStudioUnavailable
+
+    ls, gemini, pid, ids, images = project
+    ls.stop()
+    with pytest.raises(LabelStudioUnavailable, match="unreachable"):
+        prelabel_tasks(str(pid), None, None)

@@ -1,0 +1,126 @@
+"""worker.jobs.training.run_training in-process: fake Label Studio, real Redis, real (tiny) training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend.core import queue as wq
+from backend.core.label_studio import LabelStudioUnavailable
+from backend.core.registry import ModelRegistry
+from tests.synthetic import draft_result, perturb
+from tests.worker_fixtures import fake_ls, good_model, make_settings, populate, project_id, redis15  # noqa: F401
+from worker.jobs.training import run_training, train_project
+
+
+def _drafts(i, im):
+    import numpy as np
+
+    rng = np.random.default_rng(i)
+    return [
+        {"result": draft_result([(b, 0.9) for b in im.boxes], im.width, im.height), "model_version": "gemini-2.5-flash"},
+        {"result": draft_result(perturb(im.boxes, rng, im.width, im.height, jitter=0.02, drop=0.5), im.width, im.height,
+                                source="yolo"), "model_version": "lsb-yolo-v0001"},
+    ]
+
+
+@pytest.mark.slow
+def test_first_training_promotes_then_skip_then_gate(fake_ls, tmp_path, redis15, project_id):
+    pid, _, ids = populate(fake_ls, n=20, project=project_id, predictions=_drafts)
+    settings = make_settings(tmp_path, fake_ls)
+    redis15.set(wq.key(pid, "events"), 7)
+    redis15.set(wq.key(pid, "force"), "1")
+
+    result = run_training(pid, settings=settings, redis=redis15)  # label config read from Label Studio
+    assert result["status"] == "promoted" and result["promoted"] and result["version"] == "v0001"
+    assert result["force"] is True and result["events_consumed"] == 7  # coalesced force flag collected
+    assert result["current_metrics"] is None and "map50_95" in result["candidate_metrics"]
+    assert result["counts"]["images"] == 20 and result["counts"]["val"] >= 4
+    assert set(result["durations"]) >= {"wait_lock", "fetch", "dataset", "train", "evaluate", "publish", "total"}
+    registry = ModelRegistry(settings.model_dir, redis15)
+    info = registry.current(pid)
+    assert info.version == "v0001" and info.classes == ["Car", "Person"]
+    assert info.meta["dataset_hash"] == result["dataset_hash"] and info.meta["parent"] is None
+    dq = info.meta["draft_quality"]
+    assert set(dq) == {"gemini", "yolo"} and dq["gemini"]["precision"] == 1.0 and dq["gemini"]["recall"] == 1.0
+    assert dq["yolo"]["recall"] < 1.0 and dq["gemini"]["n"] == result["counts"]["val"]
+    stored = json.loads(redis15.get(wq.quality_key(pid)))
+    assert stored["sources"] == dq and stored["version"] == "v0001" and stored["model"]["version"] == "v0001"
+    assert json.loads(redis15.get(wq.key(pid, "last")))["status"] == "promoted"
+    assert redis15.get(wq.key(pid, "running")) is None and redis15.get(wq.key(pid, "events")) == b"0"
+    assert not list((tmp_path / "data" / "candidates").glob("*.pt"))  # the registry holds the only copy
+
+    # nothing changed: a non-forced run does not train
+    skipped = run_training(pid, settings=settings, redis=redis15)
+    assert skipped["status"] == "skipped" and "no annotation changed" in skipped["reason"] and skipped["version"] == "v0001"
+
+    # a changed annotation trains again, and the gate keeps the current model (gain must exceed 1.0)
+    task = fake_ls.tasks[ids[0]]
+    fake_ls.update_annotation(ids[0], task["annotations"][-1]["id"], task["annotations"][-1]["result"][:1])
+    strict = make_settings(tmp_path, fake_ls, promote_min_gain=1.0)
+    rejected = run_training(pid, settings=strict, redis=redis15)
+    assert rejected["status"] == "rejected" and not rejected["promoted"] and rejected["version"] == "v0001"
+    assert rejected["current_metrics"] is not None and rejected["candidate_metrics"] is not None
+    assert registry.current_version(pid) == "v0001" and [v.version for v in registry.versions(pid)] == ["v0001"]
+    meta = registry.current(pid).meta
+    assert meta["last_challenger"]["reason"] == rejected["reason"]
+    assert rejected["rejected_checkpoint"] and (tmp_path / "data" / "candidates" / str(pid)).is_dir()
+    assert json.loads(redis15.get(wq.key(pid, "last")))["status"] == "rejected"
+
+
+def test_fine_tunes_current_and_prunes(fake_ls, tmp_path, redis15, project_id, monkeypatch):
+    """With a promoted model, training fine-tunes it; prune keeps KEEP_VERSIONS versions."""
+    good = good_model()
+    pid, _, _ = populate(fake_ls, n=12, project=project_id, seed=4)
+    settings = make_settings(tmp_path, fake_ls, keep_versions=1, promote_min_gain=-1.0)  # always promote
+    registry = ModelRegistry(settings.model_dir, redis15)
+    registry.promote(pid, registry.add_version(pid, good["checkpoint"], {"classes": ["Car", "Person"]}).version)
+    result = run_training(pid, force=True, settings=settings, redis=redis15, train_overrides={"epochs": 1})
+    assert result["fine_tuned"] and result["status"] == "promoted" and result["version"] == "v0002"
+    assert result["parent"] == "v0001" and result["pruned"] == ["v0001"]
+    assert [v.version for v in registry.versions(pid)] == ["v0002"]
+    assert registry.current(pid).meta["parent_metrics"]["map50_95"] == result["current_metrics"]["map50_95"]
+
+
+def test_label_studio_down_and_not_enough_data(fake_ls, tmp_path, redis15, project_id):
+    pid, _, _ = populate(fake_ls, n=1, project=project_id)
+    settings = make_settings(tmp_path, fake_ls)
+    skipped = run_training(pid, settings=settings, redis=redis15)
+    assert skipped["status"] == "skipped" and "at least 2" in skipped["reason"]
+    fake_ls.stop()
+    with pytest.raises(LabelStudioUnavailable, match="unreachable"):
+        run_training(pid, settings=settings, redis=redis15)
+    assert redis15.get(wq.key(pid, "running")) is None  # the lock is released on failure
+
+
+def test_train_project_outside_rq_records_failure(fake_ls, tmp_path, redis15, project_id, monkeypatch):
+    from backend.core.settings import get_settings
+
+    pid, _, _ = populate(fake_ls, n=2, project=project_id)
+    settings = make_settings(tmp_path, fake_ls)
+    monkeypatch.setattr("backend.core.settings.get_settings", lambda: settings)
+    monkeypatch.setattr("worker.jobs.training.redis_lib.Redis.from_url", lambda url, **kw: redis15)
+    fake_ls.fail_with(502)
+    with pytest.raises(LabelStudioUnavailable):
+        train_project(str(pid))
+    last = json.loads(redis15.get(wq.key(pid, "last")))
+    assert last["status"] == "failed" and "502" in last["error"]
+    get_settings.cache_clear()
+
+
+def test_promotion_exports_verified_fast_formats_that_the_server_then_uses(fake_ls, tmp_path, redis15, project_id):
+    from backend.serving.hotswap import ModelHolder
+
+    pid, _, _ = populate(fake_ls, n=12, project=project_id)
+    settings = make_settings(tmp_path, fake_ls, export_formats="onnx")
+    result = run_training(pid, settings=settings, redis=redis15)
+    assert result["status"] == "promoted"
+    info = ModelRegistry(settings.model_dir, redis15).current(pid)
+    assert info.meta["exports"] == {"onnx": "model.onnx"} and info.export("onnx").is_file()
+    holder = ModelHolder(settings, ModelRegistry(settings.model_dir, redis15))
+    try:
+        served = holder.get(pid)
+        assert served.version == "v0001" and served.format == "onnx"
+    finally:
+        holder.stop()

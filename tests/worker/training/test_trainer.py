@@ -1,0 +1,122 @@
+"""worker.training.trainer: where training starts from, offline safety, progress, and the copied checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.worker_fixtures import CLASSES, Settings, good_model, synthetic_tasks
+from worker.training.trainer import resolve_start, train
+
+
+def test_resolve_start(tmp_path):
+    s = Settings(yolo_base_model="yolo11n.yaml")
+    assert resolve_start(s, None) == ("yolo11n.yaml", False)
+    # a .pt that is not a local file is never handed to YOLO() (it would download): same-stem yaml
+    assert resolve_start(Settings(yolo_base_model="yolo11n.pt"), None) == ("yolo11n.yaml", False)
+    local = tmp_path / "base.pt"
+    local.write_bytes(b"x")
+    assert resolve_start(Settings(yolo_base_model=str(local)), None) == (str(local), True)
+    current = tmp_path / "current.pt"
+    current.write_bytes(b"x")
+    assert resolve_start(Settings(yolo_base_model=str(local)), current) == (str(current), True)
+    assert resolve_start(s, tmp_path / "gone.pt") == ("yolo11n.yaml", False)
+
+
+@pytest.mark.slow
+def test_train_from_scratch_and_fine_tune(tmp_path, monkeypatch):
+    import torch
+    from ultralytics import YOLO
+
+    from backend.core.label_config import ProjectConfig
+    from tests.synthetic import label_config
+    from worker.training.dataset import build_dataset
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    tasks, loader, _ = synthetic_tasks(16, seed=5)
+    settings = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "m", train_imgsz=64, train_epochs=2,
+                        train_min_steps=0, train_batch=8, yolo_base_model="yolov8n.pt")  # not a local file: falls back to yaml
+    ds = build_dataset("9", tasks, ProjectConfig.parse(label_config(CLASSES)), settings, loader=loader)
+    updates = []
+    result = train(ds.data_yaml, settings, progress=updates.append)
+
+    assert result.checkpoint.is_file() and result.checkpoint.parent == (tmp_path / "data" / "candidates").resolve()
+    assert not result.fine_tuned and result.start_from == "yolov8n.yaml"
+    assert result.epochs_run == 2
+    assert result.train_args["nbs"] == 8 and result.train_args["amp"] is False and result.train_args["workers"] == 0
+    assert result.train_args["pretrained"] is False
+    assert [u["epoch"] for u in updates if u["stage"] == "training"] == [1, 2]
+    assert all(u["epochs"] == 2 for u in updates)
+    assert "train/box_loss" in updates[0]["losses"] and "metrics/mAP50-95(B)" in updates[0]["metrics"]
+    assert not list((tmp_path / "data" / "runs").iterdir())  # runs/ cleaned up
+    assert not (tmp_path / "runs").exists()
+    assert all(u["threads"] == (os.cpu_count() or 1) for u in updates if u["stage"] == "training")  # not cpu_count - 1
+    assert torch.get_num_threads() == (os.cpu_count() or 1)
+    model = YOLO(str(result.checkpoint))
+    assert list(model.names.values()) == list(CLASSES)
+
+    # fine-tuning from the current checkpoint keeps its weights (no pretrained=False)
+    good = good_model()
+    tuned = train(good["dataset"].data_yaml, Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "m",
+                                                      train_imgsz=96, train_epochs=1, train_batch=8),
+                  current_checkpoint=good["checkpoint"], progress=None)
+    assert tuned.fine_tuned and tuned.start_from == str(good["checkpoint"])
+    assert "pretrained" not in tuned.train_args
+    from worker.training.gate import evaluate_checkpoint
+
+    after = evaluate_checkpoint(tuned.checkpoint, good["dataset"], good["config"])
+    assert after["map50"] > 0.5, after  # a from-scratch epoch would score about 0
+
+
+def test_missing_checkpoint_is_not_downloaded(tmp_path):
+    from worker.training.gate import predict_items
+
+    with pytest.raises(FileNotFoundError):
+        predict_items(tmp_path / "nope.pt", [], None)  # type: ignore[arg-type]
+    assert not Path("nope.pt").exists()
+
+
+def test_small_datasets_from_scratch_get_enough_optimizer_steps():
+    from worker.training.trainer import epochs_for
+
+    s = Settings(train_epochs=30, train_batch=16, train_min_steps=240)
+    assert epochs_for(s, 40, fine_tune=False) == 80   # 3 steps an epoch: 240 steps need 80 epochs
+    assert epochs_for(s, 8, fine_tune=False) == 240   # one batch an epoch
+    assert epochs_for(s, 128, fine_tune=False) == 30  # 8 steps x 30 epochs already make 240
+    assert epochs_for(s, 1000, fine_tune=False) == 30  # never fewer than TRAIN_EPOCHS
+    assert epochs_for(s, 40, fine_tune=True) == 30    # fine-tuning keeps TRAIN_EPOCHS
+    assert epochs_for(Settings(train_epochs=30, train_batch=16, train_min_steps=0), 40, fine_tune=False) == 30
+
+
+def test_train_images_counts_the_train_split(tmp_path):
+    from worker.training.trainer import train_images
+
+    for split, n in (("train", 5), ("val", 3)):
+        folder = tmp_path / "images" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"{i}.jpg").write_bytes(b"x")
+        (folder / "notes.txt").write_text("not an image")
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n")
+    assert train_images(data) == 5
+    data.write_text('{"path": "%s", "train": ["images/train", "images/val"], "val": "images/val", "names": ["a"]}' % tmp_path)
+    assert train_images(data) == 8  # the worker writes JSON, which YAML reads too; lists of folders count all
+
+
+@pytest.mark.slow
+def test_training_from_scratch_runs_the_raised_epochs(tmp_path):
+    from backend.core.label_config import ProjectConfig
+    from tests.synthetic import label_config
+    from worker.training.dataset import build_dataset
+    from worker.training.trainer import train_images
+
+    tasks, loader, _ = synthetic_tasks(12, seed=8)
+    settings = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "m", train_imgsz=64, train_epochs=1,
+                        train_min_steps=3, train_batch=8, yolo_base_model="yolov8n.yaml")
+    ds = build_dataset("11", tasks, ProjectConfig.parse(label_config(CLASSES)), settings, loader=loader)
+    assert train_images(ds.data_yaml) <= 8  # one batch an epoch: 3 steps need 3 epochs
+    result = train(ds.data_yaml, settings, progress=None)
+    assert result.epochs_run == 3 and result.train_args["epochs"] == 3

@@ -1,0 +1,118 @@
+"""Pre-labeling: drafts for imported tasks, stored in Label Studio by us.
+
+Label Studio 1.23 never calls ``/predict`` on import; it only sends ``TASKS_CREATED``. This job
+predicts those tasks in batches with the same predictor as ``/predict`` and stores each draft with
+``POST /api/predictions`` under the current ``model_version``, so Label Studio does not ask again.
+It is idempotent (tasks that already hold a prediction of the current version are skipped), so a
+retry after a worker restart stores nothing twice; failures are not stored, so a retry or a later
+run drafts them again.
+
+The web process enqueues it by its dotted path (:func:`backend.core.queue.enqueue_prelabel`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from backend.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+def label_studio(settings: Settings):
+    """The SDK client (PAT refresh handled by the SDK); clear errors when unset or unreachable."""
+    from backend.core.label_studio import client_from_settings
+
+    return client_from_settings(settings)
+
+
+def _existing_versions(ls, project: int) -> dict[int, set[str]]:
+    """Model versions of the predictions each task holds (reads /api/predictions, which never triggers /predict)."""
+    held: dict[int, set[str]] = {}
+    for prediction in ls.predictions.list(project=project):
+        held.setdefault(int(prediction.task), set()).add(prediction.model_version or "")
+    return held
+
+
+def all_tasks(ls, project: int) -> list[dict]:
+    tasks = []
+    for task in ls.tasks.list(project=project, fields="all"):
+        data = task.data if isinstance(task.data, dict) else {}
+        tasks.append({"id": task.id, "data": data})
+    return tasks
+
+
+def _progress(**meta: Any) -> None:
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is not None:
+        job.meta.update(meta)
+        job.save_meta()
+
+
+def prelabel_tasks(project: str, tasks: list[dict] | None = None, label_config: str | None = None) -> dict:
+    """RQ job: draft and store predictions for ``tasks`` (or every task without a current draft)."""
+    from backend.core.logs import configure_logging
+    from backend.serving.services import get_services
+
+    services = get_services()
+    configure_logging(services.settings)
+    try:
+        return _prelabel(services, int(project), tasks, label_config)
+    except Exception as exc:
+        import httpx
+        from label_studio_sdk.core.api_error import ApiError
+
+        from backend.core.label_studio import translate_error
+
+        talking_to_ls = isinstance(exc, (httpx.TransportError, ApiError))
+        error = translate_error(exc, services.settings.label_studio_url, "pre-label") if talking_to_ls else exc
+        _progress(error=f"{type(error).__name__}: {error}")
+        log.error("pre-labeling project %s failed: %s", project, error)
+        if error is exc:
+            raise
+        raise error from exc  # retried by RQ (Retry on the job) with back-off
+
+
+def _prelabel(services, pid: int, tasks: list[dict] | None, label_config: str | None) -> dict:
+    from backend.core.label_config import ProjectConfig
+
+    settings = services.settings
+    ls = label_studio(settings)
+    if label_config is None:
+        label_config = ls.projects.get(pid).label_config
+    config = ProjectConfig.parse(label_config)
+    if tasks is None:
+        tasks = all_tasks(ls, pid)
+
+    held = _existing_versions(ls, pid)
+    started = time.monotonic()
+    stored = skipped = failed = 0
+    reasons: dict[str, int] = {}
+    min_batch_seconds = 60.0 * settings.prelabel_batch / settings.gemini_rpm if settings.gemini_rpm else 0.0
+    _progress(total=len(tasks), done=0, stored=0)
+    for start in range(0, len(tasks), settings.prelabel_batch):
+        batch_started = time.monotonic()
+        version = services.predictor.model_version(pid)
+        chunk = tasks[start:start + settings.prelabel_batch]
+        batch = [t for t in chunk if version not in held.get(int(t["id"]), set())]
+        skipped += len(chunk) - len(batch)
+        for task, (prediction, reason) in zip(batch, services.predictor.predict_detailed(batch, config, pid)):
+            if reason:
+                failed += 1
+                reasons[reason] = reasons.get(reason, 0) + 1
+                continue
+            ls.predictions.create(task=int(task["id"]), result=prediction["result"], score=prediction["score"],
+                                  model_version=prediction["model_version"])
+            held.setdefault(int(task["id"]), set()).add(prediction["model_version"])
+            stored += 1
+        _progress(total=len(tasks), done=min(start + settings.prelabel_batch, len(tasks)), stored=stored, failed=failed)
+        wait = min_batch_seconds - (time.monotonic() - batch_started)
+        if wait > 0 and start + settings.prelabel_batch < len(tasks):
+            time.sleep(wait)  # stay under GEMINI_RPM for long imports
+    result = {"project": str(pid), "tasks": len(tasks), "stored": stored, "skipped": skipped, "failed": failed,
+              "failure_reasons": reasons, "seconds": round(time.monotonic() - started, 2)}
+    log.info("pre-labeled project %s: %s", pid, result)
+    return result

@@ -1,0 +1,293 @@
+"""RQ job entry points: fetch -> dataset -> train -> gate -> registry, and draft quality.
+
+``train_project`` is what :func:`backend.core.queue.request_training` enqueues. It runs inside the
+project's running lock (see :mod:`backend.core.queue`), reads everything from Label Studio (webhooks are
+lossy), builds the dataset, fine-tunes the current model (or trains from ``YOLO_BASE_MODEL``),
+evaluates candidate and current on the same held-out tasks and promotes the candidate only when it
+wins (``PROMOTE_MIN_GAIN``). Only promoted candidates become registry versions; a rejected
+candidate's metrics go to the job result, ``lsb:train:<p>:last`` and the current version's meta
+(``last_challenger``), and its checkpoint is kept under ``DATA_DIR/candidates/<p>/`` (last 2).
+
+Draft quality (stored predictions vs final labels on the held-out tasks, per source) goes to the
+version meta (``draft_quality``) and to Redis ``lsb:quality:<p>`` for /metrics and ROUTING=auto::
+
+    {"project": "3", "version": "v0004", "updated_at": 1795300000.0, "val_tasks": 12,
+     "sources": {"gemini": {"precision", "recall", "map50", "n", "n_gt", "n_pred"}, "yolo": {...}},
+     "model": {"version": "v0004", "map50", "map50_95", "precision", "recall"}}
+
+Failures: Label Studio unreachable -> :class:`~backend.core.label_studio.LabelStudioUnavailable`, retried by
+RQ with back-off (``LSB_TRAIN_RETRY_INTERVALS``); every other error fails the job at once (no
+retry) with its message in ``job.meta["error"]`` and in ``lsb:train:<p>:last``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import redis as redis_lib
+
+from backend.core import queue as wq
+from backend.core.label_config import ProjectConfig
+from backend.core.label_studio import LabelStudioUnavailable, fetch_project
+from backend.core.registry import ModelRegistry, project_key
+from worker.training.dataset import NotEnoughData, build_dataset
+from worker.training.gate import draft_quality, evaluate_gate
+
+log = logging.getLogger(__name__)
+
+KEEP_REJECTED = 2
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
+def _set_progress(job, **update: Any) -> None:
+    if job is None:
+        return
+    try:
+        job.meta["progress"] = {**update, "at": _now()}
+        job.save_meta()
+    except Exception as exc:
+        log.debug("progress not saved: %s", exc)
+
+
+def _store_last(redis, project: str, result: dict) -> None:
+    try:
+        redis.set(wq.key(project, "last"), json.dumps(result, default=str))
+    except redis_lib.RedisError as exc:
+        log.warning("could not store the training result in Redis: %s", exc)
+
+
+def _store_quality(redis, project: str, payload: dict) -> None:
+    try:
+        redis.set(wq.quality_key(project), json.dumps(payload, default=str))
+    except redis_lib.RedisError as exc:
+        log.warning("could not store draft quality in Redis: %s", exc)
+
+
+def _keep_rejected(settings, project: str, checkpoint: Path) -> Path:
+    folder = Path(settings.data_dir).resolve() / "candidates" / project
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"rejected-{int(time.time() * 1000)}.pt"
+    shutil.move(str(checkpoint), target)
+    for old in sorted(folder.glob("rejected-*.pt"))[:-KEEP_REJECTED]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def _verified_exports(settings, checkpoint: Path, dataset, imgsz: int) -> dict[str, Path]:
+    """Faster CPU formats of the candidate (EXPORT_FORMATS), kept only if they give the .pt's boxes."""
+    formats = [f.strip() for f in settings.export_formats.split(",") if f.strip()]
+    if not formats:
+        return {}
+    from worker.training.exporter import export_verified
+
+    samples = [item.image_path for item in (dataset.val_items or dataset.items)[:8]]
+    return export_verified(checkpoint, Path(checkpoint).parent / "exports", samples, imgsz, formats=formats)
+
+
+def _metrics_summary(metrics: dict | None) -> dict | None:
+    if metrics is None:
+        return None
+    return {k: metrics.get(k) for k in ("map50", "map50_95", "precision", "recall", "n_images", "n_gt", "seconds")}
+
+
+def run_training(
+    project: str | int,
+    label_config: str | None = None,
+    force: bool = False,
+    *,
+    settings=None,
+    redis: redis_lib.Redis | None = None,
+    job=None,
+    loader=None,
+    client=None,
+    train_overrides: dict | None = None,
+) -> dict:
+    """The whole training pipeline (in the caller's process; ``train_project`` is the RQ wrapper)."""
+    from worker.training.trainer import train
+
+    if settings is None:
+        from backend.core.settings import get_settings
+
+        settings = get_settings()
+    project = project_key(project)
+    redis = redis if redis is not None else redis_lib.Redis.from_url(settings.redis_url)
+    registry = ModelRegistry(settings.model_dir, redis)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.monotonic()
+        timings[name] = round(now - since, 3)
+        return now
+
+    def waiting(holder: str | None) -> None:
+        _set_progress(job, stage="waiting_for_lock", holder=holder)
+
+    job_id = job.id if job is not None else None
+    with wq.training_slot(redis, project, job_id, timeout=float(settings.train_job_timeout), on_wait=waiting) as slot:
+        t = time.monotonic()
+        timings["wait_lock"] = round(slot.waited_s, 3)
+        force = bool(force or slot.force_requested)
+        base = {"project": project, "job_id": job_id, "force": force, "events_consumed": slot.events_consumed,
+                "started_at": _now()}
+
+        _set_progress(job, stage="fetching")
+        snapshot = fetch_project(project, settings, client=client, label_config=label_config)
+        config = ProjectConfig.parse(snapshot.label_config)
+        current = registry.current(project)
+        t = lap("fetch", t)
+
+        _set_progress(job, stage="dataset", tasks=len(snapshot.tasks))
+        try:
+            dataset = build_dataset(project, snapshot.tasks, config, settings, loader=loader)
+        except NotEnoughData as exc:
+            result = {**base, "status": "skipped", "reason": str(exc), "promoted": False,
+                      "version": current.version if current else None, "tasks": len(snapshot.tasks),
+                      "durations": {**timings, "total": round(time.monotonic() - started, 3)}, "finished_at": _now()}
+            _store_last(redis, project, result)
+            return result
+        t = lap("dataset", t)
+        quality = draft_quality(snapshot.tasks, dataset.val_items, config)
+        counts = {**dataset.counts, "tasks_listed": snapshot.tasks_seen, "tasks_skipped_only": snapshot.cancelled_only}
+
+        if not force and current is not None and current.meta.get("dataset_hash") == dataset.dataset_hash:
+            result = {**base, "status": "skipped", "reason": f"no annotation changed since {current.version}",
+                      "promoted": False, "version": current.version, "dataset_hash": dataset.dataset_hash,
+                      "counts": counts, "draft_quality": quality,
+                      "durations": {**timings, "total": round(time.monotonic() - started, 3)}, "finished_at": _now()}
+            _store_last(redis, project, result)
+            return result
+
+        _set_progress(job, stage="training", train=len(dataset.train_ids), val=len(dataset.val_ids))
+        trained = train(dataset.data_yaml, settings, current_checkpoint=current.checkpoint if current else None,
+                        **(train_overrides or {}))
+        t = lap("train", t)
+
+        _set_progress(job, stage="evaluating")
+        decision = evaluate_gate(trained.checkpoint, current.checkpoint if current else None, dataset, config,
+                                 float(settings.promote_min_gain), device=str(settings.train_device))
+        t = lap("evaluate", t)
+
+        # Exports take seconds: do them before the last lock check, never between it and publishing.
+        exports = _verified_exports(settings, trained.checkpoint, dataset,
+                                    int(trained.train_args.get("imgsz", settings.train_imgsz))) if decision.promote else {}
+        slot.check()  # never publish after losing the lock to another worker
+        candidate_metrics = decision.candidate
+        current_metrics = decision.current
+        meta = {
+            "parent": current.version if current else None,
+            "classes": config.class_names,
+            "dataset_hash": dataset.dataset_hash,
+            "dataset": {"counts": counts, "val_task_ids": dataset.val_ids, "train_tasks": len(dataset.train_ids)},
+            "metrics": candidate_metrics,
+            "parent_metrics": current_metrics,
+            "gate": {"promote": decision.promote, "reason": decision.reason, "gain": decision.gain,
+                     "min_gain": float(settings.promote_min_gain)},
+            "train": trained.to_meta() | {"checkpoint": None},
+            "imgsz": int(trained.train_args.get("imgsz", settings.train_imgsz)),
+            "draft_quality": quality,
+            "job_id": job_id,
+        }
+        version = current.version if current else None
+        rejected_path = None
+        if decision.promote:
+            info = registry.add_version(project, trained.checkpoint, meta, extra_files=exports)
+            registry.promote(project, info.version)
+            version = info.version
+            Path(trained.checkpoint).unlink(missing_ok=True)
+            served_metrics = candidate_metrics
+        else:
+            rejected_path = str(_keep_rejected(settings, project, Path(trained.checkpoint)))
+            served_metrics = current_metrics
+            if current is not None:
+                challenger = {"metrics": _metrics_summary(candidate_metrics), "reason": decision.reason,
+                              "dataset_hash": dataset.dataset_hash, "checkpoint": rejected_path, "at": _now()}
+                registry.update_meta(project, current.version, last_challenger=challenger, draft_quality=quality,
+                                     metrics_latest_val=current_metrics)
+        pruned = registry.prune(project, int(settings.keep_versions))
+        lap("publish", t)
+
+        _store_quality(redis, project, {
+            "project": project, "version": version, "updated_at": _now(), "val_tasks": len(dataset.val_ids),
+            "sources": quality,
+            "model": {"version": version, **(_metrics_summary(served_metrics) or {})} if served_metrics else None,
+        })
+        result = {
+            **base,
+            "status": "promoted" if decision.promote else "rejected",
+            "promoted": decision.promote,
+            "version": version,
+            "parent": current.version if current else None,
+            "reason": decision.reason,
+            "candidate_metrics": candidate_metrics,
+            "current_metrics": current_metrics,
+            "ultralytics_metrics": trained.final_metrics,
+            "epochs_run": trained.epochs_run,
+            "fine_tuned": trained.fine_tuned,
+            "dataset_hash": dataset.dataset_hash,
+            "counts": counts,
+            "val_task_ids": dataset.val_ids,
+            "draft_quality": quality,
+            "rejected_checkpoint": rejected_path,
+            "pruned": pruned,
+            "durations": {**timings, "total": round(time.monotonic() - started, 3)},
+            "finished_at": _now(),
+        }
+        _store_last(redis, project, result)
+        _set_progress(job, stage="done", status=result["status"], version=version)
+        log.info("project %s: %s (%s)", project, result["status"], decision.reason)
+        return result
+
+
+def train_project(project: str, label_config: str | None = None, force: bool = False) -> dict:
+    """RQ entry point (enqueued by :func:`backend.core.queue.request_training`)."""
+    from rq import get_current_job
+
+    from backend.core.logs import configure_logging
+    from backend.core.settings import get_settings
+
+    settings = get_settings()
+    configure_logging(settings)  # the rq work horse: formatted, redacted log lines
+    job = get_current_job()
+    redis = job.connection if job is not None else redis_lib.Redis.from_url(settings.redis_url)
+    project = project_key(project)
+    try:
+        return run_training(project, label_config, force, settings=settings, redis=redis, job=job)
+    except LabelStudioUnavailable as exc:
+        retrying = False
+        if job is not None and job.retries_left:
+            # RQ will retry this job later: keep it as the project's pending training so events
+            # coalesce into it; if another training is already pending, that one does the work.
+            if wq.requeue_marker(redis, project, job.id) or (wq._text(redis.get(wq.key(project, "pending"))) or "").startswith(job.id + " "):
+                retrying = True
+            else:
+                job.retries_left = 0
+        message = f"{exc} " + ("(will retry)" if retrying else "(not retried)")
+        _fail(job, redis, project, message, retrying)
+        raise
+    except BaseException as exc:
+        if job is not None:
+            job.retries_left = 0  # only an unreachable Label Studio is worth retrying
+        _fail(job, redis, project, f"{type(exc).__name__}: {exc}", False)
+        raise
+
+
+def _fail(job, redis, project: str, message: str, retrying: bool) -> None:
+    log.error("training of project %s failed: %s", project, message)
+    if job is not None:
+        try:
+            job.meta["error"] = message
+            job.meta["progress"] = {"stage": "failed", "error": message, "retrying": retrying, "at": _now()}
+            job.save_meta()
+        except Exception:
+            pass
+    _store_last(redis, project, {"project": project, "status": "failed", "error": message, "retrying": retrying,
+                                 "job_id": job.id if job is not None else None, "finished_at": _now()})

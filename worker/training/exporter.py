@@ -1,0 +1,301 @@
+"""Export a promoted checkpoint to ONNX and OpenVINO, offline, and keep only exports that agree with it.
+
+Serving prefers a version's exports (``backend.detectors.yolo.EXPORT_FORMATS``: OpenVINO, then ONNX)
+because they run several times faster than PyTorch on CPU (PROTOCOL.md section 3). An export is
+only worth serving if it draws the same boxes, so every export is checked against the ``.pt`` on
+a few sample images (the held-out images of the training that produced it):
+
+- both models predict at the same ``imgsz`` and confidence threshold;
+- boxes are matched per image and class, best IoU first; every matched pair needs IoU >= ``min_iou``
+  (0.99) and scores within ``max_score_diff``;
+- a box only one side found fails the check unless its score is within ``score_margin`` of the
+  threshold (a 0.251 vs 0.249 flip is rounding, not a different model);
+- the export must carry the same class names.
+
+Exports are dynamic-shape (``dynamic=True``), so Ultralytics letterboxes them exactly like the
+``.pt`` (minimal rectangle, not the full square): same pixels in, same boxes out, and fewer pixels
+to process. Nothing is downloaded: ``onnx``, ``onnxslim``, ``onnxruntime`` and ``openvino`` must be
+installed (``YOLO_AUTOINSTALL=0``); a missing package fails that format only.
+
+Hooking it into training (``worker.jobs.training``, at promotion)::
+
+    exports = export_verified(trained.checkpoint, export_dir, [i.image_path for i in dataset.val_items[:8]], imgsz)
+    info = registry.add_version(project, trained.checkpoint, meta, extra_files=exports)
+
+``python -m worker.training.exporter CHECKPOINT OUT_DIR IMAGE...`` runs it by hand and prints the report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("openvino", "onnx")
+_PACKAGES = {"onnx": ("onnx", "onnxslim", "onnxruntime"), "openvino": ("openvino",)}
+STEM = "model"  # exports are named after the checkpoint copy: model.onnx, model_openvino_model/
+
+
+@dataclass
+class FormatCheck:
+    """How one format fared: exported, loaded, and agreeing with the .pt (``ok``)."""
+
+    fmt: str
+    ok: bool = False
+    path: str | None = None
+    reason: str = ""
+    export_s: float = 0.0
+    images: int = 0
+    boxes_pt: int = 0
+    boxes_export: int = 0
+    matched: int = 0
+    min_iou: float | None = None
+    max_score_diff: float | None = None
+    pt_ms_per_image: float | None = None
+    export_ms_per_image: float | None = None
+
+
+@dataclass
+class ExportReport:
+    checkpoint: str
+    imgsz: int
+    conf: float
+    min_iou: float
+    checks: dict[str, FormatCheck] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> dict[str, Path]:
+        return {fmt: Path(c.path) for fmt, c in self.checks.items() if c.ok and c.path}
+
+    def to_meta(self) -> dict[str, Any]:
+        """JSON-safe summary for the version's meta.json."""
+        data = asdict(self)
+        data["passed"] = sorted(self.passed)
+        return data
+
+
+# --- box agreement ---------------------------------------------------------------------------------
+
+@dataclass
+class _Boxes:
+    xyxy: np.ndarray
+    cls: np.ndarray
+    conf: np.ndarray
+
+
+def _boxes(result) -> _Boxes:
+    b = result.boxes
+    if b is None or len(b) == 0:
+        return _Boxes(np.zeros((0, 4)), np.zeros(0, int), np.zeros(0))
+    return _Boxes(b.xyxy.cpu().numpy().astype(float), b.cls.cpu().numpy().astype(int), b.conf.cpu().numpy().astype(float))
+
+
+def compare_boxes(ref: Sequence[_Boxes], test: Sequence[_Boxes], conf: float, min_iou: float = 0.99,
+                  score_margin: float = 0.02, max_score_diff: float = 0.02) -> dict[str, Any]:
+    """Agreement of two models' boxes on the same images (see the module docstring for the rules)."""
+    from backend.core.geometry import box_iou
+
+    failures: list[str] = []
+    matched, ious, diffs = 0, [], []
+    for index, (a, b) in enumerate(zip(ref, test)):
+        used = np.zeros(len(b.cls), dtype=bool)
+        overlap = box_iou(a.xyxy, b.xyxy) if len(a.cls) and len(b.cls) else np.zeros((len(a.cls), len(b.cls)))
+        for i in np.argsort(-a.conf, kind="stable"):
+            candidates = np.where(used | (b.cls != a.cls[i]), -1.0, overlap[i]) if len(b.cls) else np.zeros(0)
+            j = int(np.argmax(candidates)) if len(candidates) else -1
+            if j < 0 or candidates[j] <= 0.5:
+                if a.conf[i] >= conf + score_margin:
+                    failures.append(f"image {index}: a class {a.cls[i]} box (score {a.conf[i]:.3f}) missing from the export")
+                continue
+            used[j] = True
+            matched += 1
+            ious.append(float(candidates[j]))
+            diffs.append(abs(float(a.conf[i]) - float(b.conf[j])))
+            if candidates[j] < min_iou:
+                failures.append(f"image {index}: IoU {candidates[j]:.4f} < {min_iou}")
+            if diffs[-1] > max_score_diff:
+                failures.append(f"image {index}: score {a.conf[i]:.3f} vs {b.conf[j]:.3f}")
+        for j in np.flatnonzero(~used):
+            if b.conf[j] >= conf + score_margin:
+                failures.append(f"image {index}: an extra class {b.cls[j]} box (score {b.conf[j]:.3f}) in the export")
+    return {
+        "ok": not failures,
+        "failures": failures,
+        "boxes_pt": int(sum(len(a.cls) for a in ref)),
+        "boxes_export": int(sum(len(b.cls) for b in test)),
+        "matched": matched,
+        "min_iou": round(min(ious), 6) if ious else None,
+        "max_score_diff": round(max(diffs), 6) if diffs else None,
+    }
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+def _images(samples: Iterable[Any]) -> list[Image.Image]:
+    out = []
+    for sample in samples:
+        if isinstance(sample, Image.Image):
+            out.append(sample.convert("RGB"))
+        elif isinstance(sample, np.ndarray):
+            out.append(Image.fromarray(sample).convert("RGB"))
+        else:
+            with Image.open(sample) as im:
+                out.append(im.convert("RGB"))
+    return out
+
+
+def _missing_packages(fmt: str) -> list[str]:
+    return [p for p in _PACKAGES.get(fmt, ()) if importlib.util.find_spec(p) is None]
+
+
+def _predict(model, images: list[Image.Image], imgsz: int, conf: float, path: Path | None = None) -> tuple[list[_Boxes], float]:
+    """Boxes per image (one image at a time, like a 1-task /predict) and the median ms per image.
+
+    Runs the model as serving does: an OpenVINO export in f32 (``ultralytics_env.openvino_in_f32``).
+    """
+    openvino = path is not None and path.name.endswith("_openvino_model")
+    if openvino:
+        from backend.core.ultralytics_env import openvino_in_f32
+
+        openvino_in_f32()
+    model.predict(images[:1], imgsz=imgsz, conf=conf, device="cpu", verbose=False)  # warm-up, sets the predictor up
+    if openvino:
+        from backend.detectors.yolo import check_openvino_f32
+
+        check_openvino_f32(model, path)
+    out, times = [], []
+    for image in images:
+        started = time.perf_counter()
+        result = model.predict([image], imgsz=imgsz, conf=conf, device="cpu", verbose=False)[0]
+        times.append(time.perf_counter() - started)
+        out.append(_boxes(result))
+    return out, round(float(np.median(times)) * 1000, 2) if times else 0.0
+
+
+def export_and_check(checkpoint: Path | str, out_dir: Path | str, sample_images: Iterable[Any], imgsz: int,
+                     formats: Sequence[str] = FORMATS, conf: float = 0.25, min_iou: float = 0.99) -> ExportReport:
+    """Export ``checkpoint`` to each format under ``out_dir`` and check it; failed exports are deleted.
+
+    Passed exports are ``out_dir/model.onnx`` and ``out_dir/model_openvino_model/`` (the names the
+    registry keeps and ``backend.detectors.yolo.model_format`` recognises).
+    """
+    from backend.core.ultralytics_env import prepare
+
+    prepare()
+    import torch
+    from ultralytics import YOLO
+
+    started = time.monotonic()
+    checkpoint = Path(checkpoint)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = ExportReport(str(checkpoint), int(imgsz), float(conf), float(min_iou))
+    images = _images(sample_images)
+    threads = torch.get_num_threads()
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        weights = staging / f"{STEM}.pt"
+        shutil.copyfile(checkpoint, weights)
+        reference = YOLO(str(weights))
+        pt_names = dict(reference.names)
+        pt_boxes, pt_ms = _predict(reference, images, imgsz, conf)
+        for fmt in formats:
+            check = FormatCheck(fmt, images=len(images), pt_ms_per_image=pt_ms)
+            report.checks[fmt] = check
+            missing = _missing_packages(fmt)
+            if missing:
+                check.reason = f"missing package(s): {', '.join(missing)}"
+                log.warning("export %s skipped: %s", fmt, check.reason)
+                continue
+            t = time.monotonic()
+            try:
+                kwargs: dict[str, Any] = {"format": fmt, "imgsz": int(imgsz), "dynamic": True, "half": False,
+                                          "int8": False, "nms": False, "batch": 1, "device": "cpu", "verbose": False}
+                if fmt == "onnx":
+                    kwargs["simplify"] = True
+                produced = Path(YOLO(str(weights)).export(**kwargs))
+            except Exception as exc:
+                check.reason = f"export failed: {type(exc).__name__}: {exc}"[:500]
+                log.warning("export %s of %s failed: %s", fmt, checkpoint, check.reason)
+                continue
+            finally:
+                torch.set_num_threads(threads)  # the exporter's select_device() lowers it
+            check.export_s = round(time.monotonic() - t, 2)
+            try:
+                exported = YOLO(str(produced), task="detect")
+                names = dict(exported.names)
+                boxes, ms = _predict(exported, images, imgsz, conf, produced)
+            except Exception as exc:
+                check.reason = f"export does not load or predict: {type(exc).__name__}: {exc}"[:500]
+                log.warning("export %s of %s unusable: %s", fmt, checkpoint, check.reason)
+                continue
+            check.export_ms_per_image = ms
+            if {int(k): str(v) for k, v in names.items()} != {int(k): str(v) for k, v in pt_names.items()}:
+                check.reason = f"class names differ: {names} vs {pt_names}"
+                continue
+            agreement = compare_boxes(pt_boxes, boxes, conf, min_iou)
+            for key in ("boxes_pt", "boxes_export", "matched", "min_iou", "max_score_diff"):
+                setattr(check, key, agreement[key])
+            if not agreement["ok"]:
+                check.reason = "boxes differ: " + "; ".join(agreement["failures"][:5])
+                log.warning("export %s of %s rejected: %s", fmt, checkpoint, check.reason)
+                continue
+            target = out_dir / produced.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            shutil.move(str(produced), target)
+            check.ok, check.path = True, str(target)
+            check.reason = "" if agreement["boxes_pt"] else "no boxes on the sample images: agreement not tested"
+            log.info("export %s of %s verified: %d boxes matched, min IoU %s, %.1f ms/image vs %.1f for the .pt",
+                     fmt, checkpoint.name, check.matched, check.min_iou, ms, pt_ms)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.seconds = round(time.monotonic() - started, 2)
+    return report
+
+
+def export_verified(checkpoint: Path | str, out_dir: Path | str, sample_images: Iterable[Any], imgsz: int,
+                    formats: Sequence[str] = FORMATS, conf: float = 0.25, min_iou: float = 0.99) -> dict[str, Path]:
+    """``{format: path}`` of the exports that passed (see :func:`export_and_check`).
+
+    Never raises: exports are an optimisation, and a promotion must not fail for one.
+    """
+    try:
+        return export_and_check(checkpoint, out_dir, sample_images, imgsz, formats, conf, min_iou).passed
+    except Exception:
+        log.exception("exporting %s failed; the version will be served from its .pt", checkpoint)
+        return {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export a YOLO checkpoint to ONNX/OpenVINO and verify the boxes.")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report = export_and_check(args.checkpoint, args.out_dir, args.images, args.imgsz, tuple(args.formats.split(",")))
+    print(json.dumps(report.to_meta(), indent=2))
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
