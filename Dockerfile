@@ -38,7 +38,7 @@ COPY worker/ worker/
 COPY scripts/ scripts/
 COPY gunicorn.conf.py label_config.xml ./
 
-# Ultralytics never touches the network (PROTOCOL.md section 3); state lives on /data volumes.
+# Ultralytics never touches the network (docs/ultralytics.md#no-network); state lives on /data volumes.
 ENV PYTHONPATH=/app \
     PORT=9090 \
     YOLO_OFFLINE=1 \

@@ -48,7 +48,7 @@ PY="$VENV/bin/python"
 mkdir -p "$RUN_DIR"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-# Ultralytics without network (PROTOCOL.md section 3); the backend sets these too.
+# Ultralytics without network (docs/ultralytics.md#no-network); the backend sets these too.
 export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0
 # Training shares the cores with serving: its spin-waiting OpenMP threads made a training step 6x
 # slower beside other CPU work (BENCHMARKS.md section 7), so the rq worker runs with PASSIVE. The web

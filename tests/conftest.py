@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-# Before anything imports ultralytics (PROTOCOL.md section 3).
+# Before anything imports ultralytics (docs/ultralytics.md#no-network).
 os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "lsb-test-ultralytics"))
 # Exports cost seconds per promotion; tests that check them turn them back on explicitly.
 os.environ.setdefault("EXPORT_FORMATS", "")

@@ -5,7 +5,7 @@ parts, per-request timeouts), its error mapping (``ClientError``/``ServerError``
 ``json.JSONDecodeError`` on a non-JSON 200) and its response parsing are exactly what production
 code must survive, so tests point ``HttpOptions(base_url=fake.base_url)`` here instead.
 
-Serves ``POST /{v1,v1beta}/models/{model}:generateContent`` like PROTOCOL.md section 2 describes:
+Serves ``POST /{v1,v1beta}/models/{model}:generateContent`` as docs/gemini.md describes it:
 ``x-goog-api-key`` checked (wrong key: 400 INVALID_ARGUMENT, missing: 403 PERMISSION_DENIED),
 answers from a FIFO of scripted :class:`Answer` objects, then from a ``responder`` callable.
 Every request is recorded (path, all headers, JSON body, decoded images) in a thread-safe list.

@@ -1,6 +1,6 @@
 """Everything the worker reads from Label Studio, through label-studio-sdk, in one place.
 
-Webhooks are lossy (PROTOCOL.md section 1), so a training always re-reads the project from the
+Webhooks are lossy (docs/label-studio.md#webhook-events), so a training always re-reads the project from the
 API: ``GET /api/projects/<id>/`` for the label config and ``GET /api/tasks/?project=<id>&fields=all``
 (paginated, filtered to tasks with annotations) for task data, annotations and stored predictions.
 The SDK's ``LabelStudio(base_url, api_key)`` exchanges a Personal Access Token at

@@ -6,7 +6,7 @@ Everything is started once per session and stopped at the end:
   ``~/.cache/lsb/ls-venv-1.23.2``), created under a file lock on first use (a few minutes) and reused
   whenever ``$LS_VENV/bin/label-studio`` exists.
 - ``label_studio``: ``label-studio start`` on a free loopback port with a temporary data dir and
-  the environment PROTOCOL.md section 1 prescribes. The data dir is a copy of a migrated template
+  the environment docs/label-studio.md#a-real-label-studio-for-tests gives. The data dir is a copy of a migrated template
   kept in ``~/.cache/lsb`` (``LSB_CACHE_DIR``): the first start ever applies ~400 migrations (about a
   minute), a copy starts in seconds. Project ids start at a random base (the SQLite sequence is moved
   before the start), so the backend's Redis keys (``lsb:train:<project>:...``) never collide with
@@ -202,7 +202,7 @@ def ensure_ls_venv(venv: Path = LS_VENV) -> Path:
 
 
 def ls_env(data_dir: Path) -> dict[str, str]:
-    """Label Studio's environment: PROTOCOL.md section 1, nothing inherited that it could misread."""
+    """Label Studio's environment (docs/label-studio.md), nothing inherited that it could misread."""
     drop_prefixes = ("LABEL_STUDIO_", "DJANGO_", "POSTGRE_", "REDIS_")
     drop = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "USERNAME", "PASSWORD", "USER_TOKEN", "PORT", "HOST", "DEBUG"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes) and k not in drop}

@@ -1,7 +1,7 @@
 """Turn Gemini's answer text into :class:`~backend.core.detections.Detections`, surviving its habits.
 
 Pure functions, no network: the detector calls :func:`parse_answer` on fresh and cached answers
-alike. What Gemini does wrong and how it is handled (PROTOCOL.md section 2):
+alike. What Gemini does wrong and how it is handled (docs/gemini.md#known-misbehaviour):
 
 - ```json fences around the JSON: stripped.
 - Truncated JSON at ``finishReason: MAX_TOKENS``: every complete object before the cut is kept.
