@@ -6,6 +6,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
 from backend.control_models.base import ControlModel
+from backend.core import geometry
 from backend.core.detections import Detections
 
 
@@ -18,3 +19,19 @@ class BrushLabelsModel(ControlModel):
             return None
         mask = detections.masks[index].astype(np.uint8) * 255
         return {"format": "rle", "rle": mask2rle(mask)}
+
+    @classmethod
+    def read_mask(cls, value: dict, width: int, height: int) -> np.ndarray | None:
+        """The decoded RLE; None when there is none or it does not decode to this image size."""
+        rle = value.get("rle")
+        return geometry.ls_brush_to_mask(rle, width, height) if rle else None
+
+    @classmethod
+    def read_box(cls, value: dict, width: int, height: int) -> np.ndarray | None:
+        """The mask's bounding box (None when empty or undecodable)."""
+        mask = cls.read_mask(value, width, height)
+        return None if mask is None else geometry.mask_to_xyxy(mask)
+
+    @classmethod
+    def conversion(cls, value: dict) -> str | None:
+        return "brush"

@@ -1,5 +1,5 @@
 """backend.control_models: Detections -> Label Studio regions, each validated against its config
-with label-studio-sdk's own validator (Label Studio itself stores wrong regions silently)."""
+with label-studio-sdk's own validator (Label Studio itself stores wrong regions silently), and read back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.control_models import CONTROL_MODELS, ControlModel
+from backend.control_models import BY_RESULT_TYPE, CONTROL_MODELS, ControlModel, parse_regions
 from backend.control_models.brush_labels import BrushLabelsModel
 from backend.control_models.polygon_labels import PolygonLabelsModel
 from backend.control_models.rectangle_labels import RectangleLabelsModel
@@ -274,3 +274,60 @@ def test_validator_would_catch_a_wrong_region(detections):
     li = LabelInterface(MULTI)
     assert li.validate_prediction({"result": bad_label, "score": 0.5, "model_version": "x"}, return_errors=True)
     assert li.validate_prediction({"result": bad_name, "score": 0.5, "model_version": "x"}, return_errors=True)
+
+
+class TestWriteThenRead:
+    """Each control model reads back what it wrote: same labels, scores, boxes and masks in pixels."""
+
+    def test_rectangle_round_trip(self, detections):
+        spec = control(MULTI, "box")
+        regions = RectangleLabelsModel(spec).regions(detections)
+        parsed = parse_regions(regions, ProjectConfig.parse(MULTI), None, with_masks=True)
+        assert parsed.labels == ["Car", "Person"]
+        np.testing.assert_allclose(parsed.scores, [0.9, 0.4])
+        np.testing.assert_allclose(parsed.xyxy, detections.xyxy[:2], atol=1e-9)
+        assert parsed.masks == [None, None] and parsed.converted == {} and parsed.skipped == {}
+        for region, box in zip(regions, detections.xyxy[:2]):
+            np.testing.assert_allclose(RectangleLabelsModel.read_box(region["value"], W, H), box, atol=1e-9)
+            assert RectangleLabelsModel.read_mask(region["value"], W, H) is None
+
+    def test_polygon_round_trip(self, detections):
+        regions = PolygonLabelsModel(control(MULTI, "poly")).regions(detections)
+        parsed = parse_regions(regions, ProjectConfig.parse(MULTI), None, with_masks=True)
+        assert parsed.labels == ["Car", "Tree"] and parsed.converted == {"polygon": 2}
+        np.testing.assert_allclose(parsed.scores, [0.9, 0.2])
+        for index, mask, box in zip((0, 3), parsed.masks, parsed.xyxy):
+            np.testing.assert_array_equal(mask, detections.masks[index])
+            # the outline runs through the edge pixels' centres: one pixel short on the right and bottom
+            np.testing.assert_allclose(box, detections.xyxy[index] - [0, 0, 1, 1], atol=1e-6)
+
+    def test_round_polygon_round_trip(self):
+        mask = disk_mask(32, 24, 15)
+        d = Detections([[17, 9, 48, 40]], ["Tree"], [0.7], (W, H), "gemini", masks=mask[None])
+        value = PolygonLabelsModel(control(MULTI, "poly")).regions(d)[0]["value"]
+        back = PolygonLabelsModel.read_mask(value, W, H)
+        assert np.logical_and(back, mask).sum() / np.logical_or(back, mask).sum() > 0.9
+        np.testing.assert_allclose(PolygonLabelsModel.read_box(value, W, H), geometry.mask_to_xyxy(mask) - [0, 0, 1, 1], atol=1)
+
+    def test_brush_round_trip(self, detections):
+        regions = BrushLabelsModel(control(MULTI, "brush")).regions(detections)
+        parsed = parse_regions(regions, ProjectConfig.parse(MULTI), None, with_masks=True)
+        assert parsed.labels == ["Person", "Road"] and parsed.converted == {"brush": 2}
+        np.testing.assert_allclose(parsed.scores, [0.4, 0.6])
+        for index, mask, box in zip((1, 2), parsed.masks, parsed.xyxy):
+            np.testing.assert_array_equal(mask, detections.masks[index])
+            np.testing.assert_allclose(box, geometry.mask_to_xyxy(detections.masks[index]))
+        np.testing.assert_array_equal(parsed.stacked_masks(), detections.masks[[1, 2]])
+
+    def test_whole_prediction_round_trip(self, detections):
+        """Every control's regions in one result list read back, each by its own control model."""
+        config = ProjectConfig.parse(MULTI)
+        regions = [r for spec in config.controls for r in CONTROL_MODELS[spec.tag](spec).regions(detections)]
+        parsed = parse_regions(regions, config, (W, H), dedupe=False)
+        assert parsed.labels == ["Car", "Person", "Person", "Road", "Car", "Tree"]
+        assert parsed.converted == {"brush": 2, "polygon": 2} and parsed.skipped == {}
+
+
+def test_reading_registry_is_keyed_by_result_type():
+    assert {model.result_type: model for model in CONTROL_MODELS.values()} == BY_RESULT_TYPE
+    assert set(BY_RESULT_TYPE) == {"rectanglelabels", "brushlabels", "polygonlabels"}
