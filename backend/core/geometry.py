@@ -11,7 +11,7 @@ Formats:
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -53,7 +53,7 @@ def gemini_points_to_pixels(points: Iterable[Sequence[float]], width: int, heigh
 def gemini_mask_to_full(probability: np.ndarray, xyxy: Sequence[float], width: int, height: int, threshold: int = 127) -> np.ndarray:
     """A Gemini 2.5 mask (a 0-255 map covering only the box) to a full-image boolean mask."""
     full = np.zeros((height, width), dtype=bool)
-    bx0, by0, bx1, by1 = (int(round(v)) for v in xyxy)
+    bx0, by0, bx1, by1 = (round(float(v)) for v in xyxy)
     x0, y0 = max(bx0, 0), max(by0, 0)
     x1, y1 = min(bx1, width), min(by1, height)
     if x1 <= x0 or y1 <= y0 or probability.size == 0:

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from xml.sax.saxutils import quoteattr
 
 from label_studio_sdk.label_interface import LabelInterface
 
 SUPPORTED_CONTROLS = ("RectangleLabels", "BrushLabels", "PolygonLabels")
 MASK_CONTROLS = ("BrushLabels", "PolygonLabels")
+# Short names for configs built from a label list (``lsb --tag``): "RectangleLabels" -> "rectangle".
+TAG_SHORT_NAMES = {tag.removesuffix("Labels").lower(): tag for tag in SUPPORTED_CONTROLS}
 
 
 class UnsupportedConfig(ValueError):
@@ -66,7 +70,7 @@ class ProjectConfig:
     prompt_control: str = ""
 
     @classmethod
-    def parse(cls, xml: str) -> "ProjectConfig":
+    def parse(cls, xml: str) -> ProjectConfig:
         """Parse a label config; raise :class:`UnsupportedConfig` naming what is supported."""
         return _parse_cached(xml)
 
@@ -110,6 +114,29 @@ class ProjectConfig:
         """The lowest threshold any control asks for (each control filters again on its own)."""
         values = [c.score_threshold for c in self.controls if c.score_threshold is not None]
         return min(values) if values else default
+
+
+def config_from_labels(labels: str | Sequence[str], tag: str = "rectangle") -> str:
+    """A label config XML with one control of ``tag`` (a short name) on one Image, for a label list.
+
+    A string is ``"helmet,person without helmet"`` where ``value=hint`` gives a hint; a sequence
+    holds exact label values (class names may contain commas or '='). Raises
+    :class:`UnsupportedConfig` for an empty list or an unknown tag.
+    """
+    if isinstance(labels, str):
+        pairs = [tuple(p.strip() for p in item.partition("=")[::2]) for item in labels.split(",") if item.strip()]
+    else:
+        pairs = [(str(v).strip(), "") for v in labels if str(v).strip()]
+    if not pairs:
+        raise UnsupportedConfig("--labels is empty")
+    control = TAG_SHORT_NAMES.get(tag)
+    if control is None:
+        raise UnsupportedConfig(f"--tag must be one of {', '.join(TAG_SHORT_NAMES)}")
+    parts = []
+    for value, hint in dict.fromkeys(pairs):
+        attrs = f"value={quoteattr(value)}" + (f" hint={quoteattr(hint)}" if hint else "")
+        parts.append(f"<Label {attrs}/>")
+    return f'<View><Image name="image" value="$image"/><{control} name="label" toName="image">{"".join(parts)}</{control}></View>'
 
 
 @functools.lru_cache(maxsize=64)

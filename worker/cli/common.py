@@ -14,18 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from xml.sax.saxutils import quoteattr
 
+import redis as redis_lib
+
+from backend.core import label_config
+from backend.core.connection import connect
 from backend.core.detections import Detections
 from backend.core.images import ImageError, LoadedImage, decode_image
 from backend.core.label_config import ProjectConfig, UnsupportedConfig
 from backend.core.settings import Settings, get_settings
+from backend.core.ultralytics_env import EXPORT_FORMATS
 
 log = logging.getLogger("lsb")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 SOURCES = ("gemini", "yolo", "owlvit")
-_TAGS = {"rectangle": "RectangleLabels", "polygon": "PolygonLabels", "brush": "BrushLabels"}
 
 
 class CLIError(Exception):
@@ -43,9 +46,7 @@ def settings() -> Settings:
 
 def redis_or_none(s: Settings, timeout: float = 2.0):
     """A Redis client when Redis answers, else None (the cache and cost ledger are then off)."""
-    import redis as redis_lib
-
-    client = redis_lib.Redis.from_url(s.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = connect(s.redis_url, timeout)
     try:
         client.ping()
         return client
@@ -57,21 +58,11 @@ def redis_or_none(s: Settings, timeout: float = 2.0):
 # --- label configs ------------------------------------------------------------------------------
 
 def config_from_labels(labels: str | Sequence[str], tag: str = "rectangle") -> str:
-    """A label config XML from ``"helmet,person without helmet"``; ``value=hint`` gives a hint."""
-    if isinstance(labels, str):  # "value" or "value=hint", comma-separated
-        pairs = [tuple(p.strip() for p in item.partition("=")[::2]) for item in labels.split(",") if item.strip()]
-    else:  # exact label values (class names may contain commas or '=')
-        pairs = [(str(v).strip(), "") for v in labels if str(v).strip()]
-    if not pairs:
-        raise CLIError("--labels is empty")
-    control = _TAGS.get(tag)
-    if control is None:
-        raise CLIError(f"--tag must be one of {', '.join(_TAGS)}")
-    parts = []
-    for value, hint in dict.fromkeys(pairs):
-        attrs = f"value={quoteattr(value)}" + (f" hint={quoteattr(hint)}" if hint else "")
-        parts.append(f"<Label {attrs}/>")
-    return f'<View><Image name="image" value="$image"/><{control} name="label" toName="image">{"".join(parts)}</{control}></View>'
+    """:func:`backend.core.label_config.config_from_labels`, its errors as :class:`CLIError`."""
+    try:
+        return label_config.config_from_labels(labels, tag)
+    except UnsupportedConfig as exc:
+        raise CLIError(str(exc)) from None
 
 
 def load_config(args: argparse.Namespace, fallback_labels: Sequence[str] | None = None) -> tuple[ProjectConfig, str]:
@@ -98,7 +89,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("labels (one of)")
     group.add_argument("--label-config", metavar="XML", help="Label Studio label config file (labels, hints, predicted_values)")
     group.add_argument("--labels", metavar="LIST", help='comma-separated labels, "value" or "value=hint": "helmet,person without helmet"')
-    group.add_argument("--tag", choices=sorted(_TAGS), default="rectangle",
+    group.add_argument("--tag", choices=sorted(label_config.TAG_SHORT_NAMES), default="rectangle",
                        help="control tag for --labels: rectangle (boxes), polygon or brush (masks); default rectangle")
 
 
@@ -266,7 +257,7 @@ def resolve_yolo(args, s: Settings) -> tuple[Path, str, dict[str, Path]]:
         info = registry.get(args.project, args.version) if args.version else registry.current(args.project)
         if info is None:
             raise CLIError(f"project {args.project} has no {'version ' + args.version if args.version else 'current model'} in {s.model_dir}")
-        exports = {fmt: path for fmt in ("openvino", "onnx") if (path := info.export(fmt)) is not None}
+        exports = {fmt: path for fmt in EXPORT_FORMATS if (path := info.export(fmt)) is not None}
         return info.checkpoint, info.version, exports
     if s.yolo_model:
         path = Path(s.yolo_model)
@@ -280,10 +271,8 @@ def _yolo_source(args, s: Settings, config: ProjectConfig) -> Source:
     from backend.detectors.yolo import YoloDetector
 
     path, version, exports = resolve_yolo(args, s)
-    if hasattr(YoloDetector, "load"):  # the served model: a verified ONNX/OpenVINO export when the version has one
-        detector = YoloDetector.load(path, version, exports, device=s.yolo_device, imgsz=s.yolo_imgsz, threads=s.yolo_threads)
-    else:
-        detector = YoloDetector(path, version, device=s.yolo_device, imgsz=s.yolo_imgsz, threads=s.yolo_threads)
+    # The served model: a verified ONNX/OpenVINO export when the version has one.
+    detector = YoloDetector.load(path, version, exports, device=s.yolo_device, imgsz=s.yolo_imgsz, threads=s.yolo_threads)
     threshold = args.threshold if args.threshold is not None else config.score_threshold(s.yolo_score_threshold)
 
     def detect(image: LoadedImage, config: ProjectConfig, query: str | None) -> Detections:
@@ -323,7 +312,7 @@ def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc:
                 item = futures[future]
                 try:
                     yield item, future.result(), None
-                except Exception as exc:  # one image's failure never stops the run
+                except Exception as exc:  # noqa: BLE001 - one image's failure never stops the run
                     yield item, None, exc
                 bar.update(1)
     finally:

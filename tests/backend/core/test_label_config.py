@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from backend.core.label_config import ControlSpec, LabelSpec, ProjectConfig, UnsupportedConfig
+from backend.core.label_config import (
+    TAG_SHORT_NAMES,
+    ControlSpec,
+    LabelSpec,
+    ProjectConfig,
+    UnsupportedConfig,
+    config_from_labels,
+)
 from tests.paths import RECORDED_REQUESTS, ROOT
 
 FIXTURE = RECORDED_REQUESTS
@@ -318,6 +325,33 @@ class TestUnsupported:
         assert "model_score_threshold" in message
         assert "boxes" in message
         assert repr(value) in message
+
+
+# --- a config from a label list -----------------------------------------------------------------
+
+def test_config_from_a_label_string_with_hints():
+    xml = config_from_labels("helmet, person without helmet=construction worker without a helmet,helmet")
+    config = ProjectConfig.parse(xml)
+    assert [c.tag for c in config.controls] == ["RectangleLabels"]
+    assert config.class_names == ["helmet", "person without helmet"]  # duplicates once
+    assert config.labels[1].hint == "construction worker without a helmet"
+    assert (config.image_name, config.image_key, config.controls[0].name) == ("image", "image", "label")
+
+
+def test_config_from_exact_values_and_every_tag():
+    odd = ["a, b", "x=y", 'quote"d', " "]
+    for short, tag in TAG_SHORT_NAMES.items():
+        config = ProjectConfig.parse(config_from_labels(odd, short))
+        assert [c.tag for c in config.controls] == [tag]
+        assert config.class_names == ["a, b", "x=y", 'quote"d']
+    assert set(TAG_SHORT_NAMES) == {"rectangle", "polygon", "brush"}
+
+
+def test_config_from_labels_rejects_empty_and_unknown_tag():
+    with pytest.raises(UnsupportedConfig, match="empty"):
+        config_from_labels(" , ")
+    with pytest.raises(UnsupportedConfig, match="rectangle"):
+        config_from_labels("car", "keypoint")
 
 
 # --- the repository's own label config -----------------------------------------------------------
