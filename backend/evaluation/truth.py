@@ -15,8 +15,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
+from backend.control_models.reader import labels_in_regions, parse_regions, region_width_height
 from backend.core import geometry
 from backend.core.detections import Detections
+from backend.core.label_config import ProjectConfig, config_from_labels
+from backend.core.label_studio import parse_task
 
 log = logging.getLogger(__name__)
 
@@ -171,38 +174,12 @@ def load_yolo(path: Path | str, split: str = "val") -> TruthSet:
     return TruthSet(images, classes, "yolo", str(yaml_path))
 
 
-def _labels_in_export(tasks: list[dict]) -> list[str]:
-    seen: dict[str, None] = {}
-    for task in tasks:
-        for ann in task.get("annotations") or []:
-            for region in ann.get("result") or []:
-                value = region.get("value") or {}
-                for key in ("rectanglelabels", "polygonlabels", "brushlabels"):
-                    for label in value.get(key) or []:
-                        seen.setdefault(str(label))
-    return list(seen)
-
-
-def _ls_region_mask(region: dict, width: int, height: int) -> np.ndarray | None:
-    value = region.get("value") or {}
-    kind = str(region.get("type", "")).lower()
-    if kind == "brushlabels" and value.get("rle"):
-        return geometry.ls_brush_to_mask(value["rle"], width, height)
-    if kind == "polygonlabels" and len(value.get("points") or []) >= 3:
-        return geometry.polygon_to_mask(geometry.ls_points_to_pixels(value["points"], width, height), width, height)
-    return None
-
-
 def load_label_studio(path: Path, tasks: list[dict], *, label_config: str | None = None,
                       document_root: Path | str | None = None, images_root: Path | str | None = None) -> TruthSet:
     """A Label Studio JSON export: the latest non-skipped annotation of each task is the truth."""
-    from backend.core.label_config import ProjectConfig
-    from backend.core.label_studio import parse_task
-    from worker.cli.common import config_from_labels
-    from worker.training.dataset import parse_regions
-
     notes: list[str] = []
-    xml = label_config or config_from_labels(_labels_in_export(tasks) or ["object"])
+    annotated = (region for task in tasks for ann in task.get("annotations") or [] for region in ann.get("result") or [])
+    xml = label_config or config_from_labels(labels_in_regions(annotated) or ["object"])
     config = ProjectConfig.parse(xml)
     images = []
     for raw in tasks:
@@ -213,23 +190,10 @@ def load_label_studio(path: Path, tasks: list[dict], *, label_config: str | None
         if not isinstance(url, str):
             notes.append(f"task {task.id}: no {config.image_key!r} in data")
             continue
-        size = None
-        for region in task.result:
-            w, h = region.get("original_width"), region.get("original_height")
-            if isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0:
-                size = (int(w), int(h))
-                break
-        boxes, labels, masks = [], [], []
-        for region in task.result:
-            parsed = parse_regions([region], config, size, dedupe=False)
-            if not len(parsed):
-                continue
-            boxes.append(parsed.xyxy[0])
-            labels.append(parsed.labels[0])
-            masks.append(_ls_region_mask(region, *size) if size else None)
-        mask_arr = np.stack(masks) if masks and all(m is not None for m in masks) else None
-        truth = Detections(np.array(boxes, dtype=float).reshape(-1, 4), labels, np.ones(len(labels)), size or (0, 0), "human",
-                           f"label-studio:{task.annotation_id}", mask_arr)
+        size = next((wh for region in task.result if (wh := region_width_height(region, None))), None)
+        parsed = parse_regions(task.result, config, size, dedupe=False, with_masks=True)
+        truth = Detections(parsed.xyxy, parsed.labels, np.ones(len(parsed)), size or (0, 0), "human",
+                           f"label-studio:{task.annotation_id}", parsed.stacked_masks())
         local, name = _ls_local_path(url, document_root, images_root)
         images.append(TruthImage(name, truth, local, None if local else url))
     return TruthSet(images, config.class_names, "label-studio", str(path), xml, notes)

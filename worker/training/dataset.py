@@ -8,12 +8,12 @@ and renamed into place)::
     data.yaml                           absolute ``path:``, ``names`` in label-config order, no ``download:``
     manifest.json                       counts, split, per-item ground truth (for evaluation)
 
-Rules: classes are ``ProjectConfig.class_names`` (label-config order). RectangleLabels regions
-become boxes through :mod:`backend.core.geometry` (a rotated rectangle becomes its axis-aligned bounds);
-PolygonLabels and BrushLabels regions become their bounding boxes. A task whose image cannot be
-loaded is skipped; a region with an unknown label, a (near) zero-area box or a duplicate of a box
-of the same class (IoU > 0.9) is skipped; every skip is counted by reason. Tasks without boxes are
-kept as negatives. The split is a deterministic function of the task id (see :func:`split_tasks`).
+Rules: classes are ``ProjectConfig.class_names`` (label-config order). Regions become boxes through
+their control models (:func:`backend.control_models.parse_regions`: a rotated rectangle becomes its
+axis-aligned bounds, polygons and brushes their bounding boxes; a region with an unknown label, a
+(near) zero-area box or a duplicate of a box of the same class is skipped). A task whose image
+cannot be loaded is skipped; every skip is counted by reason. Tasks without boxes are kept as
+negatives. The split is a deterministic function of the task id (see :func:`split_tasks`).
 """
 
 from __future__ import annotations
@@ -29,31 +29,21 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from backend.control_models.reader import parse_regions
 from backend.core.detections import Detections
-from backend.core.geometry import (
-    box_iou,
-    ls_points_to_pixels,
-    ls_to_xyxy,
-    mask_to_xyxy,
-    scaled_size,
-    xyxy_to_yolo,
-    yolo_to_xyxy,
-)
+from backend.core.geometry import scaled_size, xyxy_to_yolo, yolo_to_xyxy
 from backend.core.label_config import ProjectConfig
 from backend.core.label_studio import AnnotatedTask
 
 log = logging.getLogger(__name__)
 
-DUPLICATE_IOU = 0.9
-MIN_BOX_PIXELS = 1.0  # a box thinner than this (in original pixels) counts as zero-area
 KEEP_DATASETS = 2  # dataset folders kept per project
-_REGION_TYPES = {"rectanglelabels": "RectangleLabels", "polygonlabels": "PolygonLabels", "brushlabels": "BrushLabels"}
 
 
 class ImageSource(Protocol):
@@ -64,157 +54,6 @@ class ImageSource(Protocol):
 
 class NotEnoughData(ValueError):
     """Fewer usable tasks than a train/val split needs."""
-
-
-# --- regions -> boxes ------------------------------------------------------------------------------
-
-@dataclass
-class Boxes:
-    """Boxes parsed from one Label Studio result list (pixels of the original image)."""
-
-    xyxy: np.ndarray
-    labels: list[str]
-    scores: np.ndarray
-    skipped: Counter = field(default_factory=Counter)
-    converted: Counter = field(default_factory=Counter)
-    sources: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def detections(self, width: int, height: int, source: str, model: str = "") -> Detections:
-        return Detections(self.xyxy, list(self.labels), self.scores, (width, height), source, model)
-
-
-def _points_to_xyxy(points_px: np.ndarray) -> np.ndarray:
-    # TODO(geometry): polygon points -> bounding box; move to backend.core.geometry (e.g. points_to_xyxy).
-    pts = np.asarray(points_px, dtype=float).reshape(-1, 2)
-    return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
-
-
-def _brush_to_xyxy(value: dict, width: int, height: int) -> np.ndarray | None:
-    """A Label Studio RLE brush mask to its bounding box (None when empty/undecodable)."""
-    rle = value.get("rle")
-    if not rle:
-        return None
-    from label_studio_sdk.converter.brush import decode_rle
-
-    flat = np.asarray(decode_rle(rle), dtype=np.uint8)
-    if flat.size != width * height * 4:
-        return None
-    mask = flat.reshape(height, width, 4)[:, :, 3] > 0
-    return mask_to_xyxy(mask)
-
-
-def region_width_height(region: dict, size: tuple[int, int] | None) -> tuple[int, int] | None:
-    """The image size to resolve a region's percentages: the loaded image's, else the region's own."""
-    if size:
-        return size
-    w, h = region.get("original_width"), region.get("original_height")
-    if isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0:
-        return int(w), int(h)
-    return None
-
-
-def parse_regions(
-    result: Sequence[dict],
-    config: ProjectConfig,
-    size: tuple[int, int] | None,
-    source_of=None,
-    dedupe: bool = True,
-    default_score: float = 1.0,
-) -> Boxes:
-    """Boxes of every supported region in ``result`` (an annotation's or a prediction's).
-
-    ``size`` is the image's (width, height) after EXIF transpose; when None the regions'
-    ``original_width/height`` are used. ``source_of(region)`` names each region's source (drafts).
-    Skips are counted in ``Boxes.skipped``: ``unknown_label``, ``zero_area``, ``duplicate``,
-    ``bad_region``, ``other_control`` (regions of controls this backend does not train).
-    """
-    controls = {c.name: c for c in config.controls}
-    class_names = config.class_names
-    xyxy: list[np.ndarray] = []
-    labels: list[str] = []
-    scores: list[float] = []
-    sources: list[str] = []
-    skipped: Counter = Counter()
-    converted: Counter = Counter()
-    for region in result or ():
-        if not isinstance(region, dict):
-            skipped["bad_region"] += 1
-            continue
-        rtype = str(region.get("type", "")).lower()
-        if rtype not in _REGION_TYPES:
-            skipped["other_control"] += 1
-            continue
-        name = region.get("from_name")
-        if name is not None and controls and name not in controls:
-            skipped["other_control"] += 1
-            continue
-        value = region.get("value") or {}
-        raw_labels = value.get(rtype) or []
-        if not raw_labels:
-            skipped["unknown_label"] += 1
-            continue
-        raw = str(raw_labels[0])
-        label = raw if raw in class_names else config.match_label(raw)
-        if label is None:
-            skipped["unknown_label"] += 1
-            continue
-        wh = region_width_height(region, size)
-        if wh is None:
-            skipped["bad_region"] += 1
-            continue
-        width, height = wh
-        try:
-            if rtype == "rectanglelabels":
-                box = ls_to_xyxy(value, width, height)
-                if float(value.get("rotation") or 0.0) % 360.0:
-                    converted["rotated"] += 1
-            elif rtype == "polygonlabels":
-                pts = value.get("points") or []
-                if len(pts) < 3:
-                    skipped["zero_area"] += 1
-                    continue
-                box = _points_to_xyxy(ls_points_to_pixels(pts, width, height))
-                box = np.clip(box, 0, [width, height, width, height])
-                converted["polygon"] += 1
-            else:
-                box = _brush_to_xyxy(value, width, height)
-                if box is None:
-                    skipped["zero_area"] += 1
-                    continue
-                converted["brush"] += 1
-        except (KeyError, TypeError, ValueError):
-            skipped["bad_region"] += 1
-            continue
-        box = np.asarray(box, dtype=float)
-        if not np.all(np.isfinite(box)) or box[2] - box[0] < MIN_BOX_PIXELS or box[3] - box[1] < MIN_BOX_PIXELS:
-            skipped["zero_area"] += 1
-            continue
-        score = region.get("score")
-        xyxy.append(box)
-        labels.append(label)
-        scores.append(float(score) if isinstance(score, (int, float)) else default_score)
-        sources.append(source_of(region) if source_of else "")
-    boxes = np.array(xyxy, dtype=float).reshape(-1, 4)
-    keep = list(range(len(labels)))
-    if dedupe and len(labels) > 1:
-        keep = []
-        iou = box_iou(boxes, boxes)
-        for i in range(len(labels)):
-            if any(labels[k] == labels[i] and iou[i, k] > DUPLICATE_IOU for k in keep):
-                skipped["duplicate"] += 1
-            else:
-                keep.append(i)
-    return Boxes(
-        boxes[keep],
-        [labels[i] for i in keep],
-        np.array([scores[i] for i in keep], dtype=float),
-        skipped,
-        converted,
-        [sources[i] for i in keep],
-    )
 
 
 # --- split -------------------------------------------------------------------------------------
@@ -232,7 +71,7 @@ def split_tasks(project: str, task_ids: Sequence[int], val_fraction: float, val_
     as the project grows; if that gives fewer than ``max(val_min, ceil(fraction * n))`` tasks, the
     lowest-hash remaining tasks are added. Train is never empty (needs at least 2 tasks).
     """
-    ids = sorted(set(int(t) for t in task_ids))
+    ids = sorted({int(t) for t in task_ids})
     if len(ids) < 2:
         raise NotEnoughData(f"{len(ids)} usable annotated task(s); at least 2 are needed for a train/val split")
     ranked = sorted(ids, key=lambda t: (task_fraction(project, t), t))
@@ -329,7 +168,7 @@ def _load_one(loader: ImageSource, task: AnnotatedTask, image_key: str):
         return task, None, "no_image", f"task data has no {image_key!r}"
     try:
         return task, loader.load(url, task.id), None, ""
-    except Exception as exc:  # ImageError(reason, message) from backend.core.images, anything else
+    except Exception as exc:  # noqa: BLE001 - ImageError(reason, message) from backend.core.images, anything else
         reason = getattr(exc, "reason", None) or "load_error"
         return task, None, str(reason), str(getattr(exc, "message", exc))
 
@@ -369,7 +208,7 @@ def build_dataset(
                         errors.append(f"task {task.id}: {reason}: {message}")
                     continue
                 loaded.append((task, image))
-        train_ids, val_ids = split_tasks(str(project), [t.id for t, _ in loaded], settings.train_val_fraction, settings.train_val_min)
+        _, val_ids = split_tasks(str(project), [t.id for t, _ in loaded], settings.train_val_fraction, settings.train_val_min)
         val_set = set(val_ids)
         items: list[DatasetItem] = []
         per_class: Counter = Counter()

@@ -17,9 +17,9 @@ from backend.core.label_studio import (
     LabelStudioUnavailable,
     fetch_project,
 )
-from tests.synthetic import Box, label_config, ls_region, ls_result, make_images
+from tests.synthetic import label_config, ls_region, ls_result, make_images
 from tests.worker_fixtures import CLASSES, fake_ls, make_settings, populate  # noqa: F401  (fixtures)
-from worker.training.dataset import NotEnoughData, build_dataset, dataset_hash, load_dataset, parse_regions, split_tasks
+from worker.training.dataset import NotEnoughData, build_dataset, dataset_hash, load_dataset, split_tasks
 
 CONFIG = ProjectConfig.parse(label_config(CLASSES))
 
@@ -36,7 +36,8 @@ def test_fetch_with_pat_paginates_and_picks_latest_annotation(fake_ls, tmp_path,
     newest = fake_ls.add_annotation(ids[0], ls_result(im.boxes[:1], im.width, im.height), updated_at="2099-01-01T00:00:00Z")
     skipped = fake_ls.add_task(pid, im.encode(), result=[], was_cancelled=True)
     fake_ls.add_task(pid, im.encode())  # never annotated
-    fake_ls.add_prediction(ids[1], [ls_region(images[1].boxes[0], 128, 96, source="gemini")], model_version="gemini-2.5-flash", score=0.8)
+    fake_ls.add_prediction(ids[1], [ls_region(images[1].boxes[0], 128, 96, source="gemini")],
+                           model_version="gemini-2.5-flash", score=0.8)
     settings = make_settings(tmp_path, fake_ls)
     snap = fetch_project(pid, settings)
     assert [t.id for t in snap.tasks] == ids
@@ -79,38 +80,7 @@ def test_label_studio_errors_are_typed(fake_ls, tmp_path):
     assert err.value.retryable
 
 
-# --- regions -------------------------------------------------------------------------------------
-
-def test_parse_regions_converts_and_counts():
-    w, h = 200, 100
-    rotated = {**xyxy_to_ls((50, 20, 90, 40), w, h), "rotation": 90, "rectanglelabels": ["Car"]}
-    polygon = {"points": [[10, 10], [30, 10], [20, 50]], "polygonlabels": ["Person"]}
-    from label_studio_sdk.converter.brush import mask2rle
-
-    mask = np.zeros((h, w), dtype=np.uint8)
-    mask[60:80, 120:150] = 255
-    brush = {"format": "rle", "rle": mask2rle(mask), "brushlabels": ["Car"]}
-    result = [
-        {"type": "rectanglelabels", "from_name": "label", "value": rotated},
-        {"type": "polygonlabels", "from_name": "label", "value": polygon},
-        {"type": "brushlabels", "from_name": "label", "value": brush},
-        ls_region(Box("Truck", (0, 0, 10, 10)), w, h),  # unknown label
-        ls_region(Box("Car", (5, 5, 5.2, 30)), w, h),  # zero area
-        ls_region(Box("Person", (100, 10, 140, 50)), w, h),
-        ls_region(Box("Person", (101, 10, 140, 50)), w, h),  # duplicate (IoU > 0.9)
-        ls_region(Box("Car", (101, 10, 140, 50)), w, h),  # same place, other class: kept
-        {"type": "keypointlabels", "from_name": "kp", "value": {"x": 1, "y": 1, "keypointlabels": ["Car"]}},
-        {"type": "choices", "from_name": "other", "value": {"choices": ["x"]}},
-    ]
-    boxes = parse_regions(result, CONFIG, (w, h))
-    assert boxes.labels == ["Car", "Person", "Car", "Person", "Car"]
-    # 40x20 at (50, 20) rotated 90 deg clockwise around its top-left corner: x in [30, 50], y in [20, 60]
-    np.testing.assert_allclose(boxes.xyxy[0], [30, 20, 50, 60], atol=1e-6)
-    np.testing.assert_allclose(boxes.xyxy[1], [20, 10, 60, 50], atol=1e-6)
-    np.testing.assert_allclose(boxes.xyxy[2], [120, 60, 150, 80], atol=1e-6)
-    assert boxes.converted == {"rotated": 1, "polygon": 1, "brush": 1}
-    assert boxes.skipped == {"unknown_label": 1, "zero_area": 1, "duplicate": 1, "other_control": 2}
-
+# --- split ---------------------------------------------------------------------------------------
 
 def test_split_is_deterministic_and_bounded():
     ids = list(range(1, 101))
