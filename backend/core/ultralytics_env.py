@@ -1,4 +1,4 @@
-"""Make Ultralytics safe to import and run with no network (see PROTOCOL.md section 3).
+"""Make Ultralytics safe to import and run with no network (see docs/ultralytics.md#no-network).
 
 Call :func:`prepare` before the first ``import ultralytics`` in any process that trains or
 predicts. It turns off every network path (DNS checks, analytics, pip auto-install, font and
@@ -8,9 +8,14 @@ weight downloads, platform callbacks) and keeps Ultralytics' settings in a priva
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
+
+from backend.core.files import copy_atomic
+
+# Export formats a promoted model is exported to and served from instead of its .pt, fastest on CPU
+# first (``worker.training.exporter`` makes and verifies them, ``backend.detectors.yolo`` loads them).
+EXPORT_FORMATS = ("openvino", "onnx")
 
 _FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
 _done = False
@@ -43,9 +48,7 @@ def prepare(config_dir: str | os.PathLike | None = None) -> Path:
     for name in _FONT_NAMES:
         target = folder / name
         if font and not target.exists():
-            tmp = folder / f".{name}.{os.getpid()}"
-            shutil.copyfile(font, tmp)
-            os.replace(tmp, target)
+            copy_atomic(font, target)
     if not _done:
         from ultralytics.utils import SETTINGS
 
@@ -55,6 +58,24 @@ def prepare(config_dir: str | os.PathLike | None = None) -> Path:
         )
         _done = True
     return folder
+
+
+def all_cores() -> int:
+    """Every core of the machine (Ultralytics' ``select_device`` would leave one idle)."""
+    return max(1, os.cpu_count() or 1)
+
+
+def restore_torch_threads(threads: int = 0) -> None:
+    """Set torch's intra-op threads to ``threads`` (default: every core), if they differ.
+
+    Ultralytics' ``select_device`` lowers them to ``cpu_count - 1`` (1 on 2 cores) whenever a
+    predictor, trainer, validator or exporter is set up: call this after each of those.
+    """
+    import torch  # heavy: only processes that already run Ultralytics call this
+
+    wanted = threads or all_cores()
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
 
 
 def openvino_in_f32() -> None:

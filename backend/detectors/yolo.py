@@ -3,6 +3,10 @@
 The model is a ``.pt`` checkpoint or one of its verified exports (``worker.training.exporter``): an ONNX file
 (ONNX Runtime) or an ``*_openvino_model`` folder (OpenVINO), both several times faster on CPU.
 :meth:`YoloDetector.load` picks the fastest export that loads and falls back to the ``.pt``.
+
+This is the only YOLO inference path: serving, the promotion gate (``worker.training.gate``), the
+export check (``worker.training.exporter``), ``lsb detect/eval/train`` and the benchmarks all predict
+through :class:`YoloDetector`, so what the gate measures is what serves.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from backend.core.label_config import ProjectConfig
 
 log = logging.getLogger(__name__)
 
-# Export formats served instead of the .pt when a version has them, fastest first (PROTOCOL.md 3).
-EXPORT_FORMATS = ("openvino", "onnx")
+EXPORT_FORMATS = ultralytics_env.EXPORT_FORMATS  # served instead of the .pt when a version has them, fastest first
+# Most boxes one image may get (Ultralytics' default, explicit so the evaluation can use the same figure:
+# ``backend.evaluation.metrics`` passes it to COCOeval, whose own default of 100 would drop boxes on crowded images).
+MAX_DET = 300
 
 # Every YOLO call of the process runs on this one thread. Torch's OpenMP keeps a thread team per
 # calling thread: requests arriving on gunicorn's 8 threads built 8 teams, more OpenMP threads than
@@ -136,7 +142,8 @@ class YoloDetector:
 
     source = "yolo"
 
-    def __init__(self, path: Path | str, version: str, device: str = "cpu", imgsz: int = 0, threads: int = 0, task: str | None = None):
+    def __init__(self, path: Path | str, version: str, device: str = "cpu", imgsz: int = 0, threads: int = 0, task: str | None = None,
+                 max_det: int = MAX_DET):
         ultralytics_env.prepare()
         from ultralytics import YOLO
 
@@ -153,6 +160,7 @@ class YoloDetector:
         self._model = YOLO(str(path), task=task or self._export_meta.get("task") or "detect")
         self._device = device
         self._imgsz = imgsz or self._trained_imgsz()
+        self.max_det = int(max_det)
         names = self._export_meta.get("names")
         if self.format != "pt" and isinstance(names, dict) and names:
             self.names: dict[int, str] = {int(k): str(v) for k, v in names.items()}
@@ -161,20 +169,20 @@ class YoloDetector:
         # YOLO_THREADS are torch's inference threads. An export runs in ONNX Runtime's or OpenVINO's own
         # thread pool and torch only pre/post-processes small tensors: more torch threads there only spin
         # on the cores the runtime needs (measured: 2 torch threads made OpenVINO calls ~1.8x slower).
-        self._threads = threads or ((os.cpu_count() or 1) if self.format == "pt" else 1)
+        self._threads = threads or (ultralytics_env.all_cores() if self.format == "pt" else 1)
         self._set_threads()
 
-    def _set_threads(self) -> None:
-        """Torch threads as configured. Ultralytics' ``select_device`` lowers them to ``cpu_count - 1``
-        (1 on 2 cores) when a predictor is set up, i.e. at the first predict: set them again after it."""
-        import torch
+    @property
+    def imgsz(self) -> int:
+        return self._imgsz
 
-        if torch.get_num_threads() != self._threads:
-            torch.set_num_threads(self._threads)
+    def _set_threads(self) -> None:
+        """Torch threads as configured, again after the first predict set Ultralytics' predictor up."""
+        ultralytics_env.restore_torch_threads(self._threads)
 
     @classmethod
     def load(cls, checkpoint: Path | str, version: str, exports: dict[str, Path] | None = None, device: str = "cpu",
-             imgsz: int = 0, threads: int = 0, formats: tuple[str, ...] = EXPORT_FORMATS) -> "YoloDetector":
+             imgsz: int = 0, threads: int = 0, formats: tuple[str, ...] = EXPORT_FORMATS) -> YoloDetector:
         """The fastest model of a version that loads and answers, warmed up.
 
         Tries the exports in ``formats`` order (CPU only: on a GPU the .pt is the fast path), then
@@ -222,7 +230,7 @@ class YoloDetector:
             if low_priority:
                 _lowest_priority_for_this_thread()
             try:
-                self._model.predict(blank, imgsz=self._imgsz, conf=0.99, device=self._device, verbose=False)
+                self._model.predict(blank, imgsz=self._imgsz, conf=0.99, device=self._device, max_det=self.max_det, verbose=False)
             except BaseException as exc:  # re-raised in the caller
                 failure.append(exc)
 
@@ -242,23 +250,32 @@ class YoloDetector:
     def _predict_here(self, images: list[Image.Image], conf: float):
         self._set_threads()
         try:
-            return self._model.predict(images, imgsz=self._imgsz, conf=conf, device=self._device, verbose=False)
+            return self._model.predict(images, imgsz=self._imgsz, conf=conf, device=self._device, max_det=self.max_det,
+                                       verbose=False)
         finally:
             self._set_threads()  # a first predict sets Ultralytics' predictor up, which changes them
 
     def detect_batch(self, images: list[Image.Image], config: ProjectConfig, threshold: float) -> list[Detections]:
         """Detections for each image, labels mapped through the config (unmapped classes dropped)."""
+        label_of = {i: config.match_label(name) for i, name in self.names.items()}
+        return self._detections(images, threshold, label_of, config.wants_masks)
+
+    def detect_model_classes(self, images: list[Image.Image], threshold: float) -> list[Detections]:
+        """Detections labelled with the model's own class names (no label config: the export check)."""
+        return self._detections(images, threshold, dict(self.names), False)
+
+    def _detections(self, images: list[Image.Image], threshold: float, label_of: dict[int, str | None],
+                    wants_masks: bool) -> list[Detections]:
         if not images:
             return []
         results = self._predict(images, conf=threshold)
-        label_of = {i: config.match_label(name) for i, name in self.names.items()}
         out = []
         for image, result in zip(images, results):
             boxes = result.boxes
             classes = boxes.cls.cpu().numpy().astype(int) if boxes is not None else np.zeros(0, int)
             keep = np.array([label_of.get(c) is not None for c in classes], dtype=bool)
             masks = None
-            if getattr(result, "masks", None) is not None and config.wants_masks:
+            if getattr(result, "masks", None) is not None and wants_masks:
                 masks = self._full_size_masks(result, image.size)[keep]
             out.append(Detections(
                 xyxy=boxes.xyxy.cpu().numpy()[keep] if boxes is not None else np.zeros((0, 4)),

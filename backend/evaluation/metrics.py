@@ -1,15 +1,20 @@
-"""COCO-style evaluation of detections against human labels (pycocotools).
+"""The one evaluation of detections against human labels: pycocotools' COCOeval.
 
-Ground truth comes from :mod:`backend.evaluation.truth`. Predictions are :class:`~backend.core.detections.Detections` from any
-source. :func:`evaluate` computes, over ``(prediction, truth)`` pairs of one image each:
+Ground truth comes from :mod:`backend.evaluation.truth` (files) or the training dataset (Label
+Studio annotations). Predictions are :class:`~backend.core.detections.Detections` from any source.
+The promotion gate, the training job's draft-quality figures, ``lsb eval``/``lsb train`` and the
+benchmarks all score through this module, so their numbers agree. COCOeval runs with
+``maxDets = (1, 10, MAX_DET)``, the serving detector's own limit per image (COCO's default of 100
+would ignore boxes the detector serves on crowded images).
+
+:func:`detection_metrics` gives the compact figures the gate compares (mAP50, mAP50-95, and
+precision / recall at IoU 0.5 over the predictions scoring at least ``score_threshold``, read from
+COCOeval's own matching). :func:`evaluate` computes, over ``(prediction, truth)`` pairs of one image each:
 
 - ``coco``: mAP50-95, mAP50, mAP75, mAP and AR by object size (small < 32², medium < 96², large;
-  the area is the mask's when the truth has masks, else the box's) from **pycocotools**' COCOeval,
-  the reference implementation;
-- ``gate``: mAP50, mAP50-95, precision and recall at ``score_threshold`` from
-  :func:`worker.training.gate.evaluate_detections`, the code the training gate and the training job's
-  draft-quality figures use, so the numbers here and in a version's ``meta.json`` agree;
-- ``per_class``: AP50 / AP50-95 (pycocotools), precision / recall (worker.training.gate), counts;
+  the area is the mask's when the truth has masks, else the box's);
+- ``gate``: the :func:`detection_metrics` figures, as a version's ``meta.json`` records them;
+- ``per_class``: AP50 / AP50-95, counts;
 - ``iou``: for every true box, the IoU of the best predicted box of the same label (0 = missed):
   histogram, mean, median, share >= 0.5;
 - ``sizes``: per size bucket, the number of true boxes, recall at IoU 0.5, mean best IoU and mAP;
@@ -27,14 +32,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from backend.core import geometry
 from backend.core.detections import Detections
+from backend.detectors.yolo import MAX_DET
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +61,13 @@ def _none_if_negative(value: float) -> float | None:
     return None if value is None or value < 0 else round(float(value), 6)
 
 
-def coco_eval(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[str], iou_type: str = "bbox") -> dict:
-    """pycocotools COCOeval over the pairs: summary stats, per-class AP and the PR curve at IoU 0.5."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+_EMPTY_COCO = {"map50_95": 0.0, "map50": 0.0, "map75": 0.0, **{f"map_{s}": None for s in SIZES},
+               "ar1": 0.0, "ar10": 0.0, "ar_max_det": 0.0, **{f"ar_{s}": None for s in SIZES}, "per_class": {}, "pr_curve": None}
 
+
+def _run_cocoeval(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[str], iou_type: str,
+                  max_det: int) -> tuple[COCOeval | None, str | None]:
+    """COCOeval evaluated and accumulated over the pairs (labels outside ``classes`` ignored), or a note why not."""
     cid = {name: i + 1 for i, name in enumerate(classes)}
     images, gts, dts = [], [], []
     segm = iou_type == "segm"
@@ -82,42 +92,139 @@ def coco_eval(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[
             else:
                 det["bbox"] = geometry.xyxy_to_coco(pred.xyxy[k])
             dts.append(det)
-    empty = {"map50_95": 0.0, "map50": 0.0, "map75": 0.0, **{f"map_{s}": None for s in SIZES},
-             "ar1": 0.0, "ar10": 0.0, "ar100": 0.0, **{f"ar_{s}": None for s in SIZES}, "per_class": {}, "pr_curve": None}
     if not gts:
-        return {**empty, "note": "no ground-truth objects"}
+        return None, "no ground-truth objects"
     if not dts:
-        return {**empty, "note": "no predictions"}
+        return None, "no predictions"
     gt_api = COCO()
     gt_api.dataset = {"images": images, "annotations": gts, "categories": [{"id": i, "name": n} for n, i in cid.items()]}
     _quiet(gt_api.createIndex)
     dt_api = _quiet(gt_api.loadRes, dts)
     evaluator = COCOeval(gt_api, dt_api, iou_type)
+    evaluator.params.maxDets = [1, 10, int(max_det)]
     _quiet(evaluator.evaluate)
     _quiet(evaluator.accumulate)
-    _quiet(evaluator.summarize)
-    s = evaluator.stats
+    return evaluator, None
+
+
+def _mean_valid(values: np.ndarray) -> float | None:
+    """COCO's average over the cells that exist (-1 marks a class without ground truth)."""
+    valid = values[values > -1]
+    return round(float(valid.mean()), 6) if valid.size else None
+
+
+def _summary(evaluator: COCOeval) -> dict:
+    """COCO's twelve summary figures and per-class AP, all at the last ``maxDets`` (pycocotools'
+    ``summarize`` reads mAP50-95 at a hard-coded 100 detections, so it is not used)."""
     precision = evaluator.eval["precision"]  # [T iou, R 101 recall points, K classes, A areas, M maxDets]
-    per_class = {}
-    for name, k in cid.items():
-        p_all = precision[:, :, k - 1, 0, -1]
-        p_50 = precision[0, :, k - 1, 0, -1]
-        per_class[name] = {"ap50_95": round(float(p_all[p_all > -1].mean()), 6) if (p_all > -1).any() else None,
-                           "ap50": round(float(p_50[p_50 > -1].mean()), 6) if (p_50 > -1).any() else None}
-    curve = precision[0, :, :, 0, -1]
+    recall = evaluator.eval["recall"]  # [T, K, A, M]
+    areas = {label: i for i, label in enumerate(evaluator.params.areaRngLbl)}
+    t50, t75 = (int(np.argmin(np.abs(evaluator.params.iouThrs - t))) for t in (0.5, 0.75))
+    out: dict[str, Any] = {
+        "map50_95": _mean_valid(precision[:, :, :, 0, -1]) or 0.0,
+        "map50": _mean_valid(precision[t50, :, :, 0, -1]) or 0.0,
+        "map75": _mean_valid(precision[t75, :, :, 0, -1]) or 0.0,
+        **{f"map_{s}": _mean_valid(precision[:, :, :, areas[s], -1]) for s in SIZES},
+        "ar1": _mean_valid(recall[:, :, 0, 0]), "ar10": _mean_valid(recall[:, :, 0, 1]),
+        "ar_max_det": _mean_valid(recall[:, :, 0, -1]),
+        **{f"ar_{s}": _mean_valid(recall[:, :, areas[s], -1]) for s in SIZES},
+    }
+    names = {c: n for n, c in ((cat["name"], cat["id"]) for cat in evaluator.cocoGt.dataset["categories"])}
+    out["per_class"] = {names[c]: {"ap50_95": _mean_valid(precision[:, :, k, 0, -1]), "ap50": _mean_valid(precision[t50, :, k, 0, -1])}
+                        for k, c in enumerate(evaluator.params.catIds)}
+    curve = precision[t50, :, :, 0, -1]
     valid = curve > -1
     pr = None
     if valid.any():
         mean = np.where(valid.any(axis=1), np.where(valid, curve, 0).sum(axis=1) / np.maximum(valid.sum(axis=1), 1), np.nan)
         pr = {"recall": [round(float(r), 2) for r in evaluator.params.recThrs],
               "precision": [None if np.isnan(v) else round(float(v), 6) for v in mean]}
-    return {
-        "map50_95": _none_if_negative(s[0]) or 0.0, "map50": _none_if_negative(s[1]) or 0.0, "map75": _none_if_negative(s[2]) or 0.0,
-        "map_small": _none_if_negative(s[3]), "map_medium": _none_if_negative(s[4]), "map_large": _none_if_negative(s[5]),
-        "ar1": _none_if_negative(s[6]), "ar10": _none_if_negative(s[7]), "ar100": _none_if_negative(s[8]),
-        "ar_small": _none_if_negative(s[9]), "ar_medium": _none_if_negative(s[10]), "ar_large": _none_if_negative(s[11]),
-        "per_class": per_class, "pr_curve": pr,
-    }
+    out["pr_curve"] = pr
+    return out
+
+
+def coco_eval(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[str], iou_type: str = "bbox",
+              max_det: int = MAX_DET) -> dict:
+    """pycocotools COCOeval over the pairs: summary figures, per-class AP and the PR curve at IoU 0.5."""
+    evaluator, note = _run_cocoeval(pairs, classes, iou_type, max_det)
+    if evaluator is None:
+        return {**_EMPTY_COCO, "max_det": int(max_det), "note": note}
+    return {**_summary(evaluator), "max_det": int(max_det)}
+
+
+def _true_positives_at_50(evaluator: COCOeval | None, pairs: Sequence[tuple[Detections, Detections]],
+                          classes: Sequence[str], score_threshold: float) -> tuple[int, int]:
+    """(true positives at IoU 0.5, predictions kept) among predictions scoring >= ``score_threshold``.
+
+    Read from COCOeval's own greedy matching (best score first, each prediction to the unmatched
+    true box of highest IoU): thresholding after matching equals matching only the kept predictions.
+    """
+    if evaluator is None:  # no truth or no prediction: nothing matches
+        known = set(classes)
+        return 0, sum(int(np.sum(p.scores[[label in known for label in p.labels]] >= score_threshold))
+                      for p, _ in pairs if len(p))
+    t50 = int(np.argmin(np.abs(evaluator.params.iouThrs - 0.5)))
+    whole = evaluator.params.areaRng[0]
+    tp = kept = 0
+    for entry in evaluator.evalImgs:
+        if entry is None or entry["aRng"] != whole:
+            continue
+        above = np.asarray(entry["dtScores"], dtype=float) >= score_threshold
+        kept += int(above.sum())
+        tp += int(((np.asarray(entry["dtMatches"])[t50] > 0) & above).sum())
+    return tp, kept
+
+
+@dataclass
+class DetectionMetrics:
+    """The figures the promotion gate compares and a version's ``meta.json`` records."""
+
+    map50: float
+    map50_95: float
+    precision: float
+    recall: float
+    n_images: int
+    n_gt: int
+    n_pred: int
+    tp50: int
+    per_class: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _detection_metrics(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[str], score_threshold: float,
+                       max_det: int) -> tuple[DetectionMetrics, dict]:
+    evaluator, note = _run_cocoeval(pairs, classes, "bbox", max_det)
+    coco = {**_summary(evaluator), "max_det": int(max_det)} if evaluator is not None else \
+        {**_EMPTY_COCO, "max_det": int(max_det), "note": note}
+    tp50, kept = _true_positives_at_50(evaluator, pairs, classes, score_threshold)
+    known = set(classes)
+    n_gt = {c: 0 for c in classes}
+    n_pred = {c: 0 for c in classes}
+    for pred, gt in pairs:
+        for label in gt.labels:
+            if label in known:
+                n_gt[label] += 1
+        for label in pred.labels:
+            if label in known:
+                n_pred[label] += 1
+    total_gt = sum(n_gt.values())
+    per_class = {c: {"ap50": coco["per_class"].get(c, {}).get("ap50"), "ap50_95": coco["per_class"].get(c, {}).get("ap50_95"),
+                     "n_gt": n_gt[c], "n_pred": n_pred[c]} for c in classes}
+    metrics = DetectionMetrics(
+        map50=round(float(coco["map50"]), 6), map50_95=round(float(coco["map50_95"]), 6),
+        precision=round(tp50 / kept, 6) if kept else (1.0 if total_gt == 0 else 0.0),
+        recall=round(tp50 / total_gt, 6) if total_gt else 1.0,
+        n_images=len(pairs), n_gt=total_gt, n_pred=sum(n_pred.values()), tp50=tp50, per_class=per_class)
+    return metrics, coco
+
+
+def detection_metrics(pairs: Iterable[tuple[Detections, Detections]], classes: Sequence[str], score_threshold: float = 0.0,
+                      max_det: int = MAX_DET) -> DetectionMetrics:
+    """mAP50-95, mAP50 (pycocotools), and precision / recall at IoU 0.5 over predictions scoring at
+    least ``score_threshold``; mAP uses every prediction. Classes without ground truth stay out of the mean."""
+    return _detection_metrics(list(pairs), list(classes), score_threshold, max_det)[0]
 
 
 def best_ious(pred: Detections, gt: Detections) -> tuple[np.ndarray, np.ndarray]:
@@ -144,14 +251,11 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
 
 def evaluate(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[str], *,
              latencies: Sequence[float] | None = None, wall_seconds: float | None = None,
-             score_threshold: float = 0.0) -> dict:
+             score_threshold: float = 0.0, max_det: int = MAX_DET) -> dict:
     """Every metric of the module docstring; JSON-safe."""
-    from worker.training.gate import evaluate_detections
-
     pairs = [(p, g if g.image_size != (0, 0) else replace(g, image_size=p.image_size)) for p, g in pairs]
     classes = list(classes)
-    coco = coco_eval(pairs, classes, "bbox")
-    gate = evaluate_detections(pairs, classes=classes, score_threshold=score_threshold)
+    gate, coco = _detection_metrics(pairs, classes, score_threshold, max_det)
 
     all_best: list[float] = []
     by_size: dict[str, list[float]] = {s: [] for s in SIZES}
@@ -186,23 +290,7 @@ def evaluate(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[s
 
     best_arr = np.array(all_best)
     counts, _ = np.histogram(best_arr, bins=IOU_BINS) if len(best_arr) else (np.zeros(len(IOU_BINS) - 1, dtype=int), None)
-    n_pred_by_class = {c: 0 for c in classes}
-    n_gt_by_class = {c: 0 for c in classes}
-    for pred, gt in pairs:
-        for label in pred.labels:
-            if label in n_pred_by_class:
-                n_pred_by_class[label] += 1
-        for label in gt.labels:
-            if label in n_gt_by_class:
-                n_gt_by_class[label] += 1
-
-    per_class = {}
-    for c in classes:
-        gate_c = gate.per_class.get(c, {})
-        per_class[c] = {
-            "ap50": coco["per_class"].get(c, {}).get("ap50"), "ap50_95": coco["per_class"].get(c, {}).get("ap50_95"),
-            "n_gt": n_gt_by_class[c], "n_pred": n_pred_by_class[c], "gate_ap50": gate_c.get("ap50"),
-        }
+    per_class = gate.per_class
     out: dict[str, Any] = {
         "n_images": len(pairs),
         "n_gt": int(sum(len(g) for _, g in pairs)),
@@ -230,7 +318,7 @@ def evaluate(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[s
         "speed": _speed(latencies, wall_seconds, len(pairs)),
     }
     if with_masks:
-        segm = coco_eval(pairs, classes, "segm")
+        segm = coco_eval(pairs, classes, "segm", max_det)
         present = [c for c in classes if union[c] > 0]
         out["masks"] = {
             "segm_map50_95": segm["map50_95"], "segm_map50": segm["map50"],
@@ -267,6 +355,3 @@ def _speed(latencies: Sequence[float] | None, wall: float | None, n: int) -> dic
         "latency_p95_s": _percentile(lat, 95), "latency_max_s": round(float(max(lat)), 4) if lat else None,
         "latencies_s": [round(float(v), 4) for v in lat],
     }
-
-
-# --- report -------------------------------------------------------------------------------------

@@ -126,10 +126,9 @@ def write_report(metrics: dict, folder: Path | str, *, title: str = "Draft quali
               + ".", ""]
     lines += ["## Boxes", "", "| metric | value |", "|---|---|",
               f"| mAP50-95 (pycocotools) | {_fmt(c['map50_95'])} |", f"| mAP50 | {_fmt(c['map50'])} |", f"| mAP75 | {_fmt(c['map75'])} |",
-              f"| AR@100 | {_fmt(c.get('ar100'))} |",
+              f"| AR@{c.get('max_det', '')} (boxes per image) | {_fmt(c.get('ar_max_det'))} |",
               f"| precision @ score ≥ {g['score_threshold']:g}, IoU 0.5 | {_fmt(g['precision'])} |",
               f"| recall @ score ≥ {g['score_threshold']:g}, IoU 0.5 | {_fmt(g['recall'])} |",
-              f"| mAP50 / mAP50-95 (training gate's implementation) | {_fmt(g['map50'])} / {_fmt(g['map50_95'])} |",
               f"| mean best IoU per true box | {_fmt(metrics['iou']['mean'])} |", ""]
     if c.get("note"):
         lines += [f"Note: {c['note']}.", ""]

@@ -1,11 +1,13 @@
 """Export a promoted checkpoint to ONNX and OpenVINO, offline, and keep only exports that agree with it.
 
-Serving prefers a version's exports (``backend.detectors.yolo.EXPORT_FORMATS``: OpenVINO, then ONNX)
-because they run several times faster than PyTorch on CPU (PROTOCOL.md section 3). An export is
-only worth serving if it draws the same boxes, so every export is checked against the ``.pt`` on
-a few sample images (the held-out images of the training that produced it):
+Serving prefers a version's exports (``EXPORT_FORMATS``: OpenVINO, then ONNX) because they run
+several times faster than PyTorch on CPU. An export is only worth serving if it draws the same
+boxes, so every export is checked against the ``.pt`` on a few sample images (the held-out images
+of the training that produced it):
 
-- both models predict at the same ``imgsz`` and confidence threshold;
+- both models predict through the serving detector (:class:`backend.detectors.yolo.YoloDetector`,
+  loaded and warmed up as serving does: an OpenVINO export compiled in f32) at the same ``imgsz``
+  and confidence threshold;
 - boxes are matched per image and class, best IoU first; every matched pair needs IoU >= ``min_iou``
   (0.99) and scores within ``max_score_diff``;
 - a box only one side found fails the check unless its score is within ``score_margin`` of the
@@ -33,16 +35,22 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from backend.core import ultralytics_env
+from backend.core.detections import Detections
+from backend.core.geometry import box_iou
+from backend.core.ultralytics_env import EXPORT_FORMATS
+from backend.detectors.yolo import YoloDetector
+
 log = logging.getLogger(__name__)
 
-FORMATS = ("openvino", "onnx")
 _PACKAGES = {"onnx": ("onnx", "onnxslim", "onnxruntime"), "openvino": ("openvino",)}
 STEM = "model"  # exports are named after the checkpoint copy: model.onnx, model_openvino_model/
 
@@ -95,18 +103,16 @@ class _Boxes:
     conf: np.ndarray
 
 
-def _boxes(result) -> _Boxes:
-    b = result.boxes
-    if b is None or len(b) == 0:
-        return _Boxes(np.zeros((0, 4)), np.zeros(0, int), np.zeros(0))
-    return _Boxes(b.xyxy.cpu().numpy().astype(float), b.cls.cpu().numpy().astype(int), b.conf.cpu().numpy().astype(float))
+def _boxes(detections: Detections, class_ids: dict[str, int]) -> _Boxes:
+    """A detector's boxes with its class names turned back into the model's class ids."""
+    return _Boxes(np.asarray(detections.xyxy, dtype=float).reshape(-1, 4),
+                  np.array([class_ids[label] for label in detections.labels], dtype=int),
+                  np.asarray(detections.scores, dtype=float))
 
 
 def compare_boxes(ref: Sequence[_Boxes], test: Sequence[_Boxes], conf: float, min_iou: float = 0.99,
                   score_margin: float = 0.02, max_score_diff: float = 0.02) -> dict[str, Any]:
     """Agreement of two models' boxes on the same images (see the module docstring for the rules)."""
-    from backend.core.geometry import box_iou
-
     failures: list[str] = []
     matched, ious, diffs = 0, [], []
     for index, (a, b) in enumerate(zip(ref, test)):
@@ -160,41 +166,32 @@ def _missing_packages(fmt: str) -> list[str]:
     return [p for p in _PACKAGES.get(fmt, ()) if importlib.util.find_spec(p) is None]
 
 
-def _predict(model, images: list[Image.Image], imgsz: int, conf: float, path: Path | None = None) -> tuple[list[_Boxes], float]:
+def _predict(detector: YoloDetector, images: list[Image.Image], conf: float) -> tuple[list[_Boxes], float]:
     """Boxes per image (one image at a time, like a 1-task /predict) and the median ms per image.
 
-    Runs the model as serving does: an OpenVINO export in f32 (``ultralytics_env.openvino_in_f32``).
+    The detector is warmed up first, as the hot-swap loader does before a model serves.
     """
-    openvino = path is not None and path.name.endswith("_openvino_model")
-    if openvino:
-        from backend.core.ultralytics_env import openvino_in_f32
-
-        openvino_in_f32()
-    model.predict(images[:1], imgsz=imgsz, conf=conf, device="cpu", verbose=False)  # warm-up, sets the predictor up
-    if openvino:
-        from backend.detectors.yolo import check_openvino_f32
-
-        check_openvino_f32(model, path)
+    detector.warm_up()
+    detector.detect_model_classes(images[:1], conf)  # the first call at the samples' shape is not timed
+    class_ids = {name: int(k) for k, name in detector.names.items()}
     out, times = [], []
     for image in images:
         started = time.perf_counter()
-        result = model.predict([image], imgsz=imgsz, conf=conf, device="cpu", verbose=False)[0]
+        detections = detector.detect_model_classes([image], conf)[0]
         times.append(time.perf_counter() - started)
-        out.append(_boxes(result))
+        out.append(_boxes(detections, class_ids))
     return out, round(float(np.median(times)) * 1000, 2) if times else 0.0
 
 
 def export_and_check(checkpoint: Path | str, out_dir: Path | str, sample_images: Iterable[Any], imgsz: int,
-                     formats: Sequence[str] = FORMATS, conf: float = 0.25, min_iou: float = 0.99) -> ExportReport:
+                     formats: Sequence[str] = EXPORT_FORMATS, conf: float = 0.25, min_iou: float = 0.99) -> ExportReport:
     """Export ``checkpoint`` to each format under ``out_dir`` and check it; failed exports are deleted.
 
     Passed exports are ``out_dir/model.onnx`` and ``out_dir/model_openvino_model/`` (the names the
     registry keeps and ``backend.detectors.yolo.model_format`` recognises).
     """
-    from backend.core.ultralytics_env import prepare
-
-    prepare()
-    import torch
+    ultralytics_env.prepare()
+    import torch  # heavy: the worker imports this module only when a promotion exports
     from ultralytics import YOLO
 
     started = time.monotonic()
@@ -208,9 +205,9 @@ def export_and_check(checkpoint: Path | str, out_dir: Path | str, sample_images:
     try:
         weights = staging / f"{STEM}.pt"
         shutil.copyfile(checkpoint, weights)
-        reference = YOLO(str(weights))
+        reference = YoloDetector(weights, "export-check", imgsz=int(imgsz))
         pt_names = dict(reference.names)
-        pt_boxes, pt_ms = _predict(reference, images, imgsz, conf)
+        pt_boxes, pt_ms = _predict(reference, images, conf)
         for fmt in formats:
             check = FormatCheck(fmt, images=len(images), pt_ms_per_image=pt_ms)
             report.checks[fmt] = check
@@ -231,12 +228,12 @@ def export_and_check(checkpoint: Path | str, out_dir: Path | str, sample_images:
                 log.warning("export %s of %s failed: %s", fmt, checkpoint, check.reason)
                 continue
             finally:
-                torch.set_num_threads(threads)  # the exporter's select_device() lowers it
+                ultralytics_env.restore_torch_threads(threads)  # the exporter's select_device() lowers it
             check.export_s = round(time.monotonic() - t, 2)
             try:
-                exported = YOLO(str(produced), task="detect")
+                exported = YoloDetector(produced, "export-check", imgsz=int(imgsz), task="detect")
                 names = dict(exported.names)
-                boxes, ms = _predict(exported, images, imgsz, conf, produced)
+                boxes, ms = _predict(exported, images, conf)
             except Exception as exc:
                 check.reason = f"export does not load or predict: {type(exc).__name__}: {exc}"[:500]
                 log.warning("export %s of %s unusable: %s", fmt, checkpoint, check.reason)
@@ -264,12 +261,13 @@ def export_and_check(checkpoint: Path | str, out_dir: Path | str, sample_images:
                      fmt, checkpoint.name, check.matched, check.min_iou, ms, pt_ms)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        ultralytics_env.restore_torch_threads(threads)  # an export's detector runs torch on 1 thread
     report.seconds = round(time.monotonic() - started, 2)
     return report
 
 
 def export_verified(checkpoint: Path | str, out_dir: Path | str, sample_images: Iterable[Any], imgsz: int,
-                    formats: Sequence[str] = FORMATS, conf: float = 0.25, min_iou: float = 0.99) -> dict[str, Path]:
+                    formats: Sequence[str] = EXPORT_FORMATS, conf: float = 0.25, min_iou: float = 0.99) -> dict[str, Path]:
     """``{format: path}`` of the exports that passed (see :func:`export_and_check`).
 
     Never raises: exports are an optimisation, and a promotion must not fail for one.
@@ -289,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--imgsz", type=int, default=320)
-    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--formats", default=",".join(EXPORT_FORMATS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = export_and_check(args.checkpoint, args.out_dir, args.images, args.imgsz, tuple(args.formats.split(",")))

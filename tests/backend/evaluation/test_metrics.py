@@ -11,7 +11,8 @@ from PIL import Image
 
 from backend.core import geometry
 from backend.core.detections import Detections
-from backend.evaluation.metrics import SIZES, best_ious, coco_eval, evaluate
+from backend.detectors.yolo import MAX_DET
+from backend.evaluation.metrics import SIZES, best_ious, coco_eval, detection_metrics, evaluate
 from backend.evaluation.report import write_report
 from backend.evaluation.truth import TruthError, load_truth
 from tests.synthetic import label_config, ls_result, make_images, perturb
@@ -91,12 +92,11 @@ def test_perfect_predictions_score_one():
     assert m["pr_curve"]["precision"][0] == 1.0 and len(m["pr_curve"]["recall"]) == 101
 
 
-def test_shifted_predictions_score_less_and_both_implementations_agree():
+def test_shifted_predictions_score_less_and_the_gate_figures_are_cocos():
     m = evaluate(synthetic_pairs(shift=3.0), CLASSES)
     assert 0 < m["coco"]["map50_95"] < 1 and m["iou"]["mean"] < 1
-    # pycocotools and the training gate's numpy implementation give the same numbers.
-    assert m["gate"]["map50_95"] == pytest.approx(m["coco"]["map50_95"], abs=1e-4)
-    assert m["gate"]["map50"] == pytest.approx(m["coco"]["map50"], abs=1e-4)
+    # one evaluation: the gate's figures are pycocotools' own
+    assert m["gate"]["map50_95"] == m["coco"]["map50_95"] and m["gate"]["map50"] == m["coco"]["map50"]
 
     rng = np.random.default_rng(7)
     pairs = []
@@ -105,9 +105,66 @@ def test_shifted_predictions_score_less_and_both_implementations_agree():
         drafts = perturb(im.boxes, rng, im.width, im.height, jitter=0.08, drop=0.2, extra=0.5)
         pairs.append((det([b.xyxy for b, _ in drafts], [b.label for b, _ in drafts], [s for _, s in drafts], im.image.size), truth))
     m = evaluate(pairs, CLASSES)
-    assert m["gate"]["map50_95"] == pytest.approx(m["coco"]["map50_95"], abs=2e-3)
-    assert m["gate"]["map50"] == pytest.approx(m["coco"]["map50"], abs=2e-3)
+    assert m["gate"]["map50_95"] == m["coco"]["map50_95"] and m["gate"]["map50"] == m["coco"]["map50"]
     assert 0 < m["coco"]["map50"] < 1
+    assert detection_metrics(pairs, CLASSES).map50_95 == m["coco"]["map50_95"]
+
+
+# --- the gate's figures on known boxes ---------------------------------------------------------------
+
+GT = det([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 70]], ["Car", "Car", "Person"], [1, 1, 1], source="human")
+
+
+def test_gate_figures_of_perfect_predictions():
+    m = detection_metrics([(det(GT.xyxy, GT.labels, [0.9, 0.8, 0.7]), GT)], CLASSES)
+    assert (m.map50, m.map50_95, m.precision, m.recall, m.tp50) == (1.0, 1.0, 1.0, 1.0, 3)
+
+
+def test_gate_figures_of_misses_false_positives_and_wrong_class():
+    pred = det([[0, 0, 10, 10], [20, 20, 40, 40], [80, 80, 90, 90]], ["Car", "Person", "Car"], [0.9, 0.8, 0.95])
+    m = detection_metrics([(pred, GT)], CLASSES)
+    assert m.tp50 == 1 and m.precision == pytest.approx(1 / 3) and m.recall == pytest.approx(1 / 3)
+    # Car: ranked FP (0.95) then TP (0.9): precision 0.5 up to recall 0.5, then nothing -> AP = 51/101 * 0.5
+    assert m.per_class["Car"]["ap50"] == pytest.approx(0.5 * 51 / 101, abs=1e-6)
+    assert m.per_class["Person"]["ap50"] == 0.0  # its only prediction is in the wrong place
+    assert m.per_class["Sign"]["ap50"] is None  # no ground truth: left out of the mean
+    assert m.map50 == pytest.approx((0.5 * 51 / 101 + 0.0) / 2, abs=1e-6)
+
+
+def test_gate_figures_at_iou_thresholds_and_with_duplicates():
+    shifted = det([[1, 1, 10, 10]], ["Car"], [0.9])  # IoU 0.81 with the true box
+    m = detection_metrics([(shifted, det([[0, 0, 10, 10]], ["Car"], [1]))], CLASSES)
+    assert m.map50 == 1.0 and m.map50_95 == pytest.approx(0.7)  # TP at 0.50 ... 0.80: 7 of 10 thresholds
+    dup = det([[0, 0, 10, 10], [0, 0, 10, 10]], ["Car", "Car"], [0.9, 0.8])
+    m = detection_metrics([(dup, det([[0, 0, 10, 10]], ["Car"], [1]))], CLASSES)
+    assert m.tp50 == 1 and m.precision == 0.5 and m.map50 == 1.0  # the duplicate ranks below the match
+
+
+def test_score_threshold_only_affects_precision_recall():
+    m = detection_metrics([(det(GT.xyxy, GT.labels, [0.9, 0.2, 0.1]), GT)], CLASSES, score_threshold=0.5)
+    assert m.map50 == 1.0 and m.recall == pytest.approx(1 / 3) and m.precision == 1.0
+
+
+def test_gate_figures_of_empty_cases():
+    empty = det([], [], [])
+    assert detection_metrics([(empty, empty)], CLASSES).map50 == 0.0
+    m = detection_metrics([(empty, GT)], CLASSES)
+    assert (m.precision, m.recall, m.map50) == (0.0, 0.0, 0.0)
+    m = detection_metrics([(det([[0, 0, 5, 5]], ["Car"]), empty)], CLASSES)
+    assert m.precision == 0.0 and m.n_gt == 0
+
+
+def test_crowded_images_count_every_box_the_detector_serves():
+    """COCOeval's default keeps 100 boxes per image and class; the evaluation keeps the detector's MAX_DET."""
+    n = 150
+    boxes = [[(i % 15) * 20, (i // 15) * 20, (i % 15) * 20 + 15, (i // 15) * 20 + 15] for i in range(n)]
+    truth = det(boxes, ["Car"] * n, np.ones(n), (300, 200))
+    pred = det(boxes, ["Car"] * n, np.linspace(0.99, 0.5, n), (300, 200))
+    assert MAX_DET >= n
+    m = detection_metrics([(pred, truth)], CLASSES)
+    assert m.map50 == 1.0 and m.recall == 1.0 and m.tp50 == n
+    assert detection_metrics([(pred, truth)], CLASSES, max_det=100).map50 < 0.7  # what COCO's default would report
+    assert evaluate([(pred, truth)], CLASSES)["coco"]["max_det"] == MAX_DET
 
 
 def test_iou_histogram_and_size_buckets():

@@ -19,6 +19,7 @@ from backend.core.settings import Settings
 from backend.detectors.yolo import YoloDetector, export_metadata, model_format
 from backend.serving.hotswap import ModelHolder
 from tests.models import make_checkpoint
+from tests.paths import ROOT
 from tests.synthetic import label_config, make_images
 from worker.training.exporter import _Boxes, compare_boxes, export_and_check, export_verified
 
@@ -103,12 +104,10 @@ def test_both_exports_pass_and_agree_with_the_pt(report):
 
 @pytest.mark.slow
 def test_real_predictions_agree_and_a_moved_or_lost_box_is_caught(checkpoint, samples, report):
-    from ultralytics import YOLO
-
     from worker.training.exporter import _predict
 
-    pt_boxes, _ = _predict(YOLO(str(checkpoint)), samples, IMGSZ, CONF)
-    onnx_boxes, _ = _predict(YOLO(str(report.passed["onnx"]), task="detect"), samples, IMGSZ, CONF)
+    pt_boxes, _ = _predict(YoloDetector(checkpoint, "pt", imgsz=IMGSZ), samples, CONF)
+    onnx_boxes, _ = _predict(YoloDetector(report.passed["onnx"], "onnx", imgsz=IMGSZ), samples, CONF)
     assert sum(len(b.cls) for b in pt_boxes) > 0
     assert compare_boxes(pt_boxes, onnx_boxes, CONF)["ok"]
     moved = [_Boxes(b.xyxy + [2.0, 0.0, 2.0, 0.0], b.cls, b.conf) for b in onnx_boxes]

@@ -1,68 +1,26 @@
-"""worker.training.gate: metrics on known boxes, draft quality per source, and the gate on real models."""
+"""worker.training.gate: the rule, draft quality per source, the gate on real models, and that it scores the served model.
+
+The metrics themselves (pycocotools, on known boxes) are tested in tests/backend/evaluation/test_metrics.py.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from backend.core.detections import Detections
 from backend.core.label_config import ProjectConfig
 from backend.core.label_studio import AnnotatedTask, StoredPrediction
+from backend.detectors.yolo import YoloDetector
+from backend.evaluation.metrics import detection_metrics
 from tests.synthetic import draft_result, label_config, perturb
 from tests.worker_fixtures import CLASSES, Settings, good_model, synthetic_tasks
 from worker.training.dataset import build_dataset
-from worker.training.gate import average_precision, draft_quality, evaluate_checkpoint, evaluate_detections, evaluate_gate, gate
+from worker.training.gate import ALL_BOXES, draft_quality, evaluate_gate, gate, held_out_metrics
 
 CONFIG = ProjectConfig.parse(label_config(CLASSES))
-
-
-def det(boxes, labels, scores=None, source="x"):
-    n = len(labels)
-    return Detections(np.array(boxes, dtype=float).reshape(n, 4), list(labels),
-                      np.ones(n) if scores is None else np.array(scores, dtype=float), (100, 100), source)
-
-
-GT = det([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 70]], ["Car", "Car", "Person"], source="human")
-
-
-def test_perfect_predictions():
-    m = evaluate_detections([(det(GT.xyxy, GT.labels, [0.9, 0.8, 0.7]), GT)])
-    assert (m.map50, m.map50_95, m.precision, m.recall, m.tp50) == (1.0, 1.0, 1.0, 1.0, 3)
-
-
-def test_misses_false_positives_and_wrong_class():
-    pred = det([[0, 0, 10, 10], [20, 20, 40, 40], [80, 80, 90, 90]], ["Car", "Person", "Car"], [0.9, 0.8, 0.95])
-    m = evaluate_detections([(pred, GT)], classes=CLASSES)
-    assert m.tp50 == 1 and m.precision == pytest.approx(1 / 3) and m.recall == pytest.approx(1 / 3)
-    # Car: ranked FP (0.95) then TP (0.9): precision 0.5 up to recall 0.5, then nothing -> AP = 51/101 * 0.5
-    assert m.per_class["Car"]["ap50"] == pytest.approx(0.5 * 51 / 101, abs=1e-6)
-    assert m.per_class["Person"]["ap50"] == 0.0  # its only prediction is in the wrong place
-    assert m.map50 == pytest.approx((0.5 * 51 / 101 + 0.0) / 2, abs=1e-6)
-
-
-def test_iou_thresholds_and_duplicates():
-    shifted = det([[1, 1, 10, 10]], ["Car"], [0.9])  # IoU 0.81 with the first Car
-    m = evaluate_detections([(shifted, det([[0, 0, 10, 10]], ["Car"]))])
-    assert m.map50 == 1.0 and m.map50_95 == pytest.approx(0.7)  # TP at 0.50 ... 0.80: 7 of 10 thresholds
-    dup = det([[0, 0, 10, 10], [0, 0, 10, 10]], ["Car", "Car"], [0.9, 0.8])
-    m = evaluate_detections([(dup, det([[0, 0, 10, 10]], ["Car"]))])
-    assert m.tp50 == 1 and m.precision == 0.5 and m.map50 == 1.0  # the duplicate ranks below the match
-
-
-def test_score_threshold_only_affects_precision_recall():
-    pred = det(GT.xyxy, GT.labels, [0.9, 0.2, 0.1])
-    m = evaluate_detections([(pred, GT)], score_threshold=0.5)
-    assert m.map50 == 1.0 and m.recall == pytest.approx(1 / 3) and m.precision == 1.0
-
-
-def test_empty_cases():
-    empty = det([], [])
-    assert evaluate_detections([(empty, empty)]).map50 == 0.0
-    m = evaluate_detections([(empty, GT)])
-    assert (m.precision, m.recall, m.map50) == (0.0, 0.0, 0.0)
-    m = evaluate_detections([(det([[0, 0, 5, 5]], ["Car"]), empty)])
-    assert m.precision == 0.0 and m.n_gt == 0
-    assert np.isnan(average_precision(np.zeros((0, 1), bool), np.zeros(0), 0)).all()
 
 
 def test_gate_rule():
@@ -104,7 +62,7 @@ def test_gate_on_real_models(tmp_path):
 
     good = good_model()
     ds, config = good["dataset"], good["config"]
-    metrics = evaluate_checkpoint(good["checkpoint"], ds, config)
+    metrics = held_out_metrics(good["checkpoint"], ds, config)
     assert metrics["map50_95"] > 0.3 and metrics["map50"] > 0.6, metrics
     settings = Settings(data_dir=tmp_path, model_dir=tmp_path / "m", train_imgsz=64, train_epochs=1, train_batch=8,
                         train_min_steps=0, yolo_base_model="yolov8n.yaml")
@@ -115,5 +73,32 @@ def test_gate_on_real_models(tmp_path):
     assert evaluate_gate(good["checkpoint"], weak, ds, config, min_gain=0.0).promote
     # a model trained under another class order/name set is mapped by name
     renamed = ProjectConfig.parse(label_config(("Person", "Car")))
-    same = evaluate_checkpoint(good["checkpoint"], ds, renamed)
+    same = held_out_metrics(good["checkpoint"], ds, renamed)
     assert same["map50_95"] == pytest.approx(metrics["map50_95"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_the_gate_scores_what_the_serving_detector_serves():
+    """The gate's held-out mAP of a checkpoint equals the serving detector's score on the same tasks."""
+    good = good_model()
+    ds, config = good["dataset"], good["config"]
+    gate_figures = held_out_metrics(good["checkpoint"], ds, config, score_threshold=0.25)
+    served = YoloDetector.load(good["checkpoint"], "v0001")  # as the hot-swap loader loads a version, warmed up
+    pairs = []
+    for item in ds.val_items:
+        with Image.open(item.image_path) as image:
+            pairs.append((served.detect_batch([image.convert("RGB")], config, ALL_BOXES)[0], item.ground_truth(saved=True)))
+    scored = detection_metrics(pairs, config.class_names, score_threshold=0.25, max_det=served.max_det)
+    assert scored.n_images == len(ds.val_items) > 0 and scored.n_pred > 0
+    assert (gate_figures["map50_95"], gate_figures["map50"]) == (scored.map50_95, scored.map50)
+    assert (gate_figures["precision"], gate_figures["recall"]) == (scored.precision, scored.recall)
+
+
+def test_a_missing_checkpoint_is_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tasks, loader, _ = synthetic_tasks(8, seed=2)
+    settings = Settings(data_dir=tmp_path, model_dir=tmp_path / "m", train_val_fraction=0.5, train_val_min=2)
+    ds = build_dataset("5", tasks, CONFIG, settings, loader=loader)
+    with pytest.raises(FileNotFoundError):
+        held_out_metrics(tmp_path / "nope.pt", ds, CONFIG)
+    assert not Path("nope.pt").exists()
