@@ -18,7 +18,9 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.common import ROOT, Context, Result, load_average, machine, new_workdir, setup_environment, write_json, write_report
+from bench.common import ROOT, Context, new_workdir, setup_environment
+from bench.report import load_average, machine, write_json, write_report
+from bench.results import Result
 
 # Report order: the numbering.
 BENCHMARKS = {

@@ -12,22 +12,11 @@ import hashlib
 
 import requests
 
-from bench.common import (
-    Context,
-    Result,
-    Row,
-    Stats,
-    backend,
-    fixed_answer,
-    gemini_state_reset,
-    goal_row,
-    predict_body,
-    project_id,
-    ratio,
-    synthetic,
-    timed,
-    upload_tasks,
-)
+from bench.common import Context, project_id
+from bench.fixtures import fixed_answer, predict_body, synthetic, upload_tasks
+from bench.results import Result, Row, goal_row
+from bench.servers import backend, gemini_state_reset
+from bench.stats import Stats, ratio, timed
 
 NAME = "bulk"
 TITLE = "1. Bulk pre-annotation: 64 tasks in one /predict (Gemini)"
@@ -37,7 +26,7 @@ def run(ctx: Context) -> Result:
     from backend.core.label_config import ProjectConfig
     from backend.core.settings import Settings
     from backend.detectors.gemini.client import GeminiDetector
-    from bench.common import label_config
+    from bench.fixtures import label_config
     from tests import fake_gemini as fg
     from tests.fake_label_studio import FakeLabelStudio
 

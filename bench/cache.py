@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import requests
 
-from bench.common import (
-    Context,
-    Result,
-    Row,
-    Stats,
-    backend,
-    fixed_answer,
-    gemini_state_reset,
-    goal_row,
-    predict_body,
-    project_id,
-    ratio,
-    synthetic,
-    timed,
-    upload_tasks,
-)
+from bench.common import Context, project_id
+from bench.fixtures import fixed_answer, predict_body, synthetic, upload_tasks
+from bench.results import Result, Row, goal_row
+from bench.servers import backend, gemini_state_reset
+from bench.stats import Stats, ratio, timed
 
 NAME = "cache"
 TITLE = "6. Cache: the same 64 tasks predicted again"

@@ -13,19 +13,10 @@ import time
 
 import numpy as np
 
-from bench.common import (
-    Context,
-    Result,
-    Row,
-    Stats,
-    goal_row,
-    label_config,
-    ratio,
-    synthetic,
-    timed,
-    trained_checkpoint,
-    verified_exports,
-)
+from bench.common import Context
+from bench.fixtures import label_config, synthetic, trained_checkpoint, verified_exports
+from bench.results import Result, Row, goal_row
+from bench.stats import Stats, ratio, timed
 
 NAME = "formats"
 TITLE = "3. CPU inference formats: ONNX Runtime and OpenVINO vs PyTorch"
@@ -184,7 +175,8 @@ def run(ctx: Context) -> Result:
                      f"only OpenVINO's bf16 default ({bf16['direct1'].median * 1000:.1f} ms) is fast enough for 3×, and "
                      f"bf16 moves boxes by about a pixel (IoU ~0.95 against the .pt), failing the IoU ≥ 0.99 export "
                      f"check — so the served export is f32 and the 3× is traded for identical boxes. The baseline is "
-                     f"our PyTorch path, which runs torch on every core from one inference thread; PROTOCOL.md's ~4× "
+                     f"our PyTorch path, which runs torch on every core from one inference thread; the reference ~4× "
+                     f"(docs/ultralytics.md) "
                      f"was against Ultralytics' default of 1 torch thread here (18.8 ms). At 16 images the .pt "
                      f"batches well on 2 cores and the exports gain little.")
         result.notes.append(

@@ -13,25 +13,19 @@ from pathlib import Path
 
 import requests
 
-from bench.common import (
-    Context,
-    Result,
-    Stats,
-    backend,
-    finish_load,
+from bench.common import Context, project_id
+from bench.fixtures import (
     fixed_answer,
-    gemini_state_reset,
-    goal_row,
     predict_body,
-    project_id,
-    ratio,
     register_version,
-    start_load,
     synthetic,
     trained_checkpoint,
     upload_tasks,
     write_yolo_dataset,
 )
+from bench.results import Result, goal_row
+from bench.servers import backend, finish_load, gemini_state_reset, start_load
+from bench.stats import Stats, ratio
 
 NAME = "health"
 TITLE = "5. /health latency while busy"
@@ -108,7 +102,7 @@ def run(ctx: Context) -> Result:
 
             # A training beside the backend (the RQ worker's job), both cores busy: as deployed, then
             # with the settings proposed below (OpenMP threads that sleep when they wait, a lower priority).
-            from bench.common import train_in_subprocess
+            from bench.fixtures import train_in_subprocess
 
             items = synthetic(ctx.pick(96, 24), seed=33)
             for label, env, nice in (("training running beside the backend", None, 0),

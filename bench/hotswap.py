@@ -15,25 +15,11 @@ from pathlib import Path
 
 import requests
 
-from bench.common import (
-    Context,
-    Result,
-    Row,
-    Stats,
-    backend,
-    finish_load,
-    goal_row,
-    percentile,
-    predict_body,
-    project_id,
-    ratio,
-    register_version,
-    start_load,
-    synthetic,
-    trained_checkpoint,
-    upload_tasks,
-    verified_exports,
-)
+from bench.common import Context, project_id
+from bench.fixtures import predict_body, register_version, synthetic, trained_checkpoint, upload_tasks, verified_exports
+from bench.results import Result, Row, goal_row
+from bench.servers import backend, finish_load, start_load
+from bench.stats import Stats, percentile, ratio
 
 NAME = "hotswap"
 TITLE = "4. Hot-swap under steady load"

@@ -13,19 +13,10 @@ from pathlib import Path
 
 import requests
 
-from bench.common import (
-    Context,
-    Result,
-    Row,
-    backend,
-    goal_row,
-    predict_body,
-    project_id,
-    register_version,
-    synthetic,
-    trained_checkpoint,
-    upload_tasks,
-)
+from bench.common import Context, project_id
+from bench.fixtures import predict_body, register_version, synthetic, trained_checkpoint, upload_tasks
+from bench.results import Result, Row, goal_row
+from bench.servers import backend
 
 NAME = "memory"
 TITLE = "8. Memory: backend RSS after 100 and 10,000 predictions"

@@ -1,6 +1,9 @@
 """One training run in its own process (so its peak RSS can be read): ``worker.training.trainer.train`` as the
 RQ job runs it, at the project's default settings unless told otherwise. Writes a JSON result.
 
+Held-out quality is scored like the promotion gate scores it: the serving detector on the val split,
+pycocotools through ``backend.evaluation.metrics`` (Ultralytics' own validation is kept beside it).
+
     python -m bench.train_child --data DATA_YAML --out RESULT_JSON [--epochs N] [--time-min M] ...
 """
 
@@ -11,6 +14,26 @@ import json
 import time
 
 from bench.common import setup_environment
+
+
+def held_out(checkpoint: str, data_yaml: str) -> dict:
+    """mAP50 / mAP50-95 of the checkpoint on the dataset's val split, through the serving detector."""
+    from PIL import Image
+
+    from backend.core.label_config import ProjectConfig, config_from_labels
+    from backend.detectors.yolo import YoloDetector
+    from backend.evaluation.metrics import detection_metrics
+    from backend.evaluation.truth import load_yolo
+
+    truth = load_yolo(data_yaml, split="val")
+    config = ProjectConfig.parse(config_from_labels(truth.classes))
+    detector = YoloDetector(checkpoint, "bench")
+    pairs = []
+    for item in truth.images:
+        with Image.open(item.path) as image:
+            pairs.append((detector.detect_batch([image.convert("RGB")], config, 0.001)[0], item.truth))
+    metrics = detection_metrics(pairs, truth.classes, max_det=detector.max_det)
+    return {"map50": metrics.map50, "map50_95": metrics.map50_95, "images": metrics.n_images}
 
 
 def main() -> int:
@@ -54,8 +77,9 @@ def main() -> int:
         "epochs_run": result.epochs_run,
         "epoch_s": epoch_s,  # one epoch, training + validation, from Ultralytics' callbacks
         "train_args": result.train_args,
-        "map50": metrics.get("metrics/mAP50(B)"),
-        "map50_95": metrics.get("metrics/mAP50-95(B)"),
+        **held_out(str(result.checkpoint), args.data),
+        "ultralytics_map50": metrics.get("metrics/mAP50(B)"),
+        "ultralytics_map50_95": metrics.get("metrics/mAP50-95(B)"),
         "final_metrics": metrics,
         "settings": {k: getattr(settings, k) for k in ("train_epochs", "train_min_steps", "train_imgsz", "train_batch",
                                                          "train_time_limit_min")},

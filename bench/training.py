@@ -3,8 +3,8 @@
 Each training runs ``worker.training.trainer.train`` (what the RQ job calls) in its own process at the default
 settings of backend/settings.py (TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS for small datasets, TRAIN_IMGSZ,
 TRAIN_BATCH, nbs = batch, no time limit, from YOLO_BASE_MODEL = yolo11n.yaml, random init), on synthetic shapes split 80/20 like
-the job's held-out split. Peak memory is the child's ru_maxrss. Quality: held-out mAP50 (Ultralytics'
-final validation of best.pt) of our defaults vs the PROTOCOL.md section 3 reference recipe (nbs =
+the job's held-out split. Peak memory is the child's ru_maxrss. Quality: held-out mAP50 (the serving
+detector scored by pycocotools, as the promotion gate scores it) of our defaults vs the reference recipe of docs/ultralytics.md#measured-cost (nbs =
 batch plus a 5-minute time budget, i.e. TRAIN_TIME_LIMIT_MIN=5) on 128 train / 48 held-out images.
 """
 
@@ -16,19 +16,10 @@ import subprocess
 import sys
 import time
 
-from bench.common import (
-    ROOT,
-    TRAIN_ENV,
-    Context,
-    Result,
-    Row,
-    Stats,
-    goal_row,
-    ratio,
-    synthetic,
-    train_in_subprocess,
-    write_yolo_dataset,
-)
+from bench.common import ROOT, TRAIN_ENV, Context
+from bench.fixtures import synthetic, train_in_subprocess, write_yolo_dataset
+from bench.results import Result, Row, goal_row
+from bench.stats import Stats, ratio
 
 NAME = "training"
 TITLE = "7. Training cost (time, peak RSS) and quality in a fixed CPU budget"
@@ -118,7 +109,8 @@ def run(ctx: Context) -> Result:
                         share, 0.9, True, "≥ 90% of the reference",
                         baseline=f"reference (nbs=batch, {budget_min:g} min budget): {ref['map50'] or 0:.3f} in {ref['wall_s'] / 60:.1f} min, "
                                  f"{ref['epochs_run']} epochs", ratio_text=f"{100 * share:.0f}%"))
-    result.add(Row("PROTOCOL.md §3 figures for the same recipes", "reference 0.96; nbs=64 defaults 30 epochs 0.28; nbs=16 25 epochs 0.55",
+    result.add(Row("Reference figures (docs/ultralytics.md) for the same recipes",
+                   "reference 0.96; nbs=64 defaults 30 epochs 0.28; nbs=16 25 epochs 0.55",
                    note="measured on another machine of this kind, for comparison only"))
     if share < 0.9:
         result.notes.append(
@@ -127,7 +119,7 @@ def run(ctx: Context) -> Result:
             f"the reference is fitted to the whole {budget_min:g}-minute budget. Proposed defaults: TRAIN_TIME_LIMIT_MIN=5 "
             f"(Ultralytics' `time=` then sets the epoch count to fill the budget and the schedule follows it; TRAIN_EPOCHS "
             f"only matters when the limit is 0) — that *is* the reference recipe, so it reaches its figure by "
-            f"construction; keep nbs = batch. For fine-tuning rounds a shorter budget (1–2 min) suffices (PROTOCOL.md: "
+            f"construction; keep nbs = batch. For fine-tuning rounds a shorter budget (1–2 min) suffices (docs/ultralytics.md: "
             f"10 epochs on 64 new images kept mAP).")
     result.raw = {"ours": ours, "reference": ref}
     ctx.partial(result)

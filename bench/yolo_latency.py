@@ -7,39 +7,30 @@ one 16-task request against 16 one-task requests sent one after another.
 
 from __future__ import annotations
 
-import os
-
 import requests
 
-from bench.common import (
-    Context,
-    Result,
-    Row,
-    Stats,
-    backend,
-    goal_row,
-    predict_body,
-    project_id,
-    ratio,
-    register_version,
-    synthetic,
-    timed,
-    trained_checkpoint,
-    upload_tasks,
-)
+from bench.common import Context, project_id
+from bench.fixtures import predict_body, register_version, synthetic, trained_checkpoint, upload_tasks
+from bench.results import Result, Row, goal_row
+from bench.servers import backend
+from bench.stats import Stats, ratio, timed
 
 NAME = "yolo_latency"
 TITLE = "2. YOLO fallback latency: /predict vs Ultralytics directly"
 
 
 def _direct_model(checkpoint, images):
-    """Ultralytics in this process: same checkpoint, images, conf and torch threads as the backend."""
-    import torch
+    """Ultralytics in this process: same checkpoint, images, conf and torch threads as the backend.
+
+    The one place YOLO is called directly on purpose: it is the baseline the serving path is measured against.
+    """
     from ultralytics import YOLO
+
+    from backend.core import ultralytics_env
 
     model = YOLO(str(checkpoint))
     model.predict(images[:1], imgsz=320, conf=0.25, device="cpu", verbose=False)  # sets the predictor up
-    torch.set_num_threads(os.cpu_count() or 1)  # the backend uses every core (YOLO_THREADS=0)
+    ultralytics_env.restore_torch_threads()  # the backend uses every core (YOLO_THREADS=0)
     for image in images:  # warm every shape
         model.predict([image], imgsz=320, conf=0.25, device="cpu", verbose=False)
     model.predict(images, imgsz=320, conf=0.25, device="cpu", verbose=False)

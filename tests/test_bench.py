@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-from bench.common import Result, Row, Stats, percentile, render_section, write_report
+from bench.report import render_section, write_report
+from bench.results import Result, Row
+from bench.stats import Stats, percentile
 from tests.live import ROOT
 
 
