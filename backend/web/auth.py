@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import hmac
 
-from flask import Request
+from flask import Request, Response, jsonify, request
 
 from backend.core.settings import Settings
+from backend.web.state import current_settings
 
 WEBHOOK_HEADER = "X-Webhook-Secret"
+OPEN_ROUTES = {"/health", "/openapi.json"}
+WEBHOOK_ROUTES = {"/webhook"}
+# Routes that change state accept the webhook secret as well as Basic auth, so they are never open
+# when only WEBHOOK_SECRET is configured.
+STATE_ROUTES = {"/webhook", "/train", "/prelabel", "/models/rollback"}
 
 
 def _equal(given: str, expected: str) -> bool:
@@ -45,3 +51,21 @@ def webhook_ok(request: Request, settings: Settings) -> bool:
             return True
         return settings.basic_auth_enabled and request.authorization is not None and basic_auth_ok(request, settings)
     return basic_auth_ok(request, settings)
+
+
+def require_credentials() -> Response | None:
+    """``before_request`` hook: a 401 unless the route is open or the request carries its credentials.
+
+    Label Studio's webhooks cannot answer a Basic challenge, so ``/webhook`` gets no ``WWW-Authenticate``.
+    """
+    if request.path in OPEN_ROUTES:
+        return None
+    settings = current_settings()
+    ok = webhook_ok(request, settings) if request.path in STATE_ROUTES else basic_auth_ok(request, settings)
+    if ok:
+        return None
+    response = jsonify(error="unauthorized", message="missing or wrong credentials")
+    response.status_code = 401
+    if request.path not in WEBHOOK_ROUTES:
+        response.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
+    return response

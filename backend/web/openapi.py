@@ -14,7 +14,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from flask import Blueprint, jsonify
+
 from backend.core.settings import Settings
+from backend.web.state import current_settings
 
 OPENAPI_VERSION = "3.0.3"
 API_VERSION = "1"
@@ -334,3 +337,12 @@ def build_spec(settings: Settings) -> dict:
             },
         },
     })
+
+
+blueprint = Blueprint("openapi", __name__)
+
+
+@blueprint.get("/openapi.json")
+def openapi():
+    """Every route described in OpenAPI 3 (open like /health: it holds no secret)."""
+    return jsonify(build_spec(current_settings()))

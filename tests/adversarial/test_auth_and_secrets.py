@@ -24,7 +24,7 @@ from rq.job import Job
 
 from backend.core.settings import Settings
 from backend.web import auth
-from backend.web.app import STATE_ROUTES
+from backend.web.auth import STATE_ROUTES
 from backend.web.openapi import build_spec
 from tests import fake_gemini as fg
 from tests.adversarial import CONFIG, PROJECT, app_factory, car_picture, encode, predict_body, private_redis, task  # noqa: F401

@@ -10,6 +10,7 @@ import base64
 import copy
 import io
 import json
+import shutil
 import uuid
 
 import pytest
@@ -19,6 +20,7 @@ from PIL import Image, ImageDraw
 from rq import Queue
 
 from backend.core.settings import Settings
+from backend.detectors.gemini.client import GeminiDetector
 from backend.serving.services import build
 from backend.web.app import create_app
 from tests import fake_gemini as fg
@@ -58,12 +60,12 @@ def checkpoint(tmp_path_factory):
 
 
 def make_settings(tmp_path, test_redis_url, fake_ls, gemini=None, **overrides) -> Settings:
-    values = dict(
-        redis_url=test_redis_url, model_dir=tmp_path / "models", data_dir=tmp_path / "data",
-        label_studio_url=fake_ls.url, label_studio_api_key=fake_ls.pat,
-        gemini_api_key=fg.DEFAULT_KEY if gemini else "", gemini_base_url=gemini.base_url if gemini else "",
-        gemini_task_deadline=5.0, gemini_timeout=2.0, gemini_breaker_failures=1000,
-    )
+    values = {
+        "redis_url": test_redis_url, "model_dir": tmp_path / "models", "data_dir": tmp_path / "data",
+        "label_studio_url": fake_ls.url, "label_studio_api_key": fake_ls.pat,
+        "gemini_api_key": fg.DEFAULT_KEY if gemini else "", "gemini_base_url": gemini.base_url if gemini else "",
+        "gemini_task_deadline": 5.0, "gemini_timeout": 2.0, "gemini_breaker_failures": 1000,
+    }
     values.update(overrides)
     return Settings(**values)
 
@@ -77,8 +79,6 @@ def client_for(tmp_path, redis_url, fake_ls):
         services = build(settings)
         if services.gemini is not None:  # isolate this test's cache and breaker in Redis
             prefix = f"lsb:test:{uuid.uuid4().hex}"
-            from backend.detectors.gemini.client import GeminiDetector
-
             services.gemini = GeminiDetector(settings, redis.Redis.from_url(redis_url), prefix=prefix)
             services.predictor.gemini = services.gemini
             services.predictor.router.gemini = services.gemini
@@ -352,8 +352,6 @@ def test_start_training_from_label_studio_is_accepted_with_basic_auth(client_for
 
 
 def test_model_path_attribute_serves_a_checkpoint_inside_model_dir_only(client_for, tmp_path, checkpoint):
-    import shutil
-
     (tmp_path / "models" / "custom").mkdir(parents=True)
     shutil.copy(checkpoint, tmp_path / "models" / "custom" / "site.pt")
     client = client_for(None, yolo_score_threshold=0.0001)

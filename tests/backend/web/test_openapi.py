@@ -17,9 +17,11 @@ import pytest
 import redis
 from rq import Queue
 
+from backend.core.label_config import ProjectConfig
 from backend.core.settings import Settings
 from backend.serving.services import build
 from backend.web.app import create_app
+from backend.web.auth import OPEN_ROUTES, STATE_ROUTES
 from backend.web.openapi import EXAMPLE_CONFIG, build_spec
 
 METHODS = {"get", "post", "put", "patch", "delete"}
@@ -103,8 +105,6 @@ def test_documents_exactly_the_routes_flask_serves(handle):
 
 
 def test_security_matches_the_app(handle):
-    from backend.web.app import OPEN_ROUTES, STATE_ROUTES
-
     _, settings = handle()
     spec = build_spec(settings)
     for path, item in spec["paths"].items():
@@ -119,7 +119,7 @@ def test_security_matches_the_app(handle):
 
 
 def test_is_a_valid_openapi_30_document(handle):
-    import schemathesis  # a test dependency (requirements.txt)
+    import schemathesis  # slow to import (hypothesis, a dev dependency): only this test needs it
 
     app, settings = handle()
     schema = schemathesis.openapi.from_dict(build_spec(settings))
@@ -180,7 +180,5 @@ def test_examples_are_valid_and_answered_as_documented(handle):
 
 
 def test_example_label_config_is_one_the_backend_serves():
-    from backend.core.label_config import ProjectConfig
-
     config = ProjectConfig.parse(EXAMPLE_CONFIG)
     assert config.class_names == ["Car", "Person"] and config.image_key == "image"
