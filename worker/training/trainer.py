@@ -1,4 +1,4 @@
-"""Train YOLO offline (PROTOCOL.md section 3) and hand back a checkpoint outside ``runs/``.
+"""Train YOLO offline (``backend.core.ultralytics_env``) and hand back a checkpoint outside ``runs/``.
 
 Starting point: the project's current promoted checkpoint when there is one (fine-tuning keeps its
 weights: ``pretrained`` is left alone), else ``YOLO_BASE_MODEL``: a local ``.pt`` when that file
@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from backend.core import ultralytics_env
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +94,6 @@ def epochs_for(settings, n_train: int, fine_tune: bool) -> int:
     return max(epochs, math.ceil(settings.train_min_steps / steps_per_epoch))
 
 
-def _thread_count() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
 def _jsonable(values: dict) -> dict:
     out = {}
     for k, v in (values or {}).items():
@@ -133,10 +131,8 @@ def train(
 
     ``overrides`` go to ``model.train`` last (tests use them for tiny runs: ``epochs=1``...).
     """
-    from backend.core.ultralytics_env import prepare
-
-    prepare()
-    import torch
+    ultralytics_env.prepare()
+    import torch  # heavy: imported when a training starts, not when the worker starts
     from ultralytics import YOLO
 
     started = time.monotonic()
@@ -177,11 +173,10 @@ def train(
     args.update(overrides)
 
     history: list[dict] = []
-    threads = _thread_count()
 
     def set_threads(trainer) -> None:
         if on_cpu:
-            torch.set_num_threads(threads)  # select_device() just set cpu_count - 1
+            ultralytics_env.restore_torch_threads()  # select_device() just set cpu_count - 1
 
     def on_epoch_end(trainer) -> None:
         losses = {}

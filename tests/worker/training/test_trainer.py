@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -64,18 +63,17 @@ def test_train_from_scratch_and_fine_tune(tmp_path, monkeypatch):
                   current_checkpoint=good["checkpoint"], progress=None)
     assert tuned.fine_tuned and tuned.start_from == str(good["checkpoint"])
     assert "pretrained" not in tuned.train_args
-    from worker.training.gate import evaluate_checkpoint
+    from worker.training.gate import held_out_metrics
 
-    after = evaluate_checkpoint(tuned.checkpoint, good["dataset"], good["config"])
-    assert after["map50"] > 0.5, after  # a from-scratch epoch would score about 0
-
-
-def test_missing_checkpoint_is_not_downloaded(tmp_path):
-    from worker.training.gate import predict_items
-
-    with pytest.raises(FileNotFoundError):
-        predict_items(tmp_path / "nope.pt", [], None)  # type: ignore[arg-type]
-    assert not Path("nope.pt").exists()
+    # What is certain, measured with the gate's evaluation on the good model's held-out tasks: the
+    # fixture's own quality (asserted by good_model()), a fine-tuning epoch keeping most of it (one
+    # epoch of Ultralytics' warm-up moves mAP50-95 but not mAP50 much: 0.99 -> 0.92..0.97 measured),
+    # and a from-scratch run of the same kind scoring far below it.
+    before = good["metrics"]
+    after = held_out_metrics(tuned.checkpoint, good["dataset"], good["config"])
+    scratch = held_out_metrics(result.checkpoint, good["dataset"], good["config"])
+    assert after["map50"] >= before["map50"] - 0.3, (before, after)
+    assert after["map50"] >= scratch["map50"] + 0.3, (scratch, after)
 
 
 def test_small_datasets_from_scratch_get_enough_optimizer_steps():
