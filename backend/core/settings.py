@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from backend.core.ultralytics_env import EXPORT_FORMATS
+
 
 class Settings(BaseSettings):
     """Service and worker settings. Field descriptions double as documentation."""
@@ -81,7 +83,7 @@ class Settings(BaseSettings):
     train_job_timeout: int = Field(4 * 3600, description="Seconds before RQ kills a training job.")
     promote_min_gain: float = Field(0.0, description="Promote when candidate mAP50-95 exceeds the current by more than this.")
     keep_versions: int = Field(5, ge=1, description="Versions kept per project in MODEL_DIR.")
-    export_formats: str = Field("openvino,onnx", description="Formats a promoted model is exported to, each verified against the .pt (same boxes); servers use the fastest present. Empty = serve the .pt.")
+    export_formats: str = Field(",".join(EXPORT_FORMATS), description="Formats a promoted model is exported to, each verified against the .pt (same boxes); servers use the fastest present. Empty = serve the .pt.")
 
     # --- pre-labeling ---------------------------------------------------------------------------
     prelabel_batch: int = Field(16, ge=1, description="Tasks predicted per batch by the pre-labeling job.")
