@@ -27,22 +27,14 @@ from typing import Any
 
 import redis as redis_lib
 
+from backend.core.files import write_json_atomic
+from backend.core.keys import Keys, model_current, project_key
+
 log = logging.getLogger(__name__)
 
-CHANNEL = "lsb:models"
 CHECKPOINT = "model.pt"
 META = "meta.json"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
-
-
-def project_key(project: str | int) -> str:
-    """Label Studio sends ``"2.1795306664"`` (id.created_ts) in /setup and /predict, ``2`` in webhooks."""
-    text = str(project).strip()
-    head = text.split(".", 1)[0]
-    # ASCII digits only ("²".isdigit() is True), and no longer than a bigint: the id names folders.
-    if not (head.isascii() and head.isdigit()) or len(head) > 18:
-        raise ValueError(f"not a Label Studio project id: {text[:40]!r}")
-    return head
 
 
 @dataclass
@@ -76,20 +68,6 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk must not leave a temp file behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ModelRegistry:
     """Read and change which checkpoint each project serves."""
 
@@ -99,15 +77,12 @@ class ModelRegistry:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def _key(self, project: str) -> str:
-        return f"lsb:model:{project}:current"
-
     def current_version(self, project: str | int) -> str | None:
         """The promoted version name; Redis first, the on-disk pointer when Redis is away."""
         project = project_key(project)
         if self.redis is not None:
             try:
-                value = self.redis.get(self._key(project))
+                value = self.redis.get(model_current(project))
                 if value:
                     return value.decode() if isinstance(value, bytes) else str(value)
             except redis_lib.RedisError:
@@ -169,7 +144,7 @@ class ModelRegistry:
             while True:
                 version = self._next_version_name(root)
                 meta = {**meta, "project": project, "version": version, "exports": exports, "created_at": time.time()}
-                _write_json_atomic(staging / META, meta)
+                write_json_atomic(staging / META, meta)
                 _fsync_tree(staging)
                 try:
                     os.rename(staging, root / version)  # fails if a concurrent writer took the name
@@ -192,7 +167,7 @@ class ModelRegistry:
         info = self.get(project, version)
         if info is None:
             raise KeyError(f"no version {version} for project {project}")
-        _write_json_atomic(info.path / META, {**info.meta, **changes})
+        write_json_atomic(info.path / META, {**info.meta, **changes})
 
     def promote(self, project: str | int, version: str) -> VersionInfo:
         """Make ``version`` current everywhere: disk pointer, Redis key, pub/sub notice."""
@@ -200,10 +175,10 @@ class ModelRegistry:
         info = self.get(project, version)
         if info is None:
             raise KeyError(f"no complete version {version} for project {project}")
-        _write_json_atomic(self.model_dir / project / "current.json", {"version": version, "promoted_at": time.time()})
+        write_json_atomic(self.model_dir / project / "current.json", {"version": version, "promoted_at": time.time()})
         if self.redis is not None:
-            self.redis.set(self._key(project), version)
-            self.redis.publish(CHANNEL, json.dumps({"project": project, "version": version}))
+            self.redis.set(model_current(project), version)
+            self.redis.publish(Keys.MODELS_CHANNEL, json.dumps({"project": project, "version": version}))
         log.info("promoted project %s version %s", project, version)
         return info
 

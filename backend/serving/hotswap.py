@@ -19,14 +19,16 @@ from pathlib import Path
 
 import redis as redis_lib
 
+from backend.core.connection import connect
+from backend.core.keys import Keys, project_key
 from backend.core.metrics import HOTSWAPS
-from backend.core.registry import CHANNEL, ModelRegistry, project_key
+from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings
-from backend.detectors.yolo import YoloDetector
+from backend.detectors.yolo import EXPORT_FORMATS, YoloDetector
 
 log = logging.getLogger(__name__)
 
-_HOLDERS: "weakref.WeakSet[ModelHolder]" = weakref.WeakSet()
+_HOLDERS: weakref.WeakSet[ModelHolder] = weakref.WeakSet()
 
 
 @atexit.register
@@ -125,8 +127,6 @@ class ModelHolder:
 
     def _load(self, path: Path, version: str) -> YoloDetector:
         """The version's fastest verified export (OpenVINO > ONNX) when it has one, else the .pt; warmed up."""
-        from backend.detectors.yolo import EXPORT_FORMATS
-
         exports: dict[str, Path] = {}
         try:  # a registry version lives at MODEL_DIR/<project>/<version>/model.pt; YOLO_MODEL is any path
             info = self.registry.get(path.parent.parent.name, version)
@@ -206,9 +206,9 @@ def _listen(redis_url: str, stop: threading.Event, wake: threading.Event, projec
     delay = 0.5
     while not stop.is_set():
         try:
-            client = redis_lib.Redis.from_url(redis_url, socket_connect_timeout=2, health_check_interval=10)
+            client = connect(redis_url, None, connect_timeout=2, health_check_interval=10)  # no read timeout: it blocks on messages
             pubsub = client.pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(CHANNEL)
+            pubsub.subscribe(Keys.MODELS_CHANNEL)
             delay = 0.5
             while not stop.is_set():
                 message = pubsub.get_message(timeout=1.0)

@@ -15,12 +15,12 @@ from typing import Any
 import redis as redis_lib
 from prometheus_client.core import GaugeMetricFamily
 
+from backend.core import keys
 from backend.core.registry import ModelRegistry, VersionInfo
 
 log = logging.getLogger(__name__)
 
 MIN_GEMINI_DRAFTS = 1  # tasks with Gemini drafts needed before the comparison means anything
-QUALITY_KEY = "lsb:quality:{project}"
 
 
 def model_map50(meta: dict[str, Any]) -> float | None:
@@ -42,7 +42,8 @@ def yolo_preferred(info: VersionInfo | None) -> bool:
 
 
 def read(redis: redis_lib.Redis, project: str) -> dict | None:
-    raw = redis.get(QUALITY_KEY.format(project=project))
+    """The latest draft quality of ``project`` as the training job stored it, or None."""
+    raw = redis.get(keys.quality(project))
     return json.loads(raw) if raw else None
 
 

@@ -16,11 +16,11 @@ import json
 import logging
 import sys
 
-
-def _redis(settings):
-    from backend.core.queue import make_redis
-
-    return make_redis(settings.redis_url, timeout=5.0)
+from backend.core.connection import connect_patient
+from backend.core.queue import request_training, training_status
+from backend.core.registry import ModelRegistry, describe
+from backend.core.settings import get_settings
+from worker.jobs.training import run_training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,28 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-force", action="store_true", help="skip when no annotation changed")
     args = parser.parse_args(argv)
 
-    from backend.core.settings import get_settings
-
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redis = _redis(settings)
+    redis = connect_patient(settings.redis_url, timeout=5.0)
     out: object
     if args.command == "train":
         if args.now:
-            from worker.jobs.training import run_training
-
             out = run_training(args.project, None, not args.no_force, settings=settings, redis=redis)
         else:
-            from backend.core.queue import request_training
-
             out = request_training(redis, args.project, force=not args.no_force, settings=settings)
     elif args.command == "status":
-        from backend.core.queue import training_status
-
         out = training_status(redis, args.project, settings=settings)
     else:
-        from backend.core.registry import ModelRegistry, describe
-
         registry = ModelRegistry(settings.model_dir, redis)
         if args.command == "versions":
             current = registry.current_version(args.project)

@@ -1,7 +1,7 @@
 """RQ job entry points: fetch -> dataset -> train -> gate -> registry, and draft quality.
 
 ``train_project`` is what :func:`backend.core.queue.request_training` enqueues. It runs inside the
-project's running lock (see :mod:`backend.core.queue`), reads everything from Label Studio (webhooks are
+project's running lock (see :mod:`worker.training.lock`), reads everything from Label Studio (webhooks are
 lossy), builds the dataset, fine-tunes the current model (or trains from ``YOLO_BASE_MODEL``),
 evaluates candidate and current on the same held-out tasks and promotes the candidate only when it
 wins (``PROMOTE_MIN_GAIN``). Only promoted candidates become registry versions; a rejected
@@ -30,13 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
+from rq import get_current_job
 
-from backend.core import queue as wq
+from backend.core import keys
+from backend.core.connection import connect_patient
 from backend.core.label_config import ProjectConfig
 from backend.core.label_studio import LabelStudioUnavailable, fetch_project
-from backend.core.registry import ModelRegistry, project_key
+from backend.core.logs import configure_logging
+from backend.core.progress import report_progress, save_meta
+from backend.core.registry import ModelRegistry
+from backend.core.settings import get_settings
 from worker.training.dataset import NotEnoughData, build_dataset
+from worker.training.exporter import export_verified
 from worker.training.gate import draft_quality, evaluate_gate
+from worker.training.lock import requeue_marker, training_slot
+from worker.training.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +56,20 @@ def _now() -> float:
 
 
 def _set_progress(job, **update: Any) -> None:
-    if job is None:
-        return
-    try:
-        job.meta["progress"] = {**update, "at": _now()}
-        job.save_meta()
-    except Exception as exc:
-        log.debug("progress not saved: %s", exc)
+    if job is not None:  # run in-process (``lsb train --now``): nobody to report to
+        report_progress(update, job)
 
 
 def _store_last(redis, project: str, result: dict) -> None:
     try:
-        redis.set(wq.key(project, "last"), json.dumps(result, default=str))
+        redis.set(keys.train_last(project), json.dumps(result, default=str))
     except redis_lib.RedisError as exc:
         log.warning("could not store the training result in Redis: %s", exc)
 
 
 def _store_quality(redis, project: str, payload: dict) -> None:
     try:
-        redis.set(wq.quality_key(project), json.dumps(payload, default=str))
+        redis.set(keys.quality(project), json.dumps(payload, default=str))
     except redis_lib.RedisError as exc:
         log.warning("could not store draft quality in Redis: %s", exc)
 
@@ -86,8 +89,6 @@ def _verified_exports(settings, checkpoint: Path, dataset, imgsz: int) -> dict[s
     formats = [f.strip() for f in settings.export_formats.split(",") if f.strip()]
     if not formats:
         return {}
-    from worker.training.exporter import export_verified
-
     samples = [item.image_path for item in (dataset.val_items or dataset.items)[:8]]
     return export_verified(checkpoint, Path(checkpoint).parent / "exports", samples, imgsz, formats=formats)
 
@@ -111,14 +112,9 @@ def run_training(
     train_overrides: dict | None = None,
 ) -> dict:
     """The whole training pipeline (in the caller's process; ``train_project`` is the RQ wrapper)."""
-    from worker.training.trainer import train
-
-    if settings is None:
-        from backend.core.settings import get_settings
-
-        settings = get_settings()
-    project = project_key(project)
-    redis = redis if redis is not None else redis_lib.Redis.from_url(settings.redis_url)
+    settings = settings if settings is not None else get_settings()
+    project = keys.project_key(project)
+    redis = redis if redis is not None else connect_patient(settings.redis_url)
     registry = ModelRegistry(settings.model_dir, redis)
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -132,7 +128,7 @@ def run_training(
         _set_progress(job, stage="waiting_for_lock", holder=holder)
 
     job_id = job.id if job is not None else None
-    with wq.training_slot(redis, project, job_id, timeout=float(settings.train_job_timeout), on_wait=waiting) as slot:
+    with training_slot(redis, project, job_id, timeout=float(settings.train_job_timeout), on_wait=waiting) as slot:
         t = time.monotonic()
         timings["wait_lock"] = round(slot.waited_s, 3)
         force = bool(force or slot.force_requested)
@@ -249,16 +245,11 @@ def run_training(
 
 def train_project(project: str, label_config: str | None = None, force: bool = False) -> dict:
     """RQ entry point (enqueued by :func:`backend.core.queue.request_training`)."""
-    from rq import get_current_job
-
-    from backend.core.logs import configure_logging
-    from backend.core.settings import get_settings
-
     settings = get_settings()
     configure_logging(settings)  # the rq work horse: formatted, redacted log lines
     job = get_current_job()
-    redis = job.connection if job is not None else redis_lib.Redis.from_url(settings.redis_url)
-    project = project_key(project)
+    redis = job.connection if job is not None else connect_patient(settings.redis_url)
+    project = keys.project_key(project)
     try:
         return run_training(project, label_config, force, settings=settings, redis=redis, job=job)
     except LabelStudioUnavailable as exc:
@@ -266,7 +257,7 @@ def train_project(project: str, label_config: str | None = None, force: bool = F
         if job is not None and job.retries_left:
             # RQ will retry this job later: keep it as the project's pending training so events
             # coalesce into it; if another training is already pending, that one does the work.
-            if wq.requeue_marker(redis, project, job.id) or (wq._text(redis.get(wq.key(project, "pending"))) or "").startswith(job.id + " "):
+            if requeue_marker(redis, project, job.id):
                 retrying = True
             else:
                 job.retries_left = 0
@@ -283,11 +274,6 @@ def train_project(project: str, label_config: str | None = None, force: bool = F
 def _fail(job, redis, project: str, message: str, retrying: bool) -> None:
     log.error("training of project %s failed: %s", project, message)
     if job is not None:
-        try:
-            job.meta["error"] = message
-            job.meta["progress"] = {"stage": "failed", "error": message, "retrying": retrying, "at": _now()}
-            job.save_meta()
-        except Exception:
-            pass
+        save_meta(job, error=message, progress={"stage": "failed", "error": message, "retrying": retrying, "at": _now()})
     _store_last(redis, project, {"project": project, "status": "failed", "error": message, "retrying": retrying,
                                  "job_id": job.id if job is not None else None, "finished_at": _now()})

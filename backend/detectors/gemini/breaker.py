@@ -15,9 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import redis as redis_lib
+
+from backend.core import keys
+from backend.core.connection import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +68,9 @@ class _MemoryState:
 class _RedisState:
     def __init__(self, redis: redis_lib.Redis, prefix: str) -> None:
         self.redis = redis
-        self.failures_key = f"{prefix}:failures"
-        self.opened_key = f"{prefix}:opened_at"
-        self.trial_key = f"{prefix}:trial"
+        self.failures_key = keys.Keys.BREAKER_FAILURES.format(prefix=prefix)
+        self.opened_key = keys.Keys.BREAKER_OPENED_AT.format(prefix=prefix)
+        self.trial_key = keys.Keys.BREAKER_TRIAL.format(prefix=prefix)
 
     def _opened_at(self) -> float | None:
         value = self.redis.get(self.opened_key)
@@ -114,7 +118,7 @@ class CircuitBreaker:
         failures: int,
         cooldown: float,
         redis: redis_lib.Redis | None = None,
-        prefix: str = "lsb:gemini:breaker",
+        prefix: str = keys.gemini_breaker(),
         trial_lease: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -124,27 +128,19 @@ class CircuitBreaker:
         self._clock = clock  # wall clock: comparable across processes and hosts
         self._memory = _MemoryState()
         self._redis = _RedisState(redis, prefix) if redis is not None else None
-        self._redis_failed = False
-        self._flag_lock = threading.Lock()
+        self._outage = OutageLog(log, "breaker: Redis unavailable, using this process's own state",
+                                 "breaker: Redis is back, breaker state is shared again")
 
     def _run(self, method: str, *args: object):
         if self._redis is not None:
             try:
                 result = getattr(self._redis, method)(*args)
             except redis_lib.RedisError as exc:
-                self._set_redis_failed(True, exc)
+                self._outage.down(exc)
             else:
-                self._set_redis_failed(False)
+                self._outage.up()
                 return result
         return getattr(self._memory, method)(*args)
-
-    def _set_redis_failed(self, failed: bool, exc: Exception | None = None) -> None:
-        with self._flag_lock:
-            changed, self._redis_failed = self._redis_failed != failed, failed
-        if changed and failed:
-            log.warning("breaker: Redis unavailable, using this process's own state: %s", exc)
-        elif changed:
-            log.info("breaker: Redis is back, breaker state is shared again")
 
     def allow(self) -> bool:
         """May a task call Gemini now? False while open; in half-open only for the one trial."""

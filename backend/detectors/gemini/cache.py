@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import redis as redis_lib
 
+from backend.core import keys
+from backend.core.connection import OutageLog
 from backend.core.metrics import GEMINI_CACHE
 from backend.detectors.gemini.cost import Usage
 
@@ -37,7 +39,7 @@ class CachedAnswer:
         return json.dumps({"text": self.text, "usage": self.usage.to_dict(), "model_version": self.model_version, "finish_reason": self.finish_reason})
 
     @classmethod
-    def loads(cls, raw: str | bytes) -> "CachedAnswer":
+    def loads(cls, raw: str | bytes) -> CachedAnswer:
         data = json.loads(raw)
         return cls(str(data["text"]), Usage.from_dict(data.get("usage")), str(data.get("model_version", "")), str(data.get("finish_reason", "")))
 
@@ -45,12 +47,12 @@ class CachedAnswer:
 class AnswerCache:
     """Redis-backed answer cache; ``redis=None`` disables it (every lookup misses). Thread-safe."""
 
-    def __init__(self, redis: redis_lib.Redis | None, ttl: int, prefix: str = "lsb:gemini:answer") -> None:
+    def __init__(self, redis: redis_lib.Redis | None, ttl: int, prefix: str = keys.gemini_answers()) -> None:
         self._redis = redis
         self.ttl = int(ttl)
         self.prefix = prefix
-        self._failed = False
-        self._lock = threading.Lock()
+        self._outage = OutageLog(log, "cache: Redis unavailable, Gemini answers are not cached until it returns",
+                                 "cache: Redis is back, caching Gemini answers again")
 
     def key(self, image_sha256: str, prompt: str, model: str, params: Mapping[str, Any] | None = None) -> str:
         """The Redis key: sha256 over image hash, prompt, model and the answer-shaping params."""
@@ -58,7 +60,7 @@ class AnswerCache:
             {"image": image_sha256, "prompt": prompt, "model": model, "params": dict(params or {})},
             sort_keys=True, default=str,
         )
-        return f"{self.prefix}:{hashlib.sha256(material.encode()).hexdigest()}"
+        return keys.Keys.ANSWER.format(prefix=self.prefix, digest=hashlib.sha256(material.encode()).hexdigest())
 
     def get(self, key: str) -> CachedAnswer | None:
         if self._redis is None or self.ttl <= 0:
@@ -66,10 +68,10 @@ class AnswerCache:
         try:
             raw = self._redis.get(key)
         except redis_lib.RedisError as exc:
-            self._down(exc)
+            self._outage.down(exc)
             GEMINI_CACHE.labels(result="error").inc()
             return None
-        self._up()
+        self._outage.up()
         if raw is None:
             GEMINI_CACHE.labels(result="miss").inc()
             return None
@@ -88,18 +90,6 @@ class AnswerCache:
         try:
             self._redis.set(key, answer.dumps(), ex=self.ttl)
         except redis_lib.RedisError as exc:
-            self._down(exc)
+            self._outage.down(exc)
             return
-        self._up()
-
-    def _down(self, exc: Exception) -> None:
-        with self._lock:
-            first, self._failed = not self._failed, True
-        if first:
-            log.warning("cache: Redis unavailable, Gemini answers are not cached until it returns: %s", exc)
-
-    def _up(self) -> None:
-        with self._lock:
-            was, self._failed = self._failed, False
-        if was:
-            log.info("cache: Redis is back, caching Gemini answers again")
+        self._outage.up()

@@ -12,11 +12,14 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import redis as redis_lib
 
+from backend.core import keys
+from backend.core.connection import OutageLog
 from backend.core.metrics import GEMINI_COST, GEMINI_TOKENS
 from backend.core.settings import Settings
 
@@ -34,7 +37,7 @@ class Usage:
     thinking_tokens: int = 0
 
     @classmethod
-    def from_metadata(cls, metadata: Any) -> "Usage":
+    def from_metadata(cls, metadata: Any) -> Usage:
         """From google-genai's ``usage_metadata`` (any missing count is 0)."""
         if metadata is None:
             return cls()
@@ -45,7 +48,7 @@ class Usage:
         )
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "Usage":
+    def from_dict(cls, data: dict | None) -> Usage:
         data = data or {}
         return cls(int(data.get("prompt_tokens", 0)), int(data.get("output_tokens", 0)), int(data.get("thinking_tokens", 0)))
 
@@ -58,7 +61,7 @@ class Usage:
 
 
 def _utc_day(now: float) -> str:
-    return dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%d")
+    return dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d")
 
 
 class CostTracker:
@@ -68,7 +71,7 @@ class CostTracker:
         self,
         settings: Settings,
         redis: redis_lib.Redis | None = None,
-        prefix: str = "lsb:gemini:spend",
+        prefix: str = keys.gemini_spend(),
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.price_in = settings.gemini_price_input_per_m
@@ -79,14 +82,15 @@ class CostTracker:
         self._clock = clock or time.time
         self._local: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._redis_failed = False
+        self._outage = OutageLog(log, "cost: Redis unavailable, the budget is tracked per process until it returns",
+                                 "cost: Redis is back, spend is shared again")
 
     def cost_usd(self, usage: Usage) -> float:
         """Estimated USD of one call from the configured per-million prices."""
         return (usage.prompt_tokens * self.price_in + (usage.output_tokens + usage.thinking_tokens) * self.price_out) / 1e6
 
     def day_key(self, day: str | None = None) -> str:
-        return f"{self._prefix}:{day or _utc_day(self._clock())}"
+        return keys.Keys.SPEND_DAY.format(prefix=self._prefix, day=day or _utc_day(self._clock()))
 
     def record(self, model: str, usage: Usage) -> float:
         """Count a billed call: token and cost metrics, today's shared spend. Returns its USD."""
@@ -106,9 +110,9 @@ class CostTracker:
                 pipe.incrbyfloat(key, cost)
                 pipe.expire(key, DAY_KEY_TTL)
                 pipe.execute()
-                self._redis_ok()
+                self._outage.up()
             except redis_lib.RedisError as exc:
-                self._redis_down(exc)
+                self._outage.down(exc)
         return cost
 
     def spent_today(self) -> float:
@@ -117,25 +121,13 @@ class CostTracker:
         if self._redis is not None:
             try:
                 value = self._redis.get(key)
-                self._redis_ok()
+                self._outage.up()
                 return float(value or 0.0)
             except redis_lib.RedisError as exc:
-                self._redis_down(exc)
+                self._outage.down(exc)
         with self._lock:
             return self._local.get(key, 0.0)
 
     def budget_exhausted(self) -> bool:
         """True once a daily budget is set and today's spend reached it."""
         return self.budget > 0 and self.spent_today() >= self.budget
-
-    def _redis_down(self, exc: Exception) -> None:
-        with self._lock:
-            first, self._redis_failed = not self._redis_failed, True
-        if first:
-            log.warning("cost: Redis unavailable, the budget is tracked per process until it returns: %s", exc)
-
-    def _redis_ok(self) -> None:
-        with self._lock:
-            was, self._redis_failed = self._redis_failed, False
-        if was:
-            log.info("cost: Redis is back, spend is shared again")

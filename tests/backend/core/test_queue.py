@@ -1,34 +1,25 @@
-"""backend.core.queue: coalescing, locking and status, then real ``rq worker`` subprocesses."""
+"""backend.core.queue: coalescing and status, then real ``rq worker`` subprocesses (with the worker's lock)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from rq import Queue
-from rq.job import Job
+from rq.job import Job, JobStatus
 
+from backend.core import keys
 from backend.core import queue as wq
+from backend.core.connection import connect
 from backend.core.registry import ModelRegistry
-from tests.worker_fixtures import (  # noqa: F401  (fixtures)
-    ROOT,
-    RQWorker,
-    cleanup_queues,
-    fake_ls,
-    good_model,
-    job_status,
-    make_settings,
-    populate,
-    project_id,
-    redis15,
-    settings_env,
-    wait_for,
-)
+from tests.live import wait_for
+from tests.paths import TEST_REDIS_URL
+from tests.worker_fixtures import ROOT, RQWorker, cleanup_queues, good_model, job_status, make_settings, populate, settings_env
 
 
 @pytest.fixture
@@ -57,7 +48,7 @@ def test_light_import():
 
 
 def test_request_coalesces_and_upgrades_force(redis15, project_id, qprefix, settings):
-    client = wq.make_redis("redis://127.0.0.1:6379/15", timeout=1.0)  # the web route's client
+    client = connect(TEST_REDIS_URL, timeout=1.0)  # the web route's client
     started = time.perf_counter()
     first = wq.request_training(client, project_id, settings=settings)
     elapsed = time.perf_counter() - started
@@ -65,9 +56,9 @@ def test_request_coalesces_and_upgrades_force(redis15, project_id, qprefix, sett
     assert elapsed < 0.5
     second = wq.request_training(client, project_id, label_config="<View/>", settings=settings)
     assert second == {**first, "status": "coalesced"}
-    assert redis15.get(wq.key(project_id, "force")) is None
+    assert redis15.get(keys.train_force(project_id)) is None
     wq.request_training(client, project_id, force=True, settings=settings)
-    assert redis15.get(wq.key(project_id, "force")) == b"1"
+    assert redis15.get(keys.train_force(project_id)) == b"1"
     q = Queue(f"{qprefix}training", connection=redis15)
     assert q.job_ids == [first["job_id"]]
     job = Job.fetch(first["job_id"], connection=redis15)
@@ -78,20 +69,39 @@ def test_request_coalesces_and_upgrades_force(redis15, project_id, qprefix, sett
 @pytest.mark.parametrize("state", ["missing", "failed", "stopped", "finished", "dead_worker"])
 def test_stale_pending_marker_is_ignored(redis15, project_id, qprefix, settings, state):
     old_id = f"train-{project_id}-old"
-    redis15.set(wq.key(project_id, "pending"), f"{old_id} {time.time() - 3600:.3f}")
-    if state != "missing":
-        status = "started" if state == "dead_worker" else state
-        redis15.hset(f"rq:job:{old_id}", mapping={"status": status, "last_heartbeat": "2000-01-01T00:00:00Z"})
+    redis15.set(keys.train_pending(project_id), f"{old_id} {time.time() - 3600:.3f}")
+    old = None
+    if state != "missing":  # a real job in that state, written through rq's API
+        old = Job.create("os.getpid", id=old_id, connection=redis15)
+        old.set_status(JobStatus.STARTED if state == "dead_worker" else JobStatus(state), pipeline=None)
+        old.last_heartbeat = datetime(2000, 1, 1, tzinfo=UTC)
+        old.save()
     try:
         out = wq.request_training(redis15, project_id, settings=settings)
         assert out["status"] == "queued" and out["job_id"] != old_id
-        assert redis15.get(wq.key(project_id, "pending")).decode().startswith(out["job_id"] + " ")
+        assert redis15.get(keys.train_pending(project_id)).decode().startswith(out["job_id"] + " ")
     finally:
-        redis15.delete(f"rq:job:{old_id}")
+        if old is not None:
+            old.delete()
+
+
+@pytest.mark.parametrize("state", ["queued", "scheduled", "started"])
+def test_live_pending_job_is_coalesced_into(redis15, project_id, qprefix, settings, state):
+    old_id = f"train-{project_id}-live"
+    redis15.set(keys.train_pending(project_id), f"{old_id} {time.time() - 3600:.3f}")
+    old = Job.create("os.getpid", id=old_id, connection=redis15)
+    old.set_status(JobStatus(state), pipeline=None)
+    old.last_heartbeat = datetime.now(UTC)  # a worker is alive on it
+    old.save()
+    try:
+        assert wq.request_training(redis15, project_id, settings=settings) == {
+            "status": "coalesced", "job_id": old_id, "project": str(project_id), "queue": f"{qprefix}training"}
+    finally:
+        old.delete()
 
 
 def test_young_marker_of_a_job_being_enqueued_is_live(redis15, project_id, qprefix, settings):
-    redis15.set(wq.key(project_id, "pending"), f"train-{project_id}-x {time.time():.3f}")
+    redis15.set(keys.train_pending(project_id), f"train-{project_id}-x {time.time():.3f}")
     assert wq.request_training(redis15, project_id, settings=settings)["status"] == "coalesced"
 
 
@@ -103,56 +113,21 @@ def test_record_annotation_event_threshold(redis15, project_id, qprefix, tmp_pat
     assert outs[3]["events"] == 4
 
 
-def test_training_slot_protocol(redis15, project_id, monkeypatch):
-    monkeypatch.setenv("LSB_TRAIN_LOCK_TTL", "1")
-    redis15.set(wq.key(project_id, "pending"), "train-X 1")
-    redis15.set(wq.key(project_id, "events"), 5)
-    order = []
-    with wq.training_slot(redis15, project_id, "train-X") as slot:
-        assert slot.events_consumed == 5 and redis15.get(wq.key(project_id, "events")) == b"0"
-        assert redis15.get(wq.key(project_id, "pending")) is None  # cleared: it named this job
-
-        def other():
-            with wq.training_slot(redis15, project_id, "train-Y") as second:
-                order.append(("second", time.monotonic(), second.waited_s))
-
-        thread = threading.Thread(target=other)
-        thread.start()
-        time.sleep(2.5)  # longer than the TTL: the heartbeat keeps the lock
-        slot.check()
-        order.append(("first-done", time.monotonic(), 0))
-    thread.join(10)
-    assert [o[0] for o in order] == ["first-done", "second"] and order[1][2] >= 2.0
-    assert redis15.get(wq.key(project_id, "running")) is None
-
-
-def test_dead_holder_lock_expires_and_lost_lock_is_detected(redis15, project_id, monkeypatch):
-    monkeypatch.setenv("LSB_TRAIN_LOCK_TTL", "1")
-    crashed = wq.TrainingSlot(redis15, str(project_id), "dead-job", 1.0)
-    assert crashed.try_acquire()  # ... and its process dies: no heartbeat, no release
-    started = time.monotonic()
-    with wq.training_slot(redis15, project_id, "next-job") as slot:
-        assert 0.5 < time.monotonic() - started < 5
-        redis15.delete(slot.key)  # e.g. an operator or a long Redis outage
-        with pytest.raises(wq.LockLost):
-            slot.check()
-
-
 def test_training_status(redis15, project_id, qprefix, settings):
     assert wq.training_status(redis15, project_id)["queued"] is None
     queued = wq.request_training(redis15, project_id, settings=settings)
-    redis15.set(wq.key(project_id, "last"), json.dumps({"status": "promoted", "version": "v0003"}))
-    redis15.set(f"lsb:model:{project_id}:current", "v0003")
+    redis15.set(keys.train_last(project_id), json.dumps({"status": "promoted", "version": "v0003"}))
+    redis15.set(keys.model_current(project_id), "v0003")
     job = Job.fetch(queued["job_id"], connection=redis15)
     job.meta["progress"] = {"stage": "training", "epoch": 2}
     job.save_meta()
-    slot = wq.TrainingSlot(redis15, str(project_id), queued["job_id"], 5)
-    assert slot.try_acquire()
+    redis15.set(keys.train_running(project_id), json.dumps({"job_id": queued["job_id"], "token": "t", "host": "h", "pid": 1,
+                                                            "since": time.time()}), px=5000)  # as the worker's lock holds it
     status = wq.training_status(redis15, project_id)
     assert status["queued"] == {"job_id": queued["job_id"], "status": "queued"}
     assert status["running"]["job_id"] == queued["job_id"] and status["progress"] == {"stage": "training", "epoch": 2}
     assert status["last"]["version"] == "v0003" and status["current_version"] == "v0003"
-    slot.release()
+    redis15.delete(keys.train_running(project_id))
 
 
 # --- real rq workers -----------------------------------------------------------------------------
@@ -172,7 +147,7 @@ def test_coalescing_100_events_with_a_worker(redis15, project_id, qprefix, tmp_p
         for _ in range(100):
             statuses.append(wq.record_annotation_event(redis15, project_id, s)["training"]["status"])
             time.sleep(0.01)
-        wait_for(lambda: not redis15.exists(wq.key(project_id, "pending")) and not redis15.exists(wq.key(project_id, "running")),
+        wait_for(lambda: not redis15.exists(keys.train_pending(project_id)) and not redis15.exists(keys.train_running(project_id)),
                  60, message="the trainings to finish")
         time.sleep(0.5)
         runs = _runs(redis15, project_id)
@@ -191,7 +166,7 @@ def test_two_workers_never_train_one_project_at_once(redis15, project_id, qprefi
     workers = [_worker(tmp_path, qprefix, s, name=f"w{i}", STUB_SECONDS="2") for i in range(2)]
     try:
         first = wq.request_training(redis15, project_id, settings=s)
-        wait_for(lambda: redis15.exists(wq.key(project_id, "running")), 30, message="the first run to start")
+        wait_for(lambda: redis15.exists(keys.train_running(project_id)), 30, message="the first run to start")
         follow_up = wq.request_training(redis15, project_id, force=True, settings=s)  # during the run
         assert follow_up["status"] == "queued" and follow_up["job_id"] != first["job_id"]
         # the second worker takes the follow-up at once but must wait for the lock
@@ -218,14 +193,14 @@ def test_label_studio_down_is_retried_with_backoff(redis15, project_id, qprefix,
         job_id = wq.request_training(redis15, pid, force=True, settings=s)["job_id"]
 
         def last():
-            raw = redis15.get(wq.key(pid, "last"))
+            raw = redis15.get(keys.train_last(pid))
             return json.loads(raw) if raw else None
 
         failed = wait_for(lambda: (l := last()) and l["status"] == "failed" and l, 60, message="a failed attempt")
         assert "503" in failed["error"] and "Label Studio" in failed["error"] and failed["retrying"]
         # while the retry is scheduled, it is still the project's pending training
         assert wq.request_training(redis15, pid, settings=s)["job_id"] == job_id
-        wait_for(lambda: (redis15.hget(f"rq:job:{job_id}", "retries_left") or b"9") == b"1", 60, message="a second failure")
+        wait_for(lambda: Job.fetch(job_id, connection=redis15).retries_left == 1, 60, message="a second failure")
         fake_ls.fail_with(None)  # Label Studio is back: the third attempt trains
         wait_for(lambda: job_status(redis15, job_id) in ("finished", "failed"), 300, message="the job to end")
         assert job_status(redis15, job_id) == "finished", worker.log()
@@ -286,7 +261,7 @@ def test_sigkill_mid_training_leaves_current_untouched(redis15, project_id, qpre
     assert sorted(p.name for p in root.iterdir()) == before == ["current.json", "v0001"]
     assert registry.current_version(pid) == "v0001" and [v.version for v in registry.versions(pid)] == ["v0001"]
     assert job_status(redis15, job_id) == "started"  # abandoned: RQ finds out later, nothing waits on it
-    assert redis15.exists(wq.key(pid, "running"))  # the dead run's lock, expiring (LSB_TRAIN_LOCK_TTL=3)
+    assert redis15.exists(keys.train_running(pid))  # the dead run's lock, expiring (LSB_TRAIN_LOCK_TTL=3)
 
     again = wq.request_training(redis15, pid, force=True, settings=s)
     assert again["status"] == "queued" and again["job_id"] != job_id

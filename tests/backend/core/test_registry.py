@@ -9,21 +9,14 @@ import time
 import pytest
 
 from backend.core import registry as registry_mod
-from backend.core.registry import CHANNEL, ModelRegistry, project_key
-from tests.worker_fixtures import project_id, redis15  # noqa: F401  (fixtures)
+from backend.core.keys import Keys
+from backend.core.registry import ModelRegistry
 
 
 def _ckpt(tmp_path, name="c.pt", size=2048):
     path = tmp_path / name
     path.write_bytes(bytes(range(256)) * (size // 256))
     return path
-
-
-def test_project_key():
-    assert project_key("2.1795306664") == "2"
-    assert project_key(7) == "7"
-    with pytest.raises(ValueError):
-        project_key("../etc")
 
 
 def test_add_version_is_complete_and_numbered(tmp_path, redis15, project_id):
@@ -45,7 +38,7 @@ def test_promote_sets_redis_pubsub_and_pointer(tmp_path, redis15, project_id):
     reg = ModelRegistry(tmp_path / "models", redis15)
     info = reg.add_version(project_id, _ckpt(tmp_path), {})
     pubsub = redis15.pubsub()
-    pubsub.subscribe(CHANNEL)
+    pubsub.subscribe(Keys.MODELS_CHANNEL)
     assert pubsub.get_message(timeout=2)["type"] == "subscribe"
     reg.promote(project_id, info.version)
     assert redis15.get(f"lsb:model:{project_id}:current") == b"v0001"

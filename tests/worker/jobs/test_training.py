@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from backend.core import queue as wq
+from backend.core import keys
 from backend.core.label_studio import LabelStudioUnavailable
 from backend.core.registry import ModelRegistry
 from tests.synthetic import draft_result, perturb
-from tests.worker_fixtures import fake_ls, good_model, make_settings, populate, project_id, redis15  # noqa: F401
+from tests.worker_fixtures import good_model, make_settings, populate
 from worker.jobs.training import run_training, train_project
 
 
@@ -29,8 +29,8 @@ def _drafts(i, im):
 def test_first_training_promotes_then_skip_then_gate(fake_ls, tmp_path, redis15, project_id):
     pid, _, ids = populate(fake_ls, n=20, project=project_id, predictions=_drafts)
     settings = make_settings(tmp_path, fake_ls)
-    redis15.set(wq.key(pid, "events"), 7)
-    redis15.set(wq.key(pid, "force"), "1")
+    redis15.set(keys.train_events(pid), 7)
+    redis15.set(keys.train_force(pid), "1")
 
     result = run_training(pid, settings=settings, redis=redis15)  # label config read from Label Studio
     assert result["status"] == "promoted" and result["promoted"] and result["version"] == "v0001"
@@ -45,10 +45,10 @@ def test_first_training_promotes_then_skip_then_gate(fake_ls, tmp_path, redis15,
     dq = info.meta["draft_quality"]
     assert set(dq) == {"gemini", "yolo"} and dq["gemini"]["precision"] == 1.0 and dq["gemini"]["recall"] == 1.0
     assert dq["yolo"]["recall"] < 1.0 and dq["gemini"]["n"] == result["counts"]["val"]
-    stored = json.loads(redis15.get(wq.quality_key(pid)))
+    stored = json.loads(redis15.get(keys.quality(pid)))
     assert stored["sources"] == dq and stored["version"] == "v0001" and stored["model"]["version"] == "v0001"
-    assert json.loads(redis15.get(wq.key(pid, "last")))["status"] == "promoted"
-    assert redis15.get(wq.key(pid, "running")) is None and redis15.get(wq.key(pid, "events")) == b"0"
+    assert json.loads(redis15.get(keys.train_last(pid)))["status"] == "promoted"
+    assert redis15.get(keys.train_running(pid)) is None and redis15.get(keys.train_events(pid)) == b"0"
     assert not list((tmp_path / "data" / "candidates").glob("*.pt"))  # the registry holds the only copy
 
     # nothing changed: a non-forced run does not train
@@ -66,7 +66,7 @@ def test_first_training_promotes_then_skip_then_gate(fake_ls, tmp_path, redis15,
     meta = registry.current(pid).meta
     assert meta["last_challenger"]["reason"] == rejected["reason"]
     assert rejected["rejected_checkpoint"] and (tmp_path / "data" / "candidates" / str(pid)).is_dir()
-    assert json.loads(redis15.get(wq.key(pid, "last")))["status"] == "rejected"
+    assert json.loads(redis15.get(keys.train_last(pid)))["status"] == "rejected"
 
 
 def test_fine_tunes_current_and_prunes(fake_ls, tmp_path, redis15, project_id, monkeypatch):
@@ -91,22 +91,19 @@ def test_label_studio_down_and_not_enough_data(fake_ls, tmp_path, redis15, proje
     fake_ls.stop()
     with pytest.raises(LabelStudioUnavailable, match="unreachable"):
         run_training(pid, settings=settings, redis=redis15)
-    assert redis15.get(wq.key(pid, "running")) is None  # the lock is released on failure
+    assert redis15.get(keys.train_running(pid)) is None  # the lock is released on failure
 
 
 def test_train_project_outside_rq_records_failure(fake_ls, tmp_path, redis15, project_id, monkeypatch):
-    from backend.core.settings import get_settings
-
     pid, _, _ = populate(fake_ls, n=2, project=project_id)
     settings = make_settings(tmp_path, fake_ls)
-    monkeypatch.setattr("backend.core.settings.get_settings", lambda: settings)
-    monkeypatch.setattr("worker.jobs.training.redis_lib.Redis.from_url", lambda url, **kw: redis15)
+    monkeypatch.setattr("worker.jobs.training.get_settings", lambda: settings)
+    monkeypatch.setattr("worker.jobs.training.connect_patient", lambda url, **kw: redis15)
     fake_ls.fail_with(502)
     with pytest.raises(LabelStudioUnavailable):
         train_project(str(pid))
-    last = json.loads(redis15.get(wq.key(pid, "last")))
+    last = json.loads(redis15.get(keys.train_last(pid)))
     assert last["status"] == "failed" and "502" in last["error"]
-    get_settings.cache_clear()
 
 
 def test_promotion_exports_verified_fast_formats_that_the_server_then_uses(fake_ls, tmp_path, redis15, project_id):

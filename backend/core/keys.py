@@ -1,0 +1,120 @@
+"""Every Redis key and pub/sub channel of the project, as named templates (one place to read the layout).
+
+``{project}`` is always the normalised Label Studio project id (:func:`project_key`). The strings are
+data: changing one orphans what is stored under the old name, so keep them stable.
+
+Training coordination, one set per project (:mod:`backend.core.queue`, :mod:`worker.training.lock`)::
+
+    lsb:train:<p>:pending   "<rq job id> <unix time>"  the queued training (at most one)
+    lsb:train:<p>:running   JSON {job_id, token, host, pid, since}; PX = lock TTL, renewed by a heartbeat
+    lsb:train:<p>:force     "1": a coalesced request asked for force=True
+    lsb:train:<p>:events    annotation changes since the last training started
+    lsb:train:<p>:last      JSON result of the last finished (or failed) training
+
+Models and their quality (:mod:`backend.core.registry`, :mod:`backend.serving.quality`)::
+
+    lsb:model:<p>:current   the served version name ("v0004")
+    lsb:models              channel: {"project", "version"} on every promotion
+    lsb:quality:<p>         JSON draft quality per source + the served model's val metrics
+
+Gemini state shared by every replica, under a root prefix (tests and the bench use their own root)::
+
+    lsb:gemini:answer:<sha256>          cached raw answer (:mod:`backend.detectors.gemini.cache`)
+    lsb:gemini:spend:<YYYY-MM-DD>       USD spent that UTC day (:mod:`backend.detectors.gemini.cost`)
+    lsb:gemini:breaker:failures|opened_at|trial   circuit breaker (:mod:`backend.detectors.gemini.breaker`)
+
+RQ's own keys (``rq:job:*``, ``rq:queue:*``) are RQ's business: read them through rq's public API only.
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    """Key and channel templates; format them with the helpers below, never by hand."""
+
+    TRAIN_PENDING = "lsb:train:{project}:pending"
+    TRAIN_RUNNING = "lsb:train:{project}:running"
+    TRAIN_FORCE = "lsb:train:{project}:force"
+    TRAIN_EVENTS = "lsb:train:{project}:events"
+    TRAIN_LAST = "lsb:train:{project}:last"
+    MODEL_CURRENT = "lsb:model:{project}:current"
+    QUALITY = "lsb:quality:{project}"
+    MODELS_CHANNEL = "lsb:models"
+
+    GEMINI_ROOT = "lsb:gemini"
+    GEMINI_ANSWERS = "{root}:answer"
+    GEMINI_SPEND = "{root}:spend"
+    GEMINI_BREAKER = "{root}:breaker"
+    ANSWER = "{prefix}:{digest}"
+    SPEND_DAY = "{prefix}:{day}"
+    BREAKER_FAILURES = "{prefix}:failures"
+    BREAKER_OPENED_AT = "{prefix}:opened_at"
+    BREAKER_TRIAL = "{prefix}:trial"
+
+    #: SCAN patterns of everything stored for one project (cleanup in tests and the bench).
+    PROJECT_PATTERNS = ("lsb:train:{project}:*", "lsb:model:{project}:*", "lsb:quality:{project}")
+
+
+
+def project_key(project: str | int) -> str:
+    """Label Studio sends ``"2.1795306664"`` (id.created_ts) in /setup and /predict, ``2`` in webhooks."""
+    text = str(project).strip()
+    head = text.split(".", 1)[0]
+    # ASCII digits only ("²".isdigit() is True), and no longer than a bigint: the id names folders and keys.
+    if not (head.isascii() and head.isdigit()) or len(head) > 18:
+        raise ValueError(f"not a Label Studio project id: {text[:40]!r}")
+    return head
+
+
+def _for(template: str, project: str | int) -> str:
+    return template.format(project=project_key(project))
+
+
+def train_pending(project: str | int) -> str:
+    return _for(Keys.TRAIN_PENDING, project)
+
+
+def train_running(project: str | int) -> str:
+    return _for(Keys.TRAIN_RUNNING, project)
+
+
+def train_force(project: str | int) -> str:
+    return _for(Keys.TRAIN_FORCE, project)
+
+
+def train_events(project: str | int) -> str:
+    return _for(Keys.TRAIN_EVENTS, project)
+
+
+def train_last(project: str | int) -> str:
+    return _for(Keys.TRAIN_LAST, project)
+
+
+def model_current(project: str | int) -> str:
+    return _for(Keys.MODEL_CURRENT, project)
+
+
+def quality(project: str | int) -> str:
+    return _for(Keys.QUALITY, project)
+
+
+def project_patterns(project: str | int) -> list[str]:
+    """SCAN patterns matching every key of one project (and nothing of another)."""
+    return [_for(pattern, project) for pattern in Keys.PROJECT_PATTERNS]
+
+
+def gemini_answers(root: str = Keys.GEMINI_ROOT) -> str:
+    return Keys.GEMINI_ANSWERS.format(root=root)
+
+
+def gemini_spend(root: str = Keys.GEMINI_ROOT) -> str:
+    return Keys.GEMINI_SPEND.format(root=root)
+
+
+def gemini_breaker(root: str = Keys.GEMINI_ROOT) -> str:
+    return Keys.GEMINI_BREAKER.format(root=root)
+
+
+def gemini_patterns(root: str = Keys.GEMINI_ROOT) -> list[str]:
+    """SCAN patterns of all shared Gemini state under ``root`` (cache, spend, breaker)."""
+    return [f"{prefix}*" for prefix in (gemini_answers(root), gemini_breaker(root), gemini_spend(root))]
