@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     train_epochs: int = Field(30, ge=1, description="Epochs per training (the time limit may stop it sooner).")
     train_min_steps: int = Field(240, ge=0, description="A training from random init makes at least this many optimizer steps: epochs are raised for small datasets (0 = off).")
     train_imgsz: int = Field(320, ge=32, description="Training image size.")
-    train_batch: int = Field(16, ge=1, description="Batch size (nbs is set equal: see PROTOCOL.md section 3).")
+    train_batch: int = Field(16, ge=1, description="Batch size (nbs is set equal: see docs/ultralytics.md#training-on-cpu).")
     train_device: str = Field("cpu", description="Training device: cpu, 0, 0,1 ...")
     train_time_limit_min: float = Field(0.0, ge=0, description="Training wall-time budget in minutes (0 = epochs only).")
     train_val_fraction: float = Field(0.2, ge=0.05, le=0.5, description="Share of tasks held out for the promotion gate.")
