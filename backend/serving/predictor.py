@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 from backend.control_models import CONTROL_MODELS
 from backend.core.detections import Detections
 from backend.core.images import ImageLoader
+from backend.core.keys import project_key
 from backend.core.label_config import ProjectConfig
 from backend.core.metrics import PREDICTION_FAILURES, PREDICTIONS
-from backend.core.registry import ModelRegistry, project_key
+from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings
 from backend.detectors.gemini.client import GeminiDetector
 from backend.serving.hotswap import ModelHolder
@@ -53,6 +54,12 @@ class Predictor:
         self.models = models
         self.gemini = gemini
         self.router = Router(settings, loader, gemini)
+
+    def close(self) -> None:
+        """Release the HTTP clients (image loader, Gemini) of a short-lived predictor, such as a job's."""
+        self.router.loader.close()
+        if self.gemini is not None:
+            self.gemini.close()
 
     def _gemini_model(self) -> str | None:
         return self.gemini.model if self.gemini is not None and self.settings.routing != "yolo" else None

@@ -14,16 +14,24 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
-from backend.core.settings import Settings
+import httpx
+from label_studio_sdk.core.api_error import ApiError
+
+from backend.core.connection import connect_patient
+from backend.core.label_config import ProjectConfig
+from backend.core.label_studio import client_from_settings, translate_error
+from backend.core.logs import configure_logging
+from backend.core.progress import save_meta
+from backend.core.settings import Settings, get_settings
+from backend.serving.predictor import Predictor
+from backend.serving.services import build_predictor
 
 log = logging.getLogger(__name__)
 
+
 def label_studio(settings: Settings):
     """The SDK client (PAT refresh handled by the SDK); clear errors when unset or unreachable."""
-    from backend.core.label_studio import client_from_settings
-
     return client_from_settings(settings)
 
 
@@ -43,43 +51,30 @@ def all_tasks(ls, project: int) -> list[dict]:
     return tasks
 
 
-def _progress(**meta: Any) -> None:
-    from rq import get_current_job
-
-    job = get_current_job()
-    if job is not None:
-        job.meta.update(meta)
-        job.save_meta()
-
-
 def prelabel_tasks(project: str, tasks: list[dict] | None = None, label_config: str | None = None) -> dict:
-    """RQ job: draft and store predictions for ``tasks`` (or every task without a current draft)."""
-    from backend.core.logs import configure_logging
-    from backend.serving.services import get_services
+    """RQ job: draft and store predictions for ``tasks`` (or every task without a current draft).
 
-    services = get_services()
-    configure_logging(services.settings)
+    The job builds its own predictor (the current model of the project, loaded once; no hot-swap
+    threads) and closes it when done.
+    """
+    settings = get_settings()
+    configure_logging(settings)
+    predictor = build_predictor(settings, connect_patient(settings.redis_url))
     try:
-        return _prelabel(services, int(project), tasks, label_config)
+        return _prelabel(settings, predictor, int(project), tasks, label_config)
     except Exception as exc:
-        import httpx
-        from label_studio_sdk.core.api_error import ApiError
-
-        from backend.core.label_studio import translate_error
-
         talking_to_ls = isinstance(exc, (httpx.TransportError, ApiError))
-        error = translate_error(exc, services.settings.label_studio_url, "pre-label") if talking_to_ls else exc
-        _progress(error=f"{type(error).__name__}: {error}")
+        error = translate_error(exc, settings.label_studio_url, "pre-label") if talking_to_ls else exc
+        save_meta(error=f"{type(error).__name__}: {error}")
         log.error("pre-labeling project %s failed: %s", project, error)
         if error is exc:
             raise
         raise error from exc  # retried by RQ (Retry on the job) with back-off
+    finally:
+        predictor.close()
 
 
-def _prelabel(services, pid: int, tasks: list[dict] | None, label_config: str | None) -> dict:
-    from backend.core.label_config import ProjectConfig
-
-    settings = services.settings
+def _prelabel(settings: Settings, predictor: Predictor, pid: int, tasks: list[dict] | None, label_config: str | None) -> dict:
     ls = label_studio(settings)
     if label_config is None:
         label_config = ls.projects.get(pid).label_config
@@ -92,14 +87,14 @@ def _prelabel(services, pid: int, tasks: list[dict] | None, label_config: str | 
     stored = skipped = failed = 0
     reasons: dict[str, int] = {}
     min_batch_seconds = 60.0 * settings.prelabel_batch / settings.gemini_rpm if settings.gemini_rpm else 0.0
-    _progress(total=len(tasks), done=0, stored=0)
+    save_meta(total=len(tasks), done=0, stored=0)
     for start in range(0, len(tasks), settings.prelabel_batch):
         batch_started = time.monotonic()
-        version = services.predictor.model_version(pid)
+        version = predictor.model_version(pid)
         chunk = tasks[start:start + settings.prelabel_batch]
         batch = [t for t in chunk if version not in held.get(int(t["id"]), set())]
         skipped += len(chunk) - len(batch)
-        for task, (prediction, reason) in zip(batch, services.predictor.predict_detailed(batch, config, pid)):
+        for task, (prediction, reason) in zip(batch, predictor.predict_detailed(batch, config, pid)):
             if reason:
                 failed += 1
                 reasons[reason] = reasons.get(reason, 0) + 1
@@ -108,7 +103,7 @@ def _prelabel(services, pid: int, tasks: list[dict] | None, label_config: str | 
                                   model_version=prediction["model_version"])
             held.setdefault(int(task["id"]), set()).add(prediction["model_version"])
             stored += 1
-        _progress(total=len(tasks), done=min(start + settings.prelabel_batch, len(tasks)), stored=stored, failed=failed)
+        save_meta(total=len(tasks), done=min(start + settings.prelabel_batch, len(tasks)), stored=stored, failed=failed)
         wait = min_batch_seconds - (time.monotonic() - batch_started)
         if wait > 0 and start + settings.prelabel_batch < len(tasks):
             time.sleep(wait)  # stay under GEMINI_RPM for long imports

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.serving.services import get_services
+from backend.core.label_studio import LabelStudioUnavailable
+from backend.core.settings import get_settings
 from tests import fake_gemini as fg
 from tests.fake_label_studio import FakeLabelStudio
 from tests.synthetic import label_config, make_images
@@ -28,17 +31,13 @@ def project(monkeypatch, tmp_path, redis_url):
                             ("DATA_DIR", str(tmp_path / "d")), ("GEMINI_TASK_DEADLINE", "3"), ("GEMINI_BREAKER_FAILURES", "1000"),
                             ("GEMINI_CACHE_TTL", "1")):
             monkeypatch.setenv(name, value)
-        from backend.core.settings import get_settings
-
         get_settings.cache_clear()
-        get_services.cache_clear()
         yield ls, gemini, pid, ids, images
-        get_services.cache_clear()
         get_settings.cache_clear()
 
 
 def test_webhook_tasks_are_drafted_stored_once_and_failures_left_for_a_retry(project):
-    ls, gemini, pid, ids, images = project
+    ls, gemini, pid, ids, _ = project
     gemini.script(fg.blocked())  # the first task's Gemini call is blocked and there is no YOLO model
     tasks = [{"id": tid, "data": ls.tasks[tid]["data"]} for tid in ids]
     result = prelabel_tasks(str(pid), tasks, ls.projects[pid]["label_config"])
@@ -60,9 +59,17 @@ def test_webhook_tasks_are_drafted_stored_once_and_failures_left_for_a_retry(pro
 
 
 def test_label_studio_down_is_a_clear_retryable_error(project):
-    from backend.core.label_studio import LabelStudioUnavailable
-
-    ls, gemini, pid, ids, images = project
+    ls, _, pid, _, _ = project
     ls.stop()
     with pytest.raises(LabelStudioUnavailable, match="unreachable"):
         prelabel_tasks(str(pid), None, None)
+
+
+def test_the_job_starts_no_hot_swap_watcher_thread(project):
+    """The job drafts with its own predictor; the web's watcher threads would outlive it in the worker."""
+    pid = project[2]
+    watchers = {"model-hotswap", "model-pubsub"}  # the names ModelHolder gives its threads
+    before = {t for t in threading.enumerate() if t.name in watchers}
+    result = prelabel_tasks(str(pid), None, None)
+    assert result["stored"] == 4
+    assert {t for t in threading.enumerate() if t.name in watchers} == before
