@@ -12,7 +12,6 @@ Label Studio down until a retry succeeds is tests/backend/core/test_queue.py::te
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import json
@@ -394,9 +393,8 @@ def test_a_full_disk_while_promoting_keeps_the_current_version(app_factory, priv
 
 @pytest.fixture
 def worker_env(monkeypatch, tmp_path, private_redis):  # noqa: F811
-    """Environment for jobs run in this process (they read get_settings()/get_services())."""
+    """Environment for jobs run in this process (they read get_settings())."""
     from backend.core.settings import get_settings
-    from backend.serving.services import get_services
 
     private_redis.client().flushall()
     for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WEBHOOK_SECRET", "LSB_QUEUE_PREFIX"):
@@ -407,16 +405,12 @@ def worker_env(monkeypatch, tmp_path, private_redis):  # noqa: F811
                            "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat, "LSB_TRAIN_RETRY_INTERVALS": "1,1"}.items():
             monkeypatch.setenv(key, value)
         get_settings.cache_clear()
-        get_services.cache_clear()
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield configure
     for sig, handler in handlers.items():  # rq's worker installs its own
         signal.signal(sig, handler)
-    with contextlib.suppress(Exception):  # nothing was built if a test failed early
-        get_services().models.stop()
     get_settings.cache_clear()
-    get_services.cache_clear()
     private_redis.client().flushall()
 
 

@@ -369,8 +369,6 @@ FakeLabelStudioWithPredictions = FakeLabelStudio  # the fake serves /api/predict
 
 
 def test_push_in_process_is_resumable_and_valid(env, capsys, monkeypatch):
-    from backend.serving.services import get_services
-
     xml = label_config(CLASSES)
     images = make_images(5, seed=9, max_objects=2)
     oracle = fg.Oracle()
@@ -382,24 +380,20 @@ def test_push_in_process_is_resumable_and_valid(env, capsys, monkeypatch):
         for name, value in (("LABEL_STUDIO_URL", ls.url), ("LABEL_STUDIO_API_KEY", ls.pat), ("GEMINI_API_KEY", fg.DEFAULT_KEY),
                             ("GEMINI_BASE_URL", fake.base_url), ("ROUTING", "gemini")):
             monkeypatch.setenv(name, value)
-        get_services.cache_clear()
-        try:
-            code, out, err = lsb(capsys, "push", "--project", pid, "--chunk", "2")
-            assert code == 0, err
-            assert out["tasks"] == 5 and out["stored"] == 5 and out["failed"] == 0
-            interface = LabelInterface(xml)
-            for tid, im in zip(ids, images):
-                (pred,) = ls.tasks[tid]["predictions"]
-                assert pred["model_version"] == "gemini:gemini-2.5-flash"
-                assert interface.validate_prediction({"result": pred["result"], "score": pred["score"], "model_version": "x"},
-                                                     return_errors=True) == []
-                assert sorted(r["value"]["rectanglelabels"][0] for r in pred["result"]) == sorted(b.label for b in im.boxes)
-            code, out, _ = lsb(capsys, "push", "--project", pid)
-            assert code == 0 and out["stored"] == 0 and out["skipped"] == 5 and len(fake.calls) == 5
-            code, out, _ = lsb(capsys, "push", "--project", pid, "--tasks", f"{ids[0]},999999")
-            assert code == 2
-        finally:
-            get_services.cache_clear()
+        code, out, err = lsb(capsys, "push", "--project", pid, "--chunk", "2")
+        assert code == 0, err
+        assert out["tasks"] == 5 and out["stored"] == 5 and out["failed"] == 0
+        interface = LabelInterface(xml)
+        for tid, im in zip(ids, images):
+            (pred,) = ls.tasks[tid]["predictions"]
+            assert pred["model_version"] == "gemini:gemini-2.5-flash"
+            assert interface.validate_prediction({"result": pred["result"], "score": pred["score"], "model_version": "x"},
+                                                 return_errors=True) == []
+            assert sorted(r["value"]["rectanglelabels"][0] for r in pred["result"]) == sorted(b.label for b in im.boxes)
+        code, out, _ = lsb(capsys, "push", "--project", pid)
+        assert code == 0 and out["stored"] == 0 and out["skipped"] == 5 and len(fake.calls) == 5
+        code, out, _ = lsb(capsys, "push", "--project", pid, "--tasks", f"{ids[0]},999999")
+        assert code == 2
 
         # --queue hands the job to RQ (here a synchronous queue, so it has run by the time --wait looks).
         from rq import Queue
