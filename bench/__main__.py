@@ -38,7 +38,8 @@ RUN_ORDER = ["formats", "yolo_latency", "cache", "bulk", "hotswap", "health", "m
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets (development, smoke tests)")
     parser.add_argument("--only", action="append", default=[], help="comma-separated benchmark names (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="report to write (default BENCHMARKS.md)")

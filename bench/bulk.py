@@ -56,11 +56,13 @@ def run(ctx: Context) -> Result:
                     seed += 1  # new images every time: no cache hit anywhere
                     tasks = upload_tasks(ls, pid, synthetic(n_tasks, seed=seed))
                     calls_before = len(gemini.calls)
-                    elapsed, response = timed(lambda: requests.post(f"{be.url}/predict", json=predict_body(tasks, project), timeout=600))
+                    body = predict_body(tasks, project)
+                    elapsed, response = timed(lambda: requests.post(f"{be.url}/predict", json=body, timeout=600))  # noqa: B023 (called at once)
                     response.raise_for_status()
                     results = response.json()["results"]
                     assert len(results) == n_tasks, f"{len(results)} results for {n_tasks} tasks"
-                    served.append(sum(1 for r in results if len(r["result"]) == 3 and r["result"][0].get("meta", {}).get("source") == "gemini"))
+                    served.append(sum(1 for r in results
+                                      if len(r["result"]) == 3 and r["result"][0].get("meta", {}).get("source") == "gemini"))
                     times.append(elapsed)
                     ctx.log(f"bulk: latency {latency}s: {n_tasks} tasks in {elapsed:.2f}s, "
                             f"{len(gemini.calls) - calls_before} Gemini calls, {served[-1]} tasks drafted by Gemini")
@@ -97,7 +99,8 @@ def run(ctx: Context) -> Result:
                     f"{rate:.2f} tasks/s", rate / ideal_rate, 0.9, True, "≥ 90% of ideal",
                     baseline=f"{ideal_rate:g} tasks/s ideal", ratio_text=f"{100 * rate / ideal_rate:.1f}%",
                     note=(f"{n_tasks} tasks in {rounds} rounds of {concurrency}: at most {100 * ceiling:.1f}% of this ideal; "
-                          f"{100 * (rounds * latency) / pipe.median:.1f}% of the {rounds} × {latency:g} s = {rounds * latency:g} s "
+                          f"{100 * (rounds * latency) / pipe.median:.1f}% of the {rounds} × {latency:g} s = "
+                          f"{rounds * latency:g} s "
                           f"a perfect pipeline takes") if ceiling < 1 else ""))
                 result.add(Row(f"… tasks drafted by Gemini (latency {latency:g} s)", f"{min(served)}/{n_tasks} (worst repeat)"))
                 result.raw[f"latency_{latency}"] = {"pipeline_s": times, "sequential_s": seq_times, "served": served}
@@ -122,13 +125,16 @@ def run(ctx: Context) -> Result:
                     result.notes.append(
                         f"Latency {latency:g} s: {speedup:.2f}× misses 8× by {100 * (1 - speedup / 8):.1f}%. 8× is the ceiling "
                         f"itself: with {concurrency} calls in flight the best possible time is {n_tasks}/{concurrency} rounds × "
-                        f"{latency:g} s = {n_tasks / concurrency * latency:.1f} s, and the sequential loop pays the same per-call "
-                        f"overhead as the pipeline (a pipeline at exactly the ideal time would score {ceiling:.2f}× against this loop). The 90%-of-ideal goal is the "
+                        f"{latency:g} s = {n_tasks / concurrency * latency:.1f} s, and the sequential loop pays the same "
+                        f"per-call overhead as the pipeline (a pipeline at exactly the ideal time would score {ceiling:.2f}× "
+                        f"against this loop). The 90%-of-ideal goal is the "
                         f"meaningful one; GEMINI_CONCURRENCY above 8 is what buys more than 8×.")
     result.method = (f"gunicorn (1 worker × 8 gthreads, default settings, ROUTING=gemini, GEMINI_CONCURRENCY={concurrency}: "
                      f"images load on their own threads, each Gemini call starts when its image is in) "
-                     f"against tests/fake_gemini.py answering every call the given latency after the request arrived, with a fixed 3-box answer (its own CPU "
-                     f"cost, ~2 ms per call on the same 2 cores, falls inside that latency as Google's work would), images served by tests/fake_label_studio.py (PNG, 320×240, downloaded and decoded "
+                     f"against tests/fake_gemini.py answering every call the given latency after the request arrived, "
+                     f"with a fixed 3-box answer (its own CPU cost, ~2 ms per call on the same 2 cores, falls inside that "
+                     f"latency as Google's work would), images served by tests/fake_label_studio.py (PNG, 320×240, "
+                     f"downloaded and decoded "
                      f"by the backend). Fresh images for every repeat, so neither the image cache nor the Gemini answer "
                      f"cache ever hits. Baseline: the same GeminiDetector (no cache) called once per task in a loop "
                      f"in one process on already-decoded images.")

@@ -42,17 +42,19 @@ def run(ctx: Context) -> Result:
                     response.raise_for_status()
                     bucket.append(elapsed)
                     calls.append(len(gemini.calls) - before)
-                    answers.append([[(x["value"], x["value"].get("rectanglelabels")) for x in t["result"]] for t in response.json()["results"]])
+                    answers.append([[(x["value"], x["value"].get("rectanglelabels")) for x in t["result"]]
+                                    for t in response.json()["results"]])
                 same.append(answers[0] == answers[1])
-                ctx.log(f"cache: first {firsts[-1]:.2f}s ({calls_first[-1]} calls), again {seconds[-1]:.3f}s ({calls_second[-1]} calls)")
+                ctx.log(f"cache: first {firsts[-1]:.2f}s ({calls_first[-1]} calls), "
+                        f"again {seconds[-1]:.3f}s ({calls_second[-1]} calls)")
     first, second = Stats.of(firsts), Stats.of(seconds)
     result.add(goal_row(f"Gemini calls when the same {n_tasks} tasks are predicted again", f"{max(calls_second)} (worst repeat)",
                         max(calls_second), 0, False, "0", baseline=f"{min(calls_first)} calls the first time"))
     speed = ratio(first.median, second.median)
     result.add(Row(f"time of the repeat /predict ({n_tasks} tasks)", second.spread(1000, " ms", 0),
                    baseline=f"first /predict {first.spread(unit=' s')}", ratio=f"{speed:.1f}× faster"))
-    result.add(goal_row("repeat answers identical to the first ones", f"{sum(same)}/{len(same)} repeats", sum(same), len(same), True,
-                        "all"))
+    result.add(goal_row("repeat answers identical to the first ones", f"{sum(same)}/{len(same)} repeats", sum(same), len(same),
+                        True, "all"))
     result.raw = {"first_s": firsts, "second_s": seconds, "calls_first": calls_first, "calls_second": calls_second}
     result.method = (f"gunicorn (1 worker × 8 gthreads, ROUTING=gemini) with the fake Gemini answering after {latency:g} s; "
                      f"{n_tasks} new tasks are predicted, then the identical request is sent again. Gemini calls are counted "

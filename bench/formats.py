@@ -69,8 +69,8 @@ def run(ctx: Context) -> Result:
         ok = bool(check["ok"])
         detail = (f"{check['matched']}/{check['boxes_pt']} boxes matched, min IoU {check['min_iou']}, "
                   f"max score diff {check['max_score_diff']}, export {check['export_s']} s") if ok else check["reason"]
-        result.add(Row(f"{fmt} export verified against the .pt on 8 images", "yes" if ok else "NO", goal="matched boxes IoU ≥ 0.99",
-                       status="met" if ok else "MISSED", note=detail))
+        result.add(Row(f"{fmt} export verified against the .pt on 8 images", "yes" if ok else "NO",
+                       goal="matched boxes IoU ≥ 0.99", status="met" if ok else "MISSED", note=detail))
     result.add(Row("export + verification time, both formats", f"{export_s:.1f} s"))
 
     detectors = {"pt": YoloDetector(checkpoint, "bench", "cpu", 0, 0)}
@@ -193,7 +193,8 @@ def run(ctx: Context) -> Result:
     result.method = ("In one process: `YoloDetector(path)` for the .pt and for each verified export "
                      "(`worker.training.exporter.export_and_check`, dynamic-shape exports, fp32), `detect_batch` on 320×240 "
                      "images with conf 0.25 — batch 1 cycling through 16 images, then all 16 at once; torch threads as "
-                     "YoloDetector sets them (all cores for the .pt, 1 for an export, whose runtime has its own pool), every call on "
+                     "YoloDetector sets them (all cores for the .pt, 1 for an export, whose runtime has its own pool), "
+                     "every call on "
                      "YoloDetector's one inference thread; ONNX Runtime at its defaults and OpenVINO in LATENCY mode, as "
                      "Ultralytics creates them, OpenVINO compiled in f32 (its bf16 default on this AVX512-BF16 CPU moves boxes). "
                      "Direct: the runtime alone on the tensor Ultralytics' predictor builds for the same images. "

@@ -60,7 +60,8 @@ def run(ctx: Context) -> Result:
     seconds = ctx.pick(12.0, 3.0)
     train_budget_min = ctx.pick(0.5, 0.1)
     n_gemini, n_yolo = ctx.pick(64, 16), ctx.pick(128, 16)
-    result = Result(NAME, TITLE, params={"probe_rate_hz": 20, "phase_s": seconds, "gemini_tasks": n_gemini, "gemini_latency_s": 1.0,
+    result = Result(NAME, TITLE, params={"probe_rate_hz": 20, "phase_s": seconds, "gemini_tasks": n_gemini,
+                                         "gemini_latency_s": 1.0,
                                          "yolo_tasks": n_yolo, "training_budget_min": train_budget_min,
                                          "gunicorn": "2 workers x 8 threads"})
     slow = fixed_answer(1.0)
@@ -106,7 +107,8 @@ def run(ctx: Context) -> Result:
 
             items = synthetic(ctx.pick(96, 24), seed=33)
             for label, env, nice in (("training running beside the backend", None, 0),
-                                     ("training beside it, OMP_WAIT_POLICY=PASSIVE and nice 10", {"OMP_WAIT_POLICY": "PASSIVE"}, 10)):
+                                     ("training beside it, OMP_WAIT_POLICY=PASSIVE and nice 10",
+                                      {"OMP_WAIT_POLICY": "PASSIVE"}, 10)):
                 work = ctx.tmp("health-train")
                 data = write_yolo_dataset(work / "data", items[: len(items) * 3 // 4], items[len(items) * 3 // 4:])
                 box: dict = {}
@@ -121,11 +123,13 @@ def run(ctx: Context) -> Result:
     for label, samples in phases.items():
         s = Stats.of(samples)
         if label == "idle":
-            result.add(goal_row("/health p99 idle (ms)", f"{s.p99 * 1000:.1f} (p50 {s.p50 * 1000:.1f}, max {s.max * 1000:.1f}, n={s.n})",
+            result.add(goal_row("/health p99 idle (ms)",
+                                f"{s.p99 * 1000:.1f} (p50 {s.p50 * 1000:.1f}, max {s.max * 1000:.1f}, n={s.n})",
                                 s.p99, 0.05, False, "≤ 50 ms"))
             continue
         r = ratio(s.p99, idle.p99)
-        result.add(goal_row(f"/health p99 during a {label} (ms)" if "training" not in label else f"/health p99 with a {label} (ms)",
+        during = "with" if "training" in label else "during"
+        result.add(goal_row(f"/health p99 {during} a {label} (ms)",
                             f"{s.p99 * 1000:.1f} (p50 {s.p50 * 1000:.1f}, max {s.max * 1000:.1f}, n={s.n})",
                             s.p99, 0.05, False, "≤ 50 ms", baseline=f"idle p99 {idle.p99 * 1000:.1f}", ratio_text=f"{r:.1f}×"))
     result.raw = {k: v for k, v in phases.items()}

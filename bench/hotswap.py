@@ -23,7 +23,8 @@ from bench.stats import Stats, percentile, ratio
 
 NAME = "hotswap"
 TITLE = "4. Hot-swap under steady load"
-_SWAP = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (?P<pid>\d+) \S+: project (?P<project>\d+) now serves YOLO (?P<version>v\d+)")
+_SWAP = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (?P<pid>\d+) \S+: "
+                   r"project (?P<project>\d+) now serves YOLO (?P<version>v\d+)")
 
 
 def _swap_times(log_path: Path, project: str) -> dict[str, dict[int, float]]:
@@ -48,7 +49,8 @@ def _variant(ctx: Context, label: str, checkpoint: Path, exports: dict | None, r
         bodies = [predict_body([t], project) for t in tasks]
         # Warm every worker (a first request for a project loads its model) on fresh connections.
         for i in range(40):
-            requests.post(f"{be.url}/predict", json=bodies[i % len(bodies)], timeout=60, headers={"Connection": "close"}).raise_for_status()
+            requests.post(f"{be.url}/predict", json=bodies[i % len(bodies)], timeout=60,
+                          headers={"Connection": "close"}).raise_for_status()
         workers = be.worker_pids()
         warm = _swap_times(be.log_path, project).get("v0001", {})
         duration = before + swaps * interval + 1.0
@@ -58,7 +60,8 @@ def _variant(ctx: Context, label: str, checkpoint: Path, exports: dict | None, r
         promotions: list[tuple[str, float]] = []
         time.sleep(max(0.0, started + before - time.time()))
         for k in range(swaps):
-            info = registry.add_version(project, checkpoint, {"classes": ["Car", "Person", "Sign"], "imgsz": 320}, extra_files=exports)
+            info = registry.add_version(project, checkpoint, {"classes": ["Car", "Person", "Sign"], "imgsz": 320},
+                                        extra_files=exports)
             t = time.time()
             registry.promote(project, info.version)
             promotions.append((info.version, t))
@@ -67,7 +70,8 @@ def _variant(ctx: Context, label: str, checkpoint: Path, exports: dict | None, r
         time.sleep(0.5)
         swaps_seen = _swap_times(be.log_path, project)
         text = be.log_path.read_text(errors="replace")
-        served_format = "OpenVINO export" if "serves from its openvino export" in text else "ONNX export" if "serves from its onnx export" in text else ".pt"
+        served_format = ("OpenVINO export" if "serves from its openvino export" in text
+                         else "ONNX export" if "serves from its onnx export" in text else ".pt")
     return {"project": project, "workers": workers, "warm": warm, "promotions": promotions, "records": records,
             "swaps": swaps_seen, "started": started, "before": before, "format": served_format}
 

@@ -29,7 +29,8 @@ def run(ctx: Context) -> Result:
     checkpoint = trained_checkpoint(ctx)
     total = ctx.pick(10_000, 600)
     checkpoints = sorted({100, 1000, 2500, 5000, total} if not ctx.quick else {100, 300, total})
-    result = Result(NAME, TITLE, params={"predictions": total, "tasks_per_request": TASKS_PER_REQUEST, "image": "96x72 PNG, all distinct",
+    result = Result(NAME, TITLE, params={"predictions": total, "tasks_per_request": TASKS_PER_REQUEST,
+                                         "image": "96x72 PNG, all distinct",
                                          "YOLO_IMGSZ": 160, "gunicorn": "1 worker x 8 threads", "client_threads": 2})
     project = project_id()
     items = synthetic(total, seed=808, size=(96, 72), max_objects=2)
@@ -70,12 +71,14 @@ def run(ctx: Context) -> Result:
                 list(pool.map(send, batch))
                 time.sleep(0.5)
                 samples[done[0]] = proc.memory_info().rss / 2**20
-                ctx.log(f"memory: {done[0]} predictions, worker RSS {samples[done[0]]:.0f} MiB ({time.monotonic() - started:.0f} s)")
+                ctx.log(f"memory: {done[0]} predictions, worker RSS {samples[done[0]]:.0f} MiB "
+                        f"({time.monotonic() - started:.0f} s)")
         elapsed = time.monotonic() - started
     first = samples[min(samples)]
     last = samples[max(samples)]
     growth = (last - first) / first
-    result.add(goal_row(f"worker RSS after {max(samples):,} predictions (MiB)", f"{last:.0f}", growth, 0.10, False, "growth ≤ 10%",
+    result.add(goal_row(f"worker RSS after {max(samples):,} predictions (MiB)", f"{last:.0f}", growth, 0.10, False,
+                        "growth ≤ 10%",
                         baseline=f"after {min(samples):,}: {first:.0f}", ratio_text=f"{100 * growth:+.1f}%"))
     result.add(Row("RSS along the way (MiB)", ", ".join(f"{k:,}: {v:.0f}" for k, v in sorted(samples.items())),
                    note=f"at start (model not loaded yet) {rss_start / 2**20:.0f}"))

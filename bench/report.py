@@ -44,8 +44,11 @@ def machine() -> dict[str, str]:
     except Exception:
         memory = "unknown"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        def git(*args: str) -> str:
+            run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+            return run.stdout.strip()
+
+        commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
         commit = f"{commit}{' + uncommitted changes' if dirty else ''}"
     except Exception:
         commit = "unknown"
@@ -54,7 +57,7 @@ def machine() -> dict[str, str]:
         "cpu": cpu_model(),
         "memory": memory,
         "os": f"{platform.system()} {platform.release()}",
-        "python": platform.pythonpackage_version(),
+        "python": platform.python_version(),
         "torch": package_version("torch"),
         "ultralytics": package_version("ultralytics"),
         "onnxruntime": package_version("onnxruntime"),
@@ -79,7 +82,8 @@ def _table(rows: list[Row]) -> str:
     for r in rows:
         value = r.value + (f" — {r.note}" if r.note else "")
         status = {"met": "met", "MISSED": "**MISSED**"}.get(r.status, "")
-        lines.append(f"| {_cell(r.metric)} | {_cell(value)} | {_cell(r.baseline)} | {_cell(r.ratio)} | {_cell(r.goal)} | {status} |")
+        cells = (r.metric, value, r.baseline, r.ratio, r.goal)
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + f" | {status} |")
     return "\n".join(lines)
 
 
@@ -109,7 +113,8 @@ def _summary(sections: dict[str, str], order: list[str]) -> str:
         for line in body.splitlines():
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
             if len(cells) == 6 and cells[5] in ("met", "**MISSED**"):
-                lines.append(f"| {title.group(1) if title else name} | {cells[0]} | {cells[1]} | {cells[3]} | {cells[4]} | {cells[5]} |")
+                picked = (title.group(1) if title else name, cells[0], cells[1], cells[3], cells[4], cells[5])
+                lines.append("| " + " | ".join(picked) + " |")
     return "\n".join(lines)
 
 

@@ -45,7 +45,8 @@ class Stats:
 
     def spread(self, scale: float = 1.0, unit: str = "", digits: int = 2) -> str:
         """``median (min–max, n=N)`` in the given unit."""
-        return f"{fmt(self.median * scale, digits)}{unit} ({fmt(self.min * scale, digits)}–{fmt(self.max * scale, digits)}, n={self.n})"
+        low, high = fmt(self.min * scale, digits), fmt(self.max * scale, digits)
+        return f"{fmt(self.median * scale, digits)}{unit} ({low}–{high}, n={self.n})"
 
 
 def fmt(value: float | None, digits: int = 2) -> str:

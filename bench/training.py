@@ -4,8 +4,9 @@ Each training runs ``worker.training.trainer.train`` (what the RQ job calls) in 
 settings of backend/settings.py (TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS for small datasets, TRAIN_IMGSZ,
 TRAIN_BATCH, nbs = batch, no time limit, from YOLO_BASE_MODEL = yolo11n.yaml, random init), on synthetic shapes split 80/20 like
 the job's held-out split. Peak memory is the child's ru_maxrss. Quality: held-out mAP50 (the serving
-detector scored by pycocotools, as the promotion gate scores it) of our defaults vs the reference recipe of docs/ultralytics.md#measured-cost (nbs =
-batch plus a 5-minute time budget, i.e. TRAIN_TIME_LIMIT_MIN=5) on 128 train / 48 held-out images.
+detector scored by pycocotools, as the promotion gate scores it) of our defaults vs the reference recipe of
+docs/ultralytics.md#measured-cost (nbs = batch plus a 5-minute time budget, i.e. TRAIN_TIME_LIMIT_MIN=5) on 128 train /
+48 held-out images.
 """
 
 from __future__ import annotations
@@ -105,9 +106,11 @@ def run(ctx: Context) -> Result:
     ctx.log(f"training: reference: {ref['wall_s']:.0f} s, {ref['epochs_run']} epochs, mAP50 {ref['map50']}")
     share = ratio(ours["map50"] or 0.0, ref["map50"] or 0.0)
     result.add(goal_row(f"held-out mAP50, our defaults, {n_train} train / {n_val} held out",
-                        f"{ours['map50'] or 0:.3f} in {ours['wall_s'] / 60:.1f} min ({ours['epochs_run']} epochs, peak {ours['peak_rss_mb']:.0f} MB)",
+                        f"{ours['map50'] or 0:.3f} in {ours['wall_s'] / 60:.1f} min ({ours['epochs_run']} epochs, "
+                        f"peak {ours['peak_rss_mb']:.0f} MB)",
                         share, 0.9, True, "≥ 90% of the reference",
-                        baseline=f"reference (nbs=batch, {budget_min:g} min budget): {ref['map50'] or 0:.3f} in {ref['wall_s'] / 60:.1f} min, "
+                        baseline=f"reference (nbs=batch, {budget_min:g} min budget): {ref['map50'] or 0:.3f} in "
+                                 f"{ref['wall_s'] / 60:.1f} min, "
                                  f"{ref['epochs_run']} epochs", ratio_text=f"{100 * share:.0f}%"))
     result.add(Row("Reference figures (docs/ultralytics.md) for the same recipes",
                    "reference 0.96; nbs=64 defaults 30 epochs 0.28; nbs=16 25 epochs 0.55",
@@ -131,7 +134,8 @@ def run(ctx: Context) -> Result:
         runs[n] = train_in_subprocess(data, work / "result.json", work / "train.log", epochs=epochs, data_dir=work,
                                       env=TRAIN_ENV)
         r = runs[n]
-        ctx.log(f"training: {n} images: {r['wall_s']:.0f} s, {r['epochs_run']} epochs, peak RSS {r['peak_rss_mb']:.0f} MB, mAP50 {r['map50']}")
+        ctx.log(f"training: {n} images: {r['wall_s']:.0f} s, {r['epochs_run']} epochs, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                f"mAP50 {r['map50']}")
         result.add(Row(f"retrain at defaults, {n} images ({n - n_val_s} train / {n_val_s} held out)",
                        f"{r['wall_s']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
                        note=f"{r['epochs_run']} epochs, held-out mAP50 {r['map50']:.3f}" if r["map50"] is not None else ""))

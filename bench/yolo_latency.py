@@ -83,7 +83,8 @@ def run(ctx: Context) -> Result:
                             baseline=f"Ultralytics direct {direct.p50 * 1000:.1f} / {direct.p95 * 1000:.1f}",
                             ratio_text=f"p50 {r50:.2f}×, p95 {ratio(served.p95, direct.p95):.2f}×"))
     gain = ratio(sing.median, s16.median)
-    result.add(goal_row("16 tasks in one request vs 16 one-task requests (ms)", s16.spread(1000, " ms", 0), gain, 1.5, True, "≥ 1.5×",
+    result.add(goal_row("16 tasks in one request vs 16 one-task requests (ms)", s16.spread(1000, " ms", 0), gain, 1.5, True,
+                        "≥ 1.5×",
                         baseline=f"16 requests {sing.spread(1000, ' ms', 0)}", ratio_text=f"{gain:.2f}× faster"))
     per_task_overhead = (s1.p50 - d1.p50) * 1000
     result.add(Row("fixed cost per /predict beyond the model call (p50)", f"{per_task_overhead:.1f} ms",

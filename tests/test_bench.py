@@ -49,8 +49,8 @@ def test_report_keeps_sections_of_benchmarks_not_run(tmp_path):
 def test_quick_cache_benchmark_writes_its_rows(tmp_path, redis_url):
     out, raw = tmp_path / "BENCH.md", tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "cache", "--out", str(out), "--json", str(raw), "-q"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "bench", "--quick", "--only", "cache", "--out", str(out), "--json", str(raw), "-q"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     text = out.read_text()
     for expected in ("# Benchmarks", "## Machine", "| nproc |", "| torch |", "| ultralytics |", "## Summary of goals",

@@ -142,8 +142,8 @@ class YoloDetector:
 
     source = "yolo"
 
-    def __init__(self, path: Path | str, version: str, device: str = "cpu", imgsz: int = 0, threads: int = 0, task: str | None = None,
-                 max_det: int = MAX_DET):
+    def __init__(self, path: Path | str, version: str, device: str = "cpu", imgsz: int = 0, threads: int = 0,
+                 task: str | None = None, max_det: int = MAX_DET):
         ultralytics_env.prepare()
         from ultralytics import YOLO
 

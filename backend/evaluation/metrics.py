@@ -130,8 +130,9 @@ def _summary(evaluator: COCOeval) -> dict:
         **{f"ar_{s}": _mean_valid(recall[:, :, areas[s], -1]) for s in SIZES},
     }
     names = {c: n for n, c in ((cat["name"], cat["id"]) for cat in evaluator.cocoGt.dataset["categories"])}
-    out["per_class"] = {names[c]: {"ap50_95": _mean_valid(precision[:, :, k, 0, -1]), "ap50": _mean_valid(precision[t50, :, k, 0, -1])}
-                        for k, c in enumerate(evaluator.params.catIds)}
+    out["per_class"] = {
+        names[c]: {"ap50_95": _mean_valid(precision[:, :, k, 0, -1]), "ap50": _mean_valid(precision[t50, :, k, 0, -1])}
+        for k, c in enumerate(evaluator.params.catIds)}
     curve = precision[t50, :, :, 0, -1]
     valid = curve > -1
     pr = None

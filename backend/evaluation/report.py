@@ -122,10 +122,12 @@ def write_report(metrics: dict, folder: Path | str, *, title: str = "Draft quali
     for key, value in (about or {}).items():
         lines.append(f"- **{key}**: {value}")
     lines += ["", f"{metrics['n_images']} images, {metrics['n_gt']} true objects, {metrics['n_pred']} predictions"
-              + (f" ({metrics['n_pred_unknown_label']} with labels outside the class list, ignored)" if metrics["n_pred_unknown_label"] else "")
+              + (f" ({metrics['n_pred_unknown_label']} with labels outside the class list, ignored)"
+                 if metrics["n_pred_unknown_label"] else "")
               + ".", ""]
     lines += ["## Boxes", "", "| metric | value |", "|---|---|",
-              f"| mAP50-95 (pycocotools) | {_fmt(c['map50_95'])} |", f"| mAP50 | {_fmt(c['map50'])} |", f"| mAP75 | {_fmt(c['map75'])} |",
+              f"| mAP50-95 (pycocotools) | {_fmt(c['map50_95'])} |", f"| mAP50 | {_fmt(c['map50'])} |",
+              f"| mAP75 | {_fmt(c['map75'])} |",
               f"| AR@{c.get('max_det', '')} (boxes per image) | {_fmt(c.get('ar_max_det'))} |",
               f"| precision @ score ≥ {g['score_threshold']:g}, IoU 0.5 | {_fmt(g['precision'])} |",
               f"| recall @ score ≥ {g['score_threshold']:g}, IoU 0.5 | {_fmt(g['recall'])} |",
@@ -140,7 +142,9 @@ def write_report(metrics: dict, folder: Path | str, *, title: str = "Draft quali
         row = metrics["sizes"][s]
         lines.append(f"| {s} | {row['n_gt']} | {_fmt(row['recall50'])} | {_fmt(row['mean_iou'])} | {_fmt(row['map50_95'])} |")
     lines.append("")
-    for key, caption in (("iou_histogram", "IoU histogram"), ("pr_curve", "Precision-recall"), ("per_class_ap", "AP per class"), ("sizes", "By size")):
+    captions = (("iou_histogram", "IoU histogram"), ("pr_curve", "Precision-recall"), ("per_class_ap", "AP per class"),
+                ("sizes", "By size"))
+    for key, caption in captions:
         if key in plots:
             lines.append(f"![{caption}](plots/{plots[key]})")
     lines.append("")

@@ -85,9 +85,10 @@ def gate(candidate: dict, current: dict | None, min_gain: float) -> GateDecision
     if current is None:
         return GateDecision(True, "no current model", candidate, None, None)
     gain = float(candidate["map50_95"]) - float(current["map50_95"])
+    figures = f"mAP50-95 {candidate['map50_95']:.4f}", f"current {current['map50_95']:.4f} + {min_gain}"
     if gain > min_gain:
-        return GateDecision(True, f"mAP50-95 {candidate['map50_95']:.4f} > current {current['map50_95']:.4f} + {min_gain}", candidate, current, gain)
-    return GateDecision(False, f"mAP50-95 {candidate['map50_95']:.4f} does not beat current {current['map50_95']:.4f} + {min_gain}", candidate, current, gain)
+        return GateDecision(True, f"{figures[0]} > {figures[1]}", candidate, current, gain)
+    return GateDecision(False, f"{figures[0]} does not beat {figures[1]}", candidate, current, gain)
 
 
 def evaluate_gate(

@@ -33,7 +33,8 @@ def synthetic_pairs(n=12, seed=0, shift=0.0, masks=False):
         labels = [b.label for b in im.boxes]
         gm = pm = None
         if masks:
-            gm = np.stack([geometry.box_to_mask(b, im.width, im.height) for b in boxes]) if len(boxes) else np.zeros((0, im.height, im.width), bool)
+            gm = np.stack([geometry.box_to_mask(b, im.width, im.height) for b in boxes]) if len(boxes) else \
+                np.zeros((0, im.height, im.width), bool)
             pm = np.stack([geometry.box_to_mask(b + shift, im.width, im.height) for b in boxes]) if len(boxes) else gm
         truth = det(boxes, labels, np.ones(len(labels)), im.image.size, gm, "human")
         pairs.append((det(boxes + shift, labels, None, im.image.size, pm), truth))
@@ -103,7 +104,8 @@ def test_shifted_predictions_score_less_and_the_gate_figures_are_cocos():
     for im in make_images(20, seed=3, max_objects=3):
         truth = det([b.xyxy for b in im.boxes], [b.label for b in im.boxes], np.ones(len(im.boxes)), im.image.size)
         drafts = perturb(im.boxes, rng, im.width, im.height, jitter=0.08, drop=0.2, extra=0.5)
-        pairs.append((det([b.xyxy for b, _ in drafts], [b.label for b, _ in drafts], [s for _, s in drafts], im.image.size), truth))
+        drafted = det([b.xyxy for b, _ in drafts], [b.label for b, _ in drafts], [s for _, s in drafts], im.image.size)
+        pairs.append((drafted, truth))
     m = evaluate(pairs, CLASSES)
     assert m["gate"]["map50_95"] == m["coco"]["map50_95"] and m["gate"]["map50"] == m["coco"]["map50"]
     assert 0 < m["coco"]["map50"] < 1
@@ -168,7 +170,8 @@ def test_crowded_images_count_every_box_the_detector_serves():
 
 
 def test_iou_histogram_and_size_buckets():
-    gt = det([[0, 0, 10, 10], [0, 0, 50, 50], [0, 0, 100, 100], [60, 60, 70, 70]], ["Car", "Car", "Person", "Sign"], [1, 1, 1, 1], (200, 200))
+    gt = det([[0, 0, 10, 10], [0, 0, 50, 50], [0, 0, 100, 100], [60, 60, 70, 70]], ["Car", "Car", "Person", "Sign"], [1, 1, 1, 1],
+             (200, 200))
     pred = det([[0, 0, 10, 10], [0, 0, 50, 25], [0, 0, 100, 100]], ["Car", "Car", "Car"], [0.9, 0.8, 0.7], (200, 200))
     best, idx = best_ious(pred, gt)
     assert best.tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])  # other labels never count

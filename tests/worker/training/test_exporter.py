@@ -236,7 +236,8 @@ for _ in range(150):
     swapped.detect_batch(images, config, 0.001)
 after = threads()
 busy = {tid: nice for tid, (nice, ticks) in after.items() if ticks - before.get(tid, (0, 0))[1] >= 5}
-print(json.dumps({"formats": [first.format, swapped.format], "lowered": [lowered_first, lowered], "busy_nice": sorted(busy.values())}))
+print(json.dumps({"formats": [first.format, swapped.format], "lowered": [lowered_first, lowered],
+                  "busy_nice": sorted(busy.values())}))
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -100,7 +101,8 @@ def test_train_images_counts_the_train_split(tmp_path):
     data = tmp_path / "data.yaml"
     data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n")
     assert train_images(data) == 5
-    data.write_text('{"path": "%s", "train": ["images/train", "images/val"], "val": "images/val", "names": ["a"]}' % tmp_path)
+    folders = {"train": ["images/train", "images/val"], "val": "images/val"}
+    data.write_text(json.dumps({"path": str(tmp_path), **folders, "names": ["a"]}))
     assert train_images(data) == 8  # the worker writes JSON, which YAML reads too; lists of folders count all
 
 
