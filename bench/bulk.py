@@ -57,7 +57,7 @@ def run(ctx: Context) -> Result:
                     tasks = upload_tasks(ls, pid, synthetic(n_tasks, seed=seed))
                     calls_before = len(gemini.calls)
                     body = predict_body(tasks, project)
-                    elapsed, response = timed(lambda: requests.post(f"{be.url}/predict", json=body, timeout=600))  # noqa: B023 (called at once)
+                    elapsed, response = timed(lambda body=body: requests.post(f"{be.url}/predict", json=body, timeout=600))
                     response.raise_for_status()
                     results = response.json()["results"]
                     assert len(results) == n_tasks, f"{len(results)} results for {n_tasks} tasks"
@@ -78,7 +78,7 @@ def run(ctx: Context) -> Result:
                     images = synthetic(seq_n, seed=seed)
                     decoded = [(im.image, hashlib.sha256(im.encode()).hexdigest()) for im in images]
 
-                    def sequential():
+                    def sequential(decoded=decoded, detector=detector):
                         for image, sha in decoded:
                             detector.detect(image, sha, config)
 

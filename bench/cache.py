@@ -38,7 +38,7 @@ def run(ctx: Context) -> Result:
                 answers = []
                 for bucket, calls in ((firsts, calls_first), (seconds, calls_second)):
                     before = len(gemini.calls)
-                    elapsed, response = timed(lambda: requests.post(f"{be.url}/predict", json=body, timeout=300))
+                    elapsed, response = timed(lambda body=body: requests.post(f"{be.url}/predict", json=body, timeout=300))
                     response.raise_for_status()
                     bucket.append(elapsed)
                     calls.append(len(gemini.calls) - before)

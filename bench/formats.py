@@ -109,8 +109,8 @@ def run(ctx: Context) -> Result:
             for i in range(start, min(n1, start + block)):
                 image = images[i % len(images)]
                 if det is not None:
-                    samples[fmt]["e2e1"].append(timed(lambda: det.detect_batch([image], config, 0.25))[0])
-                samples[fmt]["direct1"].append(timed(lambda: runners[fmt](inputs[fmt][0]))[0])
+                    samples[fmt]["e2e1"].append(timed(lambda det=det, image=image: det.detect_batch([image], config, 0.25))[0])
+                samples[fmt]["direct1"].append(timed(lambda fmt=fmt: runners[fmt](inputs[fmt][0]))[0])
     for start in range(0, n16, 5):
         for fmt in runners:
             det = detectors.get(fmt)
@@ -118,8 +118,8 @@ def run(ctx: Context) -> Result:
                 det.detect_batch(images[:1], config, 0.25)
             for _ in range(start, min(n16, start + 5)):
                 if det is not None:
-                    samples[fmt]["e2e16"].append(timed(lambda: det.detect_batch(images, config, 0.25))[0])
-                samples[fmt]["direct16"].append(timed(lambda: runners[fmt](inputs[fmt][1]))[0])
+                    samples[fmt]["e2e16"].append(timed(lambda det=det: det.detect_batch(images, config, 0.25))[0])
+                samples[fmt]["direct16"].append(timed(lambda fmt=fmt: runners[fmt](inputs[fmt][1]))[0])
     timings: dict[str, dict] = {}
     for fmt, values in samples.items():
         timings[fmt] = {k: Stats.of(v) for k, v in values.items()}

@@ -93,7 +93,7 @@ def run(ctx: Context) -> Result:
                 mode["gemini"] = gemini_mode
                 stop, count = threading.Event(), [0]
                 body = predict_body(tasks, project)
-                worker = _busy(lambda: requests.post(f"{be.url}/predict", json=body, timeout=300), stop, count)
+                worker = _busy(lambda body=body: requests.post(f"{be.url}/predict", json=body, timeout=300), stop, count)
                 time.sleep(0.5)
                 phases[label] = _probe(ctx, be.url, seconds, "busy")
                 stop.set()
@@ -112,9 +112,9 @@ def run(ctx: Context) -> Result:
                 work = ctx.tmp("health-train")
                 data = write_yolo_dataset(work / "data", items[: len(items) * 3 // 4], items[len(items) * 3 // 4:])
                 box: dict = {}
-                trainer = threading.Thread(target=lambda: box.update(train_in_subprocess(
-                    data, work / "result.json", work / "train.log", time_min=train_budget_min, epochs=1000, data_dir=work,
-                    env=env, nice=nice)))
+                trainer = threading.Thread(target=lambda box=box, data=data, work=work, env=env, nice=nice: box.update(
+                    train_in_subprocess(data, work / "result.json", work / "train.log", time_min=train_budget_min,
+                                        epochs=1000, data_dir=work, env=env, nice=nice)))
                 trainer.start()
                 time.sleep(ctx.pick(8.0, 5.0))  # imports and dataset checks done: the epochs are running
                 phases[label] = _probe(ctx, be.url, seconds, "train")

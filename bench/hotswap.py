@@ -59,7 +59,7 @@ def _variant(ctx: Context, label: str, checkpoint: Path, exports: dict | None, r
         proc = start_load(be.url, "/predict", out, rate, duration, bodies, threads=16, start_at=started)
         promotions: list[tuple[str, float]] = []
         time.sleep(max(0.0, started + before - time.time()))
-        for k in range(swaps):
+        for _ in range(swaps):
             info = registry.add_version(project, checkpoint, {"classes": ["Car", "Person", "Sign"], "imgsz": 320},
                                         extra_files=exports)
             t = time.time()

@@ -67,8 +67,8 @@ def run(ctx: Context) -> Result:
         # backend is idle while the direct call runs and the other way round.
         one, direct_one, many, direct_many, singles = [], [], [], [], []
         for i in range(n1):
-            one.append(timed(lambda: predict([tasks[i % len(tasks)]]))[0])
-            direct_one.append(timed(lambda: direct([images[i % len(images)]]))[0])
+            one.append(timed(lambda i=i: predict([tasks[i % len(tasks)]]))[0])
+            direct_one.append(timed(lambda i=i: direct([images[i % len(images)]]))[0])
         for i in range(n16):
             many.append(timed(lambda: predict(tasks))[0])
             direct_many.append(timed(lambda: direct(images))[0])

@@ -198,7 +198,8 @@ def train(
         if progress is not None:
             progress(update)
 
-    log.info("training from %s (%s) with %s", start_from, "fine-tune" if fine_tune else "scratch", {k: v for k, v in args.items() if k != "project"})
+    log.info("training from %s (%s) with %s", start_from, "fine-tune" if fine_tune else "scratch",
+             {k: v for k, v in args.items() if k != "project"})
     try:
         model = YOLO(start_from)
         model.add_callback("on_pretrain_routine_start", set_threads)
