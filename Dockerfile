@@ -16,14 +16,20 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# Dependencies first, so code changes do not reinstall them. requirements.txt pins the CUDA build
-# of torch and its nvidia-*/cuda-*/triton wheels (several GB): install the CPU build of the same
-# torch/torchvision versions, then the rest of the lock without those lines (nvidia-ml-py stays:
-# Ultralytics requires it, and it is a small pure-Python package).
-COPY requirements.txt ./
+# Dependencies first, so code changes do not reinstall them. Only the runtime lock (requirements.txt):
+# tests, lint and fuzzing live in requirements-dev.txt, which the image never installs. The optional
+# OWL-ViT/SAM source (transformers) is requirements-owlvit.txt, added with
+# `docker compose build --build-arg WITH_OWLVIT=true`. The lock pins the CUDA build of torch and its
+# nvidia-*/cuda-*/triton wheels (several GB): install the CPU build of the same torch/torchvision
+# versions, then the rest of the lock without those lines and without the `-r` include (nvidia-ml-py
+# stays: Ultralytics requires it, and it is a small pure-Python package).
+ARG WITH_OWLVIT=false
+COPY requirements.txt requirements-owlvit.txt ./
 RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu \
- && grep -vE '^(torch|torchvision|triton|cuda-(bindings|pathfinder|toolkit)|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx)[a-z0-9-]*)==' \
-        requirements.txt > /tmp/requirements-cpu.txt \
+ && if [ "$WITH_OWLVIT" = true ]; then extra=requirements-owlvit.txt; else extra=; fi \
+ && cat requirements.txt $extra \
+  | grep -vE '^(-r |(torch|torchvision|triton|cuda-(bindings|pathfinder|toolkit)|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx)[a-z0-9-]*)==)' \
+        > /tmp/requirements-cpu.txt \
  && pip install -r /tmp/requirements-cpu.txt \
  && python -c "import torch; assert torch.version.cuda is None, torch.version.cuda" \
  && rm /tmp/requirements-cpu.txt
@@ -33,10 +39,14 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app \
  && mkdir -p /data/models /data/cache /app/var/ultralytics \
  && chown -R app:app /data /app/var
 
+COPY pyproject.toml ./
 COPY backend/ backend/
 COPY worker/ worker/
 COPY scripts/ scripts/
 COPY gunicorn.conf.py label_config.xml ./
+# The `lsb` command (pyproject.toml's entry point); its dependencies are the lock installed above.
+RUN pip install --no-deps . \
+ && rm -rf build ./*.egg-info
 
 # Ultralytics never touches the network (docs/ultralytics.md#no-network); state lives on /data volumes.
 ENV PYTHONPATH=/app \

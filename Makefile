@@ -27,15 +27,16 @@ STAMP := $(VENV)/.requirements.stamp
 LOCK_VENV := .venv-lock
 AUDIT_VENV := .venv-audit
 
-.PHONY: help install run test test-fast bench lock audit redis clean distclean
+.PHONY: help install run lint test test-fast bench lock audit redis clean distclean
 
 help:
-	@echo "make install    create $(VENV) and install requirements.txt (only when it changed)"
+	@echo "make install    create $(VENV) and install the dev lock (runtime + OWL-ViT extra + tests/lint/bench; only when it changed)"
 	@echo "make run        run the service in the foreground: gunicorn on :$(PORT) + one rq worker (scripts/run.sh)"
-	@echo "make test       the whole test suite, end-to-end tests included (needs Redis; starts one if none answers)"
+	@echo "make lint       ruff and the import contract (lint-imports, .importlinter)"
+	@echo "make test       make lint, then the whole test suite, end-to-end tests included (needs Redis; starts one if none answers)"
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make bench      benchmarks (python -m bench)"
-	@echo "make lock       regenerate requirements.txt from requirements.in in a throwaway venv"
+	@echo "make lock       regenerate the locks (requirements.txt, -owlvit.txt, -dev.txt) from their .in files in a throwaway venv"
 	@echo "make audit      check the pinned requirements for known vulnerabilities (pip-audit)"
 	@echo "make clean      remove caches and runtime files (keeps var/models, var/data and $(VENV))"
 	@echo "make distclean  clean, and remove $(VENV)"
@@ -44,8 +45,13 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --progress-bar off -r requirements.txt
+# Three locks, each on top of the one before (same pins where they overlap): requirements.txt is the
+# runtime (what the Docker image installs), requirements-owlvit.txt adds the optional OWL-ViT/SAM source,
+# requirements-dev.txt adds tests, lint, fuzzing and bench. Development installs all three.
+LOCKS := requirements.txt requirements-owlvit.txt requirements-dev.txt
+
+$(STAMP): $(LOCKS) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --progress-bar off -r requirements-dev.txt
 	$(BIN)/python -m pip install --progress-bar off --no-deps -e .   # the `lsb` command
 	touch $(STAMP)
 
@@ -74,7 +80,12 @@ redis: install
 	done; \
 	echo "redis-server did not answer at $$url" >&2; exit 1
 
-test: install redis
+# --- lint -----------------------------------------------------------------------------------------
+# ruff (rules in pyproject.toml) and the layer contract (.importlinter). Both run; either failing fails.
+lint: install
+	status=0; $(BIN)/ruff check . || status=1; $(BIN)/lint-imports || status=1; exit $$status
+
+test: install redis lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-fast: install redis
@@ -84,30 +95,42 @@ bench: install
 	$(BIN)/python -m bench
 
 # --- dependencies ---------------------------------------------------------------------------------
-# Resolve requirements.in from scratch in a throwaway venv and pin the whole tree; the leading
-# comment lines of requirements.txt are kept, the pins sorted case-insensitively (stable diffs).
-lock:
-	rm -rf $(LOCK_VENV)
-	$(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/python -m pip install --progress-bar off -r requirements.in
-	{ sed -n '/^#/!q;p' requirements.txt 2>/dev/null || true; \
-	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable \
-	    | $(LOCK_VENV)/bin/python -c 'import sys; sys.stdout.writelines(sorted(sys.stdin, key=str.lower))'; \
-	} > requirements.txt.new
-	grep -q '^torch==' requirements.txt.new
-	mv requirements.txt.new requirements.txt
-	rm -rf $(LOCK_VENV)
-	@echo "requirements.txt regenerated: review the diff, then make install"
+# Resolve the three .in files in one throwaway venv, each on top of the pins before it (passed as
+# constraints, so no later lock re-pins an earlier one), and write to each lock only the packages its
+# step added. The leading comment and `-r` lines of each lock are kept, the pins sorted
+# case-insensitively (stable diffs).
+LOCK_NEW := $(LOCK_VENV)/bin/python -c 'import re, sys; name = lambda line: re.sub(r"[-_.]+", "-", line.split("==")[0].strip()).lower(); \
+	pinned = {name(line) for path in sys.argv[1:] for line in open(path) if "==" in line}; \
+	sys.stdout.writelines(sorted((line for line in sys.stdin if name(line) not in pinned), key=str.lower))'
+define lock_step
+	$(LOCK_VENV)/bin/python -m pip install --progress-bar off -r $(1:.txt=.in) $(foreach f,$(2),-c $(f).pins)
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | $(LOCK_NEW) $(foreach f,$(2),$(f).pins) > $(1).pins
+	{ sed -n '/^\(#\|-r \)/!q;p' $(1) 2>/dev/null || true; cat $(1).pins; } > $(1).new
+endef
 
-# pip-audit lives in its own venv so it does not change the locked environment. The lock is fully
-# pinned, so pip-audit checks the pins as written (--no-deps --disable-pip) without installing them.
+lock:
+	rm -rf $(LOCK_VENV) $(addsuffix .new,$(LOCKS)) $(addsuffix .pins,$(LOCKS))
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(call lock_step,requirements.txt,)
+	$(call lock_step,requirements-owlvit.txt,requirements.txt)
+	$(call lock_step,requirements-dev.txt,requirements.txt requirements-owlvit.txt)
+	grep -q '^torch==' requirements.txt.new
+	grep -q '^transformers==' requirements-owlvit.txt.new
+	grep -q '^pytest==' requirements-dev.txt.new
+	for f in $(LOCKS); do mv $$f.new $$f; done
+	rm -rf $(LOCK_VENV) $(addsuffix .pins,$(LOCKS))
+	@echo "$(LOCKS) regenerated: review the diff, then make install"
+
+# pip-audit lives in its own venv so it does not change the locked environment. The locks are fully
+# pinned, so pip-audit checks the pins as written (--no-deps --disable-pip) without installing them;
+# requirements-dev.txt includes the other two (`-r`).
 audit:
 	test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/python -m pip install pip-audit; }
-	$(AUDIT_VENV)/bin/pip-audit -r requirements.txt --no-deps --disable-pip --strict --progress-spinner off
+	$(AUDIT_VENV)/bin/pip-audit -r requirements-dev.txt --no-deps --disable-pip --strict --progress-spinner off
 
 # --- cleaning -------------------------------------------------------------------------------------
 clean:
-	rm -rf var/run var/ultralytics .pytest_cache $(LOCK_VENV) $(AUDIT_VENV) requirements.txt.new
+	rm -rf var/run var/ultralytics .pytest_cache $(LOCK_VENV) $(AUDIT_VENV) $(addsuffix .new,$(LOCKS)) $(addsuffix .pins,$(LOCKS))
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean

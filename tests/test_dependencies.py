@@ -1,6 +1,14 @@
-"""The locked dependency tree has no known vulnerability (pip-audit against PyPI's advisory data).
+"""The three dependency locks are split as documented, and have no known vulnerability.
 
-Runs ``pip-audit -r requirements.txt --no-deps --disable-pip`` from its own venv (``.venv-audit``, the
+Three locks, each on top of the one before (``-r``): ``requirements.txt`` is the runtime (what the
+Docker image installs), ``requirements-owlvit.txt`` the optional OWL-ViT/SAM source,
+``requirements-dev.txt`` tests, lint, fuzzing and bench (``make install``). The fast tests check, as
+text and against the installed metadata, that no test/lint/fuzz package ships in the runtime lock, that
+no lock re-pins a package of another (so overlapping pins are identical), and that each lock is closed
+under the dependencies of what it pins.
+
+The audit runs ``pip-audit -r requirements-dev.txt --no-deps --disable-pip`` (which includes the other
+two locks) from its own venv (``.venv-audit``, the
 one ``make audit`` uses; created here when missing), so the audited environment is never changed.
 
 pip-audit reads advisories from PyPI's per-release JSON API (``https://pypi.org/pypi/<name>/<version>/json``).
@@ -21,11 +29,11 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIT_VENV = ROOT / ".venv-audit"
@@ -33,6 +41,38 @@ PIP_AUDIT_VERSION = "2.10.1"
 
 #: {("package", "advisory id"): "why it is accepted, and until when"}
 ACCEPTED: dict[tuple[str, str], str] = {}
+
+RUNTIME = ROOT / "requirements.txt"
+OWLVIT = ROOT / "requirements-owlvit.txt"
+DEV = ROOT / "requirements-dev.txt"
+#: Each lock and the one it builds on (its only ``-r`` include).
+INCLUDES = {RUNTIME: None, OWLVIT: RUNTIME, DEV: OWLVIT}
+#: Tests, lint and fuzzing tools, and what only the OWL-ViT/SAM source needs: never in the image's lock.
+NOT_RUNTIME = {"pytest", "pytest-timeout", "hypothesis", "schemathesis", "ruff", "import-linter", "grimp",
+               "transformers", "tokenizers", "safetensors", "huggingface-hub"}
+#: Ignored by ``pip freeze`` (so never pinned) although some packages require them.
+INSTALLER_PACKAGES = {"pip", "setuptools", "wheel"}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _includes(lock: Path) -> list[str]:
+    return [line.split(None, 1)[1].strip() for line in lock.read_text().splitlines() if line.startswith("-r ")]
+
+
+def _effective_pins(lock: Path) -> dict[str, str]:
+    """What ``pip install -r lock`` installs: its pins and those of the locks it includes."""
+    pins = {}
+    for name in _includes(lock):
+        pins |= _effective_pins(lock.parent / name)
+    return pins | _pins(lock)
+
+
+def _direct_dependencies(requirements_in: Path) -> list[Requirement]:
+    lines = (line.split("#", 1)[0].strip() for line in requirements_in.read_text().splitlines())
+    return [Requirement(line) for line in lines if line and not line.startswith("-")]
 
 
 def _pip_audit() -> str:
@@ -50,27 +90,31 @@ def _pip_audit() -> str:
 
 
 def _pins(requirements: Path) -> dict[str, str]:
+    """The pins written in one lock file (its ``-r`` includes not followed), by normalised name."""
     pins = {}
     for line in requirements.read_text().splitlines():
         match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line.strip())
         if match:
-            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+            pins[_normalise(match.group(1))] = match.group(2)
     return pins
 
 
+@pytest.mark.slow
 def test_no_known_vulnerabilities_in_the_locked_requirements(tmp_path):
     report = tmp_path / "audit.json"
     proc = subprocess.run(
-        [_pip_audit(), "-r", "requirements.txt", "--no-deps", "--disable-pip", "--progress-spinner", "off",
+        [_pip_audit(), "-r", "requirements-dev.txt", "--no-deps", "--disable-pip", "--progress-spinner", "off",
          "-f", "json", "-o", str(report)],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
-    assert proc.returncode in (0, 1) and report.exists(), f"pip-audit could not run:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode in (0, 1) and report.exists(), \
+        f"pip-audit could not run:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     data = json.loads(report.read_text())
     dependencies = data["dependencies"]
 
     audited = {re.sub(r"[-_.]+", "-", d["name"]).lower(): d for d in dependencies}
-    pins = _pins(ROOT / "requirements.txt")
+    pins = _effective_pins(DEV)
     assert set(pins) <= set(audited), f"not audited: {sorted(set(pins) - set(audited))}"
     skipped = {name: d.get("skip_reason") for name, d in audited.items() if d.get("skip_reason")}
     if len(skipped) == len(audited):
@@ -80,8 +124,88 @@ def test_no_known_vulnerabilities_in_the_locked_requirements(tmp_path):
 
     found = {(name, v["id"]): v for name, d in audited.items() for v in d.get("vulns", [])}
     unaccepted = {key: v for key, v in found.items() if key not in ACCEPTED}
-    details = "\n".join(f"{name}=={audited[name]['version']}: {vid} (aliases {v.get('aliases')}), fixed in {v.get('fix_versions')}"
-                        for (name, vid), v in sorted(unaccepted.items()))
-    assert not unaccepted, f"known vulnerabilities in requirements.txt:\n{details}"
+    details = "\n".join(
+        f"{name}=={audited[name]['version']}: {vid} (aliases {v.get('aliases')}), fixed in {v.get('fix_versions')}"
+        for (name, vid), v in sorted(unaccepted.items()))
+    assert not unaccepted, f"known vulnerabilities in the locks:\n{details}"
     stale = set(ACCEPTED) - set(found)
     assert not stale, f"accepted advisories no longer reported; remove them from ACCEPTED: {sorted(stale)}"
+
+
+# --- the split --------------------------------------------------------------------------------------
+
+def test_each_lock_builds_on_the_one_before():
+    for lock, base in INCLUDES.items():
+        assert _includes(lock) == ([base.name] if base else []), f"{lock.name} must include exactly {base and base.name}"
+        assert _pins(lock), f"{lock.name} pins nothing"
+
+
+def test_no_lock_repins_a_package_of_another():
+    """Overlapping pins are identical because each package is pinned in exactly one lock."""
+    seen: dict[str, tuple[str, str]] = {}
+    for lock in INCLUDES:
+        for name, version in _pins(lock).items():
+            if name in seen:
+                other, other_version = seen[name]
+                assert version == other_version, f"{name}: {other_version} in {other}, {version} in {lock.name}"
+                pytest.fail(f"{name}=={version} is pinned in both {other} and {lock.name}: keep it in {other} only")
+            seen[name] = (lock.name, version)
+
+
+def test_runtime_lock_has_no_test_lint_fuzz_or_owlvit_package():
+    runtime = _pins(RUNTIME)
+    assert not NOT_RUNTIME & set(runtime), sorted(NOT_RUNTIME & set(runtime))
+    direct = {_normalise(r.name) for r in _direct_dependencies(ROOT / "requirements.in")}
+    assert not NOT_RUNTIME & direct, sorted(NOT_RUNTIME & direct)
+    assert {"transformers", "huggingface-hub"} <= set(_pins(OWLVIT))
+    assert {"pytest", "pytest-timeout", "hypothesis", "schemathesis", "ruff", "import-linter"} <= set(_pins(DEV))
+
+
+def test_every_direct_dependency_is_pinned_by_its_lock():
+    for lock in INCLUDES:
+        pins = _effective_pins(lock)
+        for requirement in _direct_dependencies(lock.with_suffix(".in")):
+            name = _normalise(requirement.name)
+            assert name in pins, f"{requirement.name} ({lock.with_suffix('.in').name}) is not pinned in {lock.name}"
+            assert requirement.specifier.contains(pins[name], prereleases=True), \
+                f"{lock.name} pins {name}=={pins[name]}, {lock.with_suffix('.in').name} asks {requirement}"
+
+
+@pytest.mark.parametrize("lock", list(INCLUDES), ids=lambda path: path.name)
+def test_lock_is_closed_under_dependencies(lock):
+    """Installing a lock needs nothing it does not pin (read from the installed packages' metadata).
+
+    The runtime lock above all: it must not lean on a package that only the dev lock or the OWL-ViT
+    extra brings. ``make install`` installs all three locks, so their pins are what is installed here.
+    """
+    pins = _effective_pins(lock)
+    wrong = {name: (version, _installed_version(name)) for name, version in pins.items() if _installed_version(name) != version}
+    assert not wrong, f"the venv does not match {lock.name} (pinned, installed); run make install: {wrong}"
+    missing = {}
+    pending = [(name, frozenset()) for name in pins]
+    done = set()
+    while pending:
+        name, extras = pending.pop()
+        if (name, extras) in done:
+            continue
+        done.add((name, extras))
+        for spec in metadata.requires(name) or []:
+            requirement = Requirement(spec)
+            wanted = [{"extra": extra} for extra in extras] or [{"extra": ""}]
+            if requirement.marker and not any(requirement.marker.evaluate(env) for env in wanted):
+                continue
+            dependency = _normalise(requirement.name)
+            if dependency in INSTALLER_PACKAGES:
+                continue
+            if dependency not in pins:
+                missing.setdefault(dependency, set()).add(name)
+            else:
+                pending.append((dependency, frozenset(requirement.extras)))
+    assert not missing, f"required but not pinned in {lock.name} (or a lock it includes): {missing}"
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

@@ -13,17 +13,20 @@ import re
 import runpy
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import termios
 import threading
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.live import free_port
+from tests.paths import TEST_REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)  # the venv running the tests is the one run.sh should use
@@ -76,16 +79,10 @@ def dockerfile_instruction(name: str) -> list[str]:
 def run_sh_command(executable: str) -> list[str]:
     """The arguments run.sh passes to ``$VENV/bin/<executable>``, up to the output redirection."""
     text = RUN_SH.read_text().replace("\\\n", " ")
-    match = re.search(r'^\s*(?:\w+="[^"]*"\s+)*"\$VENV/bin/%s"(.*?)\s[<>]' % re.escape(executable), text, re.M)
+    match = re.search(r'^\s*(?:\w+="[^"]*"\s+)*"\$VENV/bin/' + re.escape(executable) + r'"(.*?)\s[<>]', text, re.M)
     assert match, f"scripts/run.sh does not start $VENV/bin/{executable}"
     # Queue names carry the optional test prefix (worker/queue.py: LSB_QUEUE_PREFIX).
     return [arg.replace("${QUEUE_PREFIX}", "") for arg in shlex.split(match.group(1))]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def redis_answers(url: str) -> bool:
@@ -126,7 +123,8 @@ def test_compose_services_and_their_references_exist():
             context = service["build"] if isinstance(service["build"], str) else service["build"].get("context", ".")
             assert (ROOT / context / "Dockerfile").is_file()
     # Every declared volume is used somewhere.
-    used = {interpolate(v, defaults).split(":")[0] for s in services.values() for v in s.get("volumes") or [] if isinstance(v, str)}
+    used = {interpolate(v, defaults).split(":")[0]
+            for s in services.values() for v in s.get("volumes") or [] if isinstance(v, str)}
     assert declared_volumes <= used, declared_volumes - used
 
 
@@ -255,15 +253,34 @@ def test_dockerfile_copies_every_package():
     packages = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()} - DEV_ONLY_PACKAGES
     assert {"backend", "worker"} <= packages
     assert packages <= copied, f"not copied into the image: {packages - copied}"
-    assert {"gunicorn.conf.py", "label_config.xml", "scripts", "requirements.txt"} <= copied
+    assert {"gunicorn.conf.py", "label_config.xml", "scripts", "requirements.txt", "pyproject.toml"} <= copied
+    assert "requirements-dev.txt" not in copied, "tests, lint and fuzzing stay out of the image"
+
+
+def test_dockerfile_installs_the_lsb_command_without_resolving_again():
+    """`pip install --no-deps .` after the code is copied: the entry point, nothing beyond the lock."""
+    installs = [line for line in dockerfile_instruction("RUN") if "pip install --no-deps ." in line]
+    assert installs, "the image does not install the lsb command"
+    text = dockerfile()
+    assert text.index("COPY pyproject.toml") < text.index("pip install --no-deps .")
+    assert text.index("COPY worker/") < text.index("pip install --no-deps .")
+    assert 'lsb = "worker.cli.__main__:main"' in (ROOT / "pyproject.toml").read_text()
 
 
 def test_dockerfile_installs_cpu_torch_and_the_rest_of_the_lock():
+    """The runtime lock only; the OWL-ViT extra behind a build argument; never the dev lock."""
     text = dockerfile()
     pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M))
     assert f"torch=={pins['torch']}" in text and f"torchvision=={pins['torchvision']}" in text
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
+    assert "requirements-dev" not in text.replace("requirements-dev.txt, which the image never installs", "")
+    assert "ARG WITH_OWLVIT=false" in text
+    assert re.search(r'if \[ "\$WITH_OWLVIT" = true \]; then extra=requirements-owlvit\.txt; else extra=; fi', text)
+    assert "cat requirements.txt $extra" in text
     (pattern,) = re.findall(r"grep -vE '([^']+)'", text)
+    assert re.match(pattern, "-r requirements.txt"), "the extra's `-r requirements.txt` would bring back the CUDA torch"
+    extra_pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)$", (ROOT / "requirements-owlvit.txt").read_text(), re.M))
+    assert "transformers" in extra_pins and not [n for n in extra_pins if re.match(pattern, f"{n}=={extra_pins[n]}")]
     kept = [name for name in pins if not re.match(pattern, f"{name}=={pins[name]}")]
     dropped = set(pins) - set(kept)
     assert {"torch", "torchvision", "triton"} <= dropped
@@ -293,7 +310,7 @@ def test_ci_runs_make_test():
 
 def test_make_dry_run():
     result = subprocess.run(
-        ["make", "-n", "run", "test", "test-fast", "bench", "install", "lock", "audit", "clean"],
+        ["make", "-n", "run", "lint", "test", "test-fast", "bench", "install", "lock", "audit", "clean"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -302,7 +319,54 @@ def test_make_dry_run():
     assert re.search(r"\.venv/bin/pytest -q(\s|$)", out)
     assert '-m "not slow"' in out
     assert ".venv/bin/python -m bench" in out
-    assert "pip-audit -r requirements.txt" in out
+    assert "pip-audit -r requirements-dev.txt" in out
+    for lock in ("requirements.txt", "requirements-owlvit.txt", "requirements-dev.txt"):
+        assert f"-r {lock.replace('.txt', '.in')}" in out and f"> {lock}.new" in out, f"make lock does not write {lock}"
+
+
+def _make_n(*targets: str) -> str:
+    """`make -n` of the targets, with the venv taken as up to date (only their own recipes)."""
+    result = subprocess.run(["make", "-n", "-o", ".venv/.requirements.stamp", "-o", "redis", *targets],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_make_install_installs_the_dev_lock_and_test_runs_lint_first():
+    result = subprocess.run(["make", "-n", "-W", "requirements.txt", "install"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "pip install --progress-bar off -r requirements-dev.txt" in result.stdout
+    assert "pip install --progress-bar off --no-deps -e ." in result.stdout
+    dev = (ROOT / "requirements-dev.txt").read_text()
+    assert "-r requirements-owlvit.txt" in dev.splitlines(), "make install installs the OWL-ViT extra too"
+    lint = _make_n("lint")
+    assert ".venv/bin/ruff check ." in lint and ".venv/bin/lint-imports" in lint
+    test = _make_n("test").splitlines()
+    ruff = next(i for i, line in enumerate(test) if ".venv/bin/ruff check ." in line)
+    pytest_line = next(i for i, line in enumerate(test) if re.search(r"\.venv/bin/pytest -q(\s|$)", line))
+    assert ruff < pytest_line, "make test runs make lint first"
+
+
+def test_make_lint_fails_when_either_tool_fails(tmp_path):
+    """Both tools run; a violation found by either one fails `make lint` (stand-ins for ruff/lint-imports)."""
+    for ruff_rc, imports_rc in ((0, 0), (1, 0), (0, 1)):
+        for name, rc in (("ruff", ruff_rc), ("lint-imports", imports_rc)):
+            tool = tmp_path / name
+            tool.write_text(f"#!/bin/sh\necho {name} ran\nexit {rc}\n")
+            tool.chmod(0o755)
+        result = subprocess.run(["make", "-o", ".venv/.requirements.stamp", "lint", f"BIN={tmp_path}"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert "ruff ran" in result.stdout and "lint-imports ran" in result.stdout, result.stdout + result.stderr
+        assert (result.returncode == 0) == (ruff_rc == imports_rc == 0), (ruff_rc, imports_rc, result.stderr)
+
+
+def test_ruff_is_configured_for_the_whole_tree():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]
+    assert config["line-length"] == 130
+    assert {"E", "F", "W", "I"} <= set(config["lint"]["select"]), "E includes E501 (line length)"
+    assert "E501" not in config["lint"].get("ignore", [])
+    assert {".venv*", "var", "build"} <= set(config["extend-exclude"])
 
 
 # --- label_config.xml --------------------------------------------------------------------------------------
@@ -445,7 +509,7 @@ def test_run_sh_serves_and_stops_cleanly(mode, tmp_path):
     """run.sh starts gunicorn and an rq worker, /health answers, and a signal stops every child.
 
     ctrl-c: run.sh on a pseudo-terminal that gets a real ^C (SIGINT to the terminal's foreground
-    process group), with the machine's Redis (db 12).
+    process group), with the test Redis (TEST_REDIS_URL; its queues carry a per-run prefix).
     sigterm-own-redis: SIGTERM to the script only (systemd, docker), with REDIS_URL on a free local
     port, so run.sh starts its own redis-server and must stop it again; the worker is busy with a
     long job, so the warm stop must turn into a cold one after STOP_TIMEOUT.
@@ -454,12 +518,12 @@ def test_run_sh_serves_and_stops_cleanly(mode, tmp_path):
     import redis
     from rq import Queue, Worker
 
-    if not (ROOT / "backend" / "wsgi.py").is_file():
-        pytest.skip("backend/wsgi.py does not exist yet")
+    if not (ROOT / "backend" / "web" / "wsgi.py").is_file():
+        pytest.skip("backend/web/wsgi.py does not exist yet")
     if mode == "ctrl-c":
-        redis_url = "redis://127.0.0.1:6379/12"
+        redis_url = TEST_REDIS_URL
         if not redis_answers(redis_url):
-            pytest.skip("no Redis at 127.0.0.1:6379")
+            pytest.skip(f"no Redis at {redis_url}")
     else:
         if not any((Path(d) / "redis-server").is_file() for d in os.environ.get("PATH", "").split(os.pathsep)):
             pytest.skip("redis-server is not installed")
