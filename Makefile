@@ -123,10 +123,10 @@ lock:
 
 # pip-audit lives in its own venv so it does not change the locked environment. The locks are fully
 # pinned, so pip-audit checks the pins as written (--no-deps --disable-pip) without installing them;
-# requirements-dev.txt includes the other two (`-r`).
+# it does not follow `-r` includes then, so each lock is named.
 audit:
 	test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/python -m pip install pip-audit; }
-	$(AUDIT_VENV)/bin/pip-audit -r requirements-dev.txt --no-deps --disable-pip --strict --progress-spinner off
+	$(AUDIT_VENV)/bin/pip-audit $(addprefix -r ,$(LOCKS)) --no-deps --disable-pip --strict --progress-spinner off
 
 # --- cleaning -------------------------------------------------------------------------------------
 clean:

@@ -7,8 +7,8 @@ text and against the installed metadata, that no test/lint/fuzz package ships in
 no lock re-pins a package of another (so overlapping pins are identical), and that each lock is closed
 under the dependencies of what it pins.
 
-The audit runs ``pip-audit -r requirements-dev.txt --no-deps --disable-pip`` (which includes the other
-two locks) from its own venv (``.venv-audit``, the
+The audit runs ``pip-audit -r <each lock> --no-deps --disable-pip`` (which does not follow ``-r``
+includes, so each lock is named) from its own venv (``.venv-audit``, the
 one ``make audit`` uses; created here when missing), so the audited environment is never changed.
 
 pip-audit reads advisories from PyPI's per-release JSON API (``https://pypi.org/pypi/<name>/<version>/json``).
@@ -103,8 +103,8 @@ def _pins(requirements: Path) -> dict[str, str]:
 def test_no_known_vulnerabilities_in_the_locked_requirements(tmp_path):
     report = tmp_path / "audit.json"
     proc = subprocess.run(
-        [_pip_audit(), "-r", "requirements-dev.txt", "--no-deps", "--disable-pip", "--progress-spinner", "off",
-         "-f", "json", "-o", str(report)],
+        [_pip_audit(), *[arg for lock in INCLUDES for arg in ("-r", lock.name)],
+         "--no-deps", "--disable-pip", "--progress-spinner", "off", "-f", "json", "-o", str(report)],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=900,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )

@@ -319,7 +319,7 @@ def test_make_dry_run():
     assert re.search(r"\.venv/bin/pytest -q(\s|$)", out)
     assert '-m "not slow"' in out
     assert ".venv/bin/python -m bench" in out
-    assert "pip-audit -r requirements-dev.txt" in out
+    assert "pip-audit -r requirements.txt -r requirements-owlvit.txt -r requirements-dev.txt" in out
     for lock in ("requirements.txt", "requirements-owlvit.txt", "requirements-dev.txt"):
         assert f"-r {lock.replace('.txt', '.in')}" in out and f"> {lock}.new" in out, f"make lock does not write {lock}"
 
