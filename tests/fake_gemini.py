@@ -472,7 +472,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_gemini() -> Iterable[FakeGemini]:
-    """A started :class:`FakeGemini` with the default key; import this name into a test module."""
+    """A started :class:`FakeGemini` with the default key (a fixture registered by tests/conftest.py)."""
     with FakeGemini() as server:
         yield server
 

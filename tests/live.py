@@ -1,4 +1,4 @@
-"""Real processes for tests: gunicorn serving the backend, `rq worker`s, free ports, polling."""
+"""Real processes for tests: gunicorn serving the backend, `rq worker`s, free ports, polling (the one copy of each)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import requests
 
@@ -24,16 +24,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.1):
-    """Poll until ``predicate()`` is truthy; return its last value (falsy on timeout)."""
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, message: str = "condition", interval: float = 0.2,
+             on_timeout: Callable[[], str] | None = None):
+    """Poll ``predicate()`` until it is truthy and return that value; fail with ``message`` on timeout.
+
+    An exception counts as "not yet" (a server still starting, a file not written yet); the last one,
+    and ``on_timeout()`` (a log tail, say), go into the failure so a timeout explains itself.
+    """
     deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
     while True:
         try:
             value = predicate()
-        except Exception:
-            value = None
-        if value or time.monotonic() > deadline:
-            return value
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - any error means "not ready yet"; reported on timeout
+            last_error = exc
+        if time.monotonic() >= deadline:
+            extra = on_timeout() if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}"
+                                 + (f" (last error: {last_error!r})" if last_error else "") + (f"\n{extra}" if extra else ""))
         time.sleep(interval)
 
 
@@ -71,8 +81,8 @@ def gunicorn(env: dict[str, str], log_path: Path, workers: int = 2, threads: int
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        if not wait_for(lambda: requests.get(f"{url}/health", timeout=1).ok, timeout=60):
-            raise RuntimeError(f"gunicorn did not come up; log:\n{log_path.read_text()[-3000:]}")
+        wait_for(lambda: requests.get(f"{url}/health", timeout=1).ok, timeout=60, message=f"gunicorn to answer {url}/health",
+                 on_timeout=lambda: log_path.read_text(errors="replace")[-3000:])
         yield url
     finally:
         _stop(proc)

@@ -1,4 +1,7 @@
-"""Fixtures for tests of the image loader's network guard (import them into a test module)."""
+"""Fixtures for tests of the image loader's network guard (registered by tests/conftest.py).
+
+A module whose tests all need 127.0.0.2 as a public host says ``pytestmark = pytest.mark.usefixtures("public_foreign")``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,14 @@ import ipaddress
 import pytest
 import urllib3
 
-from backend.core import images
+from backend.core.images import ssrf
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def public_foreign(monkeypatch):
     """127.0.0.2 plays a public internet host; every other loopback address stays private."""
-    real = images._is_public
-    monkeypatch.setattr(images, "_is_public", lambda ip: ip == ipaddress.ip_address("127.0.0.2") or real(ip))
+    real = ssrf.is_public
+    monkeypatch.setattr(ssrf, "is_public", lambda ip: ip == ipaddress.ip_address("127.0.0.2") or real(ip))
 
 
 @pytest.fixture

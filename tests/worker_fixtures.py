@@ -1,4 +1,4 @@
-"""Fixtures and helpers shared by the worker tests (imported by them; conftest.py is the lead's).
+"""Fixtures and helpers shared by the worker tests (fixtures registered by tests/conftest.py; import only helpers).
 
 - ``redis15``: a bytes client on db 15 (RQ needs bytes); keys of the test's project are removed after.
 - ``project_id``: a random project id, so tests never share Redis keys.
@@ -34,10 +34,11 @@ prepare()  # before anything imports ultralytics
 
 from backend.core.settings import Settings  # noqa: E402
 from tests.fake_label_studio import FakeLabelStudio  # noqa: E402
+from tests.paths import TEST_REDIS_URL  # noqa: E402
 from tests.synthetic import label_config, ls_result, make_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_URL = TEST_REDIS_URL
 CLASSES = ("Car", "Person")
 TINY = {"train_imgsz": 96, "train_epochs": 1, "train_min_steps": 0, "train_batch": 8, "yolo_base_model": "yolov8n.yaml",
         "train_val_fraction": 0.2, "train_val_min": 4}
@@ -91,8 +92,8 @@ def make_settings(tmp_path: Path, fake_ls: FakeLabelStudio | None = None, api_ke
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes ``get_settings()`` in a worker subprocess equal ``settings``."""
     env = {}
-    for name in ("redis_url", "data_dir", "model_dir", "label_studio_url", "train_imgsz", "train_epochs", "train_min_steps", "train_batch",
-                 "yolo_base_model", "train_val_fraction", "train_val_min", "promote_min_gain", "keep_versions",
+    for name in ("redis_url", "data_dir", "model_dir", "label_studio_url", "train_imgsz", "train_epochs", "train_min_steps",
+                 "train_batch", "yolo_base_model", "train_val_fraction", "train_val_min", "promote_min_gain", "keep_versions",
                  "train_min_new_annotations", "train_job_timeout", "train_time_limit_min"):
         env[name.upper()] = str(getattr(settings, name))
     env["LABEL_STUDIO_API_KEY"] = settings.label_studio_api_key.get_secret_value()
@@ -139,7 +140,8 @@ class _DictLoader:
 
         data = self.files[url]
         im = Image.open(io.BytesIO(data)).convert("RGB")
-        return types.SimpleNamespace(image=im, width=im.width, height=im.height, sha256=hashlib.sha256(data).hexdigest(), data=data)
+        return types.SimpleNamespace(image=im, width=im.width, height=im.height, sha256=hashlib.sha256(data).hexdigest(),
+                                     data=data)
 
 
 def synthetic_tasks(n: int, seed: int, classes=CLASSES, size=(128, 96)):
@@ -204,7 +206,7 @@ def good_model() -> dict:
 # --- a real rq worker ------------------------------------------------------------------------------
 
 class RQWorker:
-    """``rq worker --with-scheduler`` on db 15 in its own session (``kill()`` SIGKILLs the whole group)."""
+    """``rq worker --with-scheduler`` on the test Redis in its own session (``kill()`` SIGKILLs the whole group)."""
 
     def __init__(self, queues: list[str], env: dict[str, str], log_path: Path, burst: bool = False, name: str | None = None):
         full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -283,16 +285,6 @@ class RQWorker:
             except ProcessLookupError:
                 pass
         self._log.close()
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2, message: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
 
 
 def job_status(client: redis_lib.Redis, job_id: str) -> str | None:

@@ -41,14 +41,10 @@ class Detections:
                 raise ValueError(f"{masks.shape[0]} masks for {n} detections")
             object.__setattr__(self, "masks", masks)
 
-    @classmethod
-    def empty(cls, image_size: tuple[int, int], source: str, model: str = "", **meta) -> "Detections":
-        return cls(np.zeros((0, 4)), [], np.zeros(0), image_size, source, model, None, dict(meta))
-
     def __len__(self) -> int:
         return len(self.labels)
 
-    def filter(self, keep: np.ndarray | list[bool] | list[int]) -> "Detections":
+    def filter(self, keep: np.ndarray | list[bool] | list[int]) -> Detections:
         """A subset, by boolean mask or index list, keeping order."""
         keep = np.asarray(keep)
         if keep.size == 0:  # ``[]`` is a float array to NumPy, which refuses it as an index
@@ -64,8 +60,3 @@ class Detections:
             None if self.masks is None else self.masks[idx],
             dict(self.meta),
         )
-
-    @property
-    def mean_score(self) -> float:
-        """The prediction-level score Label Studio sorts by; 0 when nothing was found."""
-        return float(self.scores.mean()) if len(self) else 0.0

@@ -1,11 +1,11 @@
 """The adversarial suite: the service keeps working, and loses nothing, when inputs and neighbours misbehave.
 
 Every case asserts its outcome (status code, message, what was served, what was stored). Shared pieces
-(fixtures are defined here and imported by the test modules that use them):
+(the fixtures ``private_redis`` and ``app_factory`` live in tests/adversarial/conftest.py, the helpers here):
 
 - :class:`PrivateRedis` / ``private_redis``: a ``redis-server`` of our own on a free port, so tests can
   kill, pause and restart it, and use the plain ``training``/``prelabel`` queue names, without touching
-  the Redis other suites share (db 15 of 127.0.0.1:6379).
+  the Redis other suites share (TEST_REDIS_URL).
 - ``app_factory``: the real Flask app (``create_app`` + ``build``) on that Redis, with tmp dirs and an
   optional fake Gemini / fake Label Studio, like production wires them.
 - image helpers: encoders and the "red car" picture the fake Gemini's Oracle finds by colour.
@@ -25,10 +25,8 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis as redis_lib
 from PIL import Image, ImageDraw
 
@@ -66,8 +64,8 @@ class PrivateRedis:
             self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                  "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        if not wait_for(lambda: self.client(0.2).ping(), timeout=10, interval=0.05):
-            raise RuntimeError(f"redis-server did not start; log:\n{self.log_path.read_text()[-2000:]}")
+        wait_for(lambda: self.client(0.2).ping(), timeout=10, message=f"redis-server on port {self.port}", interval=0.05,
+                 on_timeout=lambda: self.log_path.read_text(errors="replace")[-2000:])
         return self
 
     def kill(self) -> None:
@@ -103,21 +101,6 @@ class PrivateRedis:
         self.proc = None
 
 
-def _start_private_redis(tmp: Path) -> PrivateRedis:
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    return PrivateRedis(tmp).start()
-
-
-@pytest.fixture(scope="module")
-def private_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
-    server = _start_private_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 # --- the app ---------------------------------------------------------------------------------------
 
 def make_settings(tmp_path: Path, redis_url: str, *, gemini=None, ls=None, **overrides):
@@ -151,27 +134,11 @@ def build_app(tmp_path: Path, redis_url: str, *, gemini=None, ls=None, **overrid
     settings = make_settings(tmp_path, redis_url, gemini=gemini, ls=ls, **overrides)
     services = build(settings)
     if services.gemini is not None:
-        services.gemini = GeminiDetector(settings, redis_lib.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2),
-                                         prefix=f"lsb:adv:{uuid.uuid4().hex}")
+        client = redis_lib.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        services.gemini = GeminiDetector(settings, client, prefix=f"lsb:adv:{uuid.uuid4().hex}")
         services.predictor.gemini = services.gemini
         services.predictor.router.gemini = services.gemini
     return AppHandle(settings, services, create_app(settings, services))
-
-
-@pytest.fixture
-def app_factory(tmp_path):
-    """``make(redis_url, gemini=None, ls=None, **settings)`` -> :class:`AppHandle`; stopped after the test."""
-    made: list[AppHandle] = []
-
-    def make(redis_url: str, **kwargs) -> AppHandle:
-        handle = build_app(tmp_path / f"app{len(made)}", redis_url, **kwargs)
-        made.append(handle)
-        return handle
-
-    yield make
-    for handle in made:
-        handle.services.models.stop()
-        handle.services.loader.close()
 
 
 # --- images ----------------------------------------------------------------------------------------

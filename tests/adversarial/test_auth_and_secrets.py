@@ -27,7 +27,7 @@ from backend.web import auth
 from backend.web.auth import STATE_ROUTES
 from backend.web.openapi import build_spec
 from tests import fake_gemini as fg
-from tests.adversarial import CONFIG, PROJECT, app_factory, car_picture, encode, predict_body, private_redis, task  # noqa: F401
+from tests.adversarial import CONFIG, PROJECT, car_picture, encode, predict_body, task
 from tests.fake_label_studio import FakeLabelStudio
 from tests.live import base_env, gunicorn, rq_worker, wait_for
 
@@ -42,7 +42,7 @@ GOOD_AUTH = basic(USER, PASSWORD)
 
 
 @pytest.fixture
-def guarded(app_factory, private_redis):  # noqa: F811
+def guarded(app_factory, private_redis):
     private_redis.client().flushall()
     handle = app_factory(private_redis.url, basic_auth_user=USER, basic_auth_pass=PASSWORD, webhook_secret=HOOK)
     yield handle
@@ -168,7 +168,7 @@ SECRETS = {
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory, private_redis):  # noqa: F811
+def deployment(tmp_path_factory, private_redis):
     """gunicorn (1 worker) + an rq worker on the private Redis, every secret set, LOG_LEVEL=DEBUG."""
     tmp = tmp_path_factory.mktemp("deploy")
     redis = private_redis.client()

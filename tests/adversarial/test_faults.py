@@ -28,19 +28,7 @@ from rq.job import Job
 from backend.core import registry as registry_mod
 from backend.core.registry import ModelRegistry
 from tests import fake_gemini as fg
-from tests.adversarial import (  # noqa: F401  (fixtures)
-    CONFIG,
-    PROJECT,
-    RED,
-    PrivateRedis,
-    app_factory,
-    assert_box,
-    car_picture,
-    encode,
-    predict_body,
-    private_redis,
-    task,
-)
+from tests.adversarial import CONFIG, PROJECT, RED, PrivateRedis, assert_box, car_picture, encode, predict_body, task
 from tests.fake_label_studio import FakeLabelStudio
 from tests.live import wait_for
 from tests.models import make_checkpoint
@@ -127,7 +115,7 @@ def timed_post(client, body):
 
 # --- Gemini misbehaving ----------------------------------------------------------------------------
 
-def test_429_storm_with_retry_delay_falls_back_to_yolo_within_the_deadline(app_factory, private_redis, ls, gemini, checkpoint):  # noqa: F811
+def test_429_storm_with_retry_delay_falls_back_to_yolo_within_the_deadline(app_factory, private_redis, ls, gemini, checkpoint):
     deadline = 3.0
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls, yolo_model=str(checkpoint), gemini_task_deadline=deadline,
                          gemini_timeout=2.0, gemini_concurrency=N_TASKS)
@@ -151,7 +139,7 @@ def test_429_storm_with_retry_delay_falls_back_to_yolo_within_the_deadline(app_f
         assert_box(prediction["result"][0], box_for(width), width, 48)
 
 
-def test_429_with_a_retry_delay_past_the_deadline_gives_up_at_once(app_factory, private_redis, ls, gemini, checkpoint):  # noqa: F811
+def test_429_with_a_retry_delay_past_the_deadline_gives_up_at_once(app_factory, private_redis, ls, gemini, checkpoint):
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls, yolo_model=str(checkpoint), gemini_task_deadline=5.0)
     gemini.responder = lambda request: fg.rate_limited("37s")
     response, took = timed_post(handle.client, batch())
@@ -161,7 +149,7 @@ def test_429_with_a_retry_delay_past_the_deadline_gives_up_at_once(app_factory, 
     assert 'lsb_gemini_fallbacks_total{reason="rate_limited"}' in handle.client.get("/metrics").get_data(as_text=True)
 
 
-def test_a_5xx_burst_is_retried_and_served_by_gemini(app_factory, private_redis, ls, gemini, checkpoint):  # noqa: F811
+def test_a_5xx_burst_is_retried_and_served_by_gemini(app_factory, private_redis, ls, gemini, checkpoint):
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls, yolo_model=str(checkpoint), gemini_task_deadline=8.0)
     gemini.script(*[fg.server_error(503) for _ in range(N_TASKS)], *[fg.server_error(500) for _ in range(N_TASKS // 2)])
     response, took = timed_post(handle.client, batch())
@@ -172,7 +160,7 @@ def test_a_5xx_burst_is_retried_and_served_by_gemini(app_factory, private_redis,
     assert took < 8 + YOLO_SLACK
 
 
-def test_5xx_that_never_ends_falls_back_to_yolo(app_factory, private_redis, ls, gemini, checkpoint):  # noqa: F811
+def test_5xx_that_never_ends_falls_back_to_yolo(app_factory, private_redis, ls, gemini, checkpoint):
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls, yolo_model=str(checkpoint), gemini_task_deadline=2.5)
     gemini.responder = lambda request: fg.server_error(500)
     response, took = timed_post(handle.client, batch())
@@ -181,7 +169,7 @@ def test_5xx_that_never_ends_falls_back_to_yolo(app_factory, private_redis, ls, 
     assert all(s[-1] - s[0] <= 2.5 for s in calls_by_task(gemini).values())
 
 
-def test_timeouts_fall_back_to_yolo_within_the_deadline(app_factory, private_redis, ls, gemini, checkpoint):  # noqa: F811
+def test_timeouts_fall_back_to_yolo_within_the_deadline(app_factory, private_redis, ls, gemini, checkpoint):
     deadline = 2.5
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls, yolo_model=str(checkpoint), gemini_task_deadline=deadline,
                          gemini_timeout=1.0)
@@ -209,7 +197,7 @@ def _garbage(request) -> fg.Answer:
     return kinds.get(width, fg.bad_request())
 
 
-def test_garbage_from_gemini_is_a_fallback_never_an_error(app_factory, private_redis, ls, gemini, checkpoint, caplog):  # noqa: F811
+def test_garbage_from_gemini_is_a_fallback_never_an_error(app_factory, private_redis, ls, gemini, checkpoint, caplog):
     caplog.set_level(logging.INFO)
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls, yolo_model=str(checkpoint), gemini_task_deadline=4.0)
     gemini.responder = _garbage
@@ -245,7 +233,7 @@ def _promote(handle, checkpoint, project: str = "7") -> str:
     return info.version
 
 
-def test_redis_killed_mid_request_then_restarted(app_factory, own_redis, ls, gemini, checkpoint):  # noqa: F811
+def test_redis_killed_mid_request_then_restarted(app_factory, own_redis, ls, gemini, checkpoint):
     handle = app_factory(own_redis.url, gemini=gemini, ls=ls, gemini_task_deadline=6.0)
     client = handle.client
     assert _promote(handle, checkpoint) == "v0001"
@@ -297,7 +285,7 @@ def test_redis_killed_mid_request_then_restarted(app_factory, own_redis, ls, gem
     assert {p["model_version"] for p in results} == {served}
 
 
-def test_a_hung_redis_costs_a_webhook_half_a_second_not_a_hang(app_factory, own_redis, ls, gemini, checkpoint):  # noqa: F811
+def test_a_hung_redis_costs_a_webhook_half_a_second_not_a_hang(app_factory, own_redis, ls, gemini, checkpoint):
     handle = app_factory(own_redis.url, gemini=gemini, ls=ls, gemini_task_deadline=6.0)
     _promote(handle, checkpoint)
     client = handle.client
@@ -338,7 +326,7 @@ def _full_disk(monkeypatch, where: str) -> None:
         monkeypatch.setattr(registry_mod.json, "dump", _enospc)
 
 
-def test_a_full_disk_while_a_checkpoint_is_written_leaves_the_served_model_alone(app_factory, private_redis, ls, gemini,  # noqa: F811
+def test_a_full_disk_while_a_checkpoint_is_written_leaves_the_served_model_alone(app_factory, private_redis, ls, gemini,
                                                                                   checkpoint, second_checkpoint, monkeypatch):
     private_redis.client().flushall()
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls, routing="yolo", hotswap_poll_seconds=0.2)
@@ -370,7 +358,7 @@ def test_a_full_disk_while_a_checkpoint_is_written_leaves_the_served_model_alone
                     timeout=15)
 
 
-def test_a_full_disk_while_promoting_keeps_the_current_version(app_factory, private_redis, ls, gemini, checkpoint,  # noqa: F811
+def test_a_full_disk_while_promoting_keeps_the_current_version(app_factory, private_redis, ls, gemini, checkpoint,
                                                                second_checkpoint, monkeypatch):
     private_redis.client().flushall()
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls, routing="yolo")
@@ -392,7 +380,7 @@ def test_a_full_disk_while_promoting_keeps_the_current_version(app_factory, priv
 # --- Label Studio down during a job ----------------------------------------------------------------
 
 @pytest.fixture
-def worker_env(monkeypatch, tmp_path, private_redis):  # noqa: F811
+def worker_env(monkeypatch, tmp_path, private_redis):
     """Environment for jobs run in this process (they read get_settings())."""
     from backend.core.settings import get_settings
 
@@ -419,7 +407,7 @@ def _run_worker(redis, queue_name: str) -> None:
                                                                                logging_level="WARNING")
 
 
-def test_label_studio_down_during_a_training_job(worker_env, private_redis, checkpoint, tmp_path):  # noqa: F811
+def test_label_studio_down_during_a_training_job(worker_env, private_redis, checkpoint, tmp_path):
     from backend.core import queue as wq
 
     redis = private_redis.client()
@@ -453,7 +441,7 @@ def test_label_studio_down_during_a_training_job(worker_env, private_redis, chec
     assert registry.current_version("7") == "v0001"
 
 
-def test_label_studio_down_during_a_prelabel_job(worker_env, private_redis, tmp_path, caplog):  # noqa: F811
+def test_label_studio_down_during_a_prelabel_job(worker_env, private_redis, tmp_path, caplog):
     from backend.core.queue import enqueue_prelabel
 
     redis = private_redis.client()

@@ -32,7 +32,7 @@ from schemathesis import checks as st_checks
 
 from backend.core.settings import Settings
 from backend.web.openapi import build_spec
-from tests.adversarial import CONFIG, PROJECT, app_factory, build_app, car_picture, encode, private_redis  # noqa: F401
+from tests.adversarial import CONFIG, PROJECT, build_app, car_picture, encode
 from tests.models import make_checkpoint
 
 EXAMPLES = int(os.environ.get("LSB_FUZZ_EXAMPLES", "20"))
@@ -65,7 +65,7 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(tmp_path_factory, private_redis):  # noqa: F811
+def fuzz_app(tmp_path_factory, private_redis):
     """The app with no Gemini and no Label Studio: every URL is refused or decoded locally, no network."""
     handle = build_app(tmp_path_factory.mktemp("fuzz"), private_redis.url, predict_max_tasks=8)
     yield handle
@@ -104,7 +104,7 @@ def test_operation_never_answers_5xx(fuzz_schema, path, method):
     assert all(code < 500 for code in seen)
 
 
-def test_without_credentials_every_protected_operation_is_401(tmp_path_factory, private_redis):  # noqa: F811
+def test_without_credentials_every_protected_operation_is_401(tmp_path_factory, private_redis):
     handle = build_app(tmp_path_factory.mktemp("fuzz-auth"), private_redis.url, basic_auth_user="ls",
                        basic_auth_pass="pw-fuzz-0123456789", webhook_secret="hook-fuzz-0123456789")
     try:
@@ -190,7 +190,7 @@ PARAMS = st.one_of(st.none(), JSON_VALUES, st.fixed_dictionaries({"context": st.
     JSON_VALUES, st.fixed_dictionaries({"result": st.one_of(CONTEXT_ITEMS, JSON_VALUES)}))}))
 
 
-def test_predict_batches_of_any_tasks_answer_one_valid_prediction_each(tmp_path, private_redis, checkpoint):  # noqa: F811
+def test_predict_batches_of_any_tasks_answer_one_valid_prediction_each(tmp_path, private_redis, checkpoint):
     from label_studio_sdk.label_interface import LabelInterface
 
     handle = build_app(tmp_path, private_redis.url, routing="yolo", yolo_model=str(checkpoint), predict_max_tasks=8)

@@ -15,14 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from rq import Queue
 
-from tests.adversarial import CONFIG, PROJECT, app_factory, predict_body, private_redis, task  # noqa: F401
+from tests.adversarial import CONFIG, PROJECT, predict_body, task
 
 NO_IMAGE_CONFIG = ('<View><Text name="text" value="$text"/><RectangleLabels name="label" toName="text">'
                    '<Label value="Car"/></RectangleLabels></View>')
 
 
 @pytest.fixture
-def redis_db(private_redis):  # noqa: F811
+def redis_db(private_redis):
     client = private_redis.client()
     client.flushall()
     yield client
@@ -30,7 +30,7 @@ def redis_db(private_redis):  # noqa: F811
 
 
 @pytest.fixture
-def handle(app_factory, private_redis, redis_db):  # noqa: F811
+def handle(app_factory, private_redis, redis_db):
     return app_factory(private_redis.url)
 
 

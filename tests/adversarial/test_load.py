@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from backend.core.registry import ModelRegistry
-from tests.adversarial import CONFIG, PROJECT, car_picture, encode, predict_body, private_redis, rss_kb, task  # noqa: F401
+from tests.adversarial import car_picture, encode, predict_body, rss_kb, task
 from tests.fake_label_studio import FakeLabelStudio
 from tests.live import base_env, gunicorn
 from tests.models import make_checkpoint
@@ -95,7 +95,7 @@ def _worker_pids(log_text: str) -> list[int]:
     return sorted({int(p) for p in re.findall(r"Booting worker with pid: (\d+)", log_text)})
 
 
-def test_two_minutes_at_full_rate_on_the_yolo_path(tmp_path, private_redis):  # noqa: F811
+def test_two_minutes_at_full_rate_on_the_yolo_path(tmp_path, private_redis):
     checkpoint = make_checkpoint(tmp_path / "load.pt", ["Car", "Person"])
     registry = ModelRegistry(tmp_path / "models", private_redis.client())
     registry.promote("7", registry.add_version("7", checkpoint, {"classes": ["Car", "Person"]}).version)

@@ -43,7 +43,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -51,12 +50,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
 
 from tests.fake_gemini import DEFAULT_KEY, Answer, FakeGemini, Oracle
+from tests.live import free_port, wait_for
 from tests.synthetic import colour
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,12 +90,6 @@ def tail(path: Path | None, chars: int = LOG_TAIL_CHARS) -> str:
         return f"<cannot read {path}: {exc}>"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def file_lock(path: Path, what: str):
     """An exclusive ``flock`` on ``path`` (other pytest runs on this machine wait for it)."""
@@ -110,25 +104,6 @@ def file_lock(path: Path, what: str):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5,
-             on_timeout: Callable[[], str] | None = None) -> Any:
-    """Poll ``check`` until it returns something truthy; fail the test with ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except (requests.RequestException, AssertionError, KeyError, ValueError) as exc:
-            last_error = exc
-        if time.monotonic() >= deadline:
-            extra = on_timeout() if on_timeout else ""
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}"
-                        + (f" (last error: {last_error!r})" if last_error else "") + (f"\n{extra}" if extra else ""))
-        time.sleep(interval)
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None, what: str) -> requests.Response:
@@ -194,7 +169,8 @@ def ensure_ls_venv(venv: Path = LS_VENV) -> Path:
             started = time.monotonic()
             print(f"\n[e2e] creating {venv} with label-studio=={LS_VERSION} (takes a few minutes)", flush=True)
             subprocess.run([python, "-m", "venv", str(venv)], check=True)
-            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"label-studio=={LS_VERSION}"], check=True)
+            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"label-studio=={LS_VERSION}"],
+                           check=True)
             TIMINGS["create the Label Studio venv"] = time.monotonic() - started
     if not exe.exists():
         raise RuntimeError(f"{exe} is missing after installing label-studio=={LS_VERSION}")
@@ -544,7 +520,8 @@ def base_model(tmp_path_factory) -> BaseModel:
     print(f"\n[e2e] building the YOLO base checkpoint {path} in the background (once; cached)", flush=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from tests.e2e.conftest import build_base_model; build_base_model(sys.argv[1])", str(path)],
+            [sys.executable, "-c", "import sys; from tests.e2e.conftest import build_base_model; build_base_model(sys.argv[1])",
+             str(path)],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -757,7 +734,8 @@ def backend(base_model, label_studio, ls_token, gemini, redis_url, tmp_path_fact
                 raise RuntimeError(f"scripts/run.sh exited with status {proc.returncode}:\n{tail(log_path)}")
             return _rq_worker_ready(redis_url, set(server.service_pids()["rq worker"]), queue_prefix)
 
-        wait_for(worker_ready, 90, f"the rq worker started by scripts/run.sh to listen on {queue_prefix}training and {queue_prefix}prelabel",
+        wait_for(worker_ready, 90,
+                 f"the rq worker started by scripts/run.sh to listen on {queue_prefix}training and {queue_prefix}prelabel",
                  on_timeout=lambda: tail(log_path))
     except BaseException:
         stop_backend(server)

@@ -31,8 +31,9 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.core.settings import Settings
-from tests.e2e.conftest import CLASSES, TIMINGS, wait_for
+from tests.e2e.conftest import CLASSES, TIMINGS
 from tests.fake_gemini import server_error
+from tests.live import wait_for
 from tests.synthetic import SyntheticImage, ls_result, make_image, make_images
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

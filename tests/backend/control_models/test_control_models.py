@@ -118,7 +118,7 @@ class TestCommonFields:
     def test_empty_detections(self):
         for name in ("box", "brush", "poly"):
             spec = control(MULTI, name)
-            assert CONTROL_MODELS[spec.tag](spec).regions(Detections.empty((W, H), "gemini")) == []
+            assert CONTROL_MODELS[spec.tag](spec).regions(Detections([], [], [], (W, H), "gemini")) == []
 
 
 class TestRectangleLabels:

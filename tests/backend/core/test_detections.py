@@ -55,7 +55,6 @@ class TestShapes:
         d = Detections([1, 2, 3, 4], ["a"], 0.5, SIZE, "gemini")
         assert d.xyxy.shape == (1, 4)
         assert d.scores.shape == (1,)
-        assert d.mean_score == 0.5
 
     def test_wrong_box_count_raises(self):
         with pytest.raises(ValueError):
@@ -82,8 +81,8 @@ class TestShapes:
         d = make()
         with pytest.raises(dataclasses.FrozenInstanceError):
             d.source = "other"  # type: ignore[misc]
-        a = Detections.empty(SIZE, "x")
-        b = Detections.empty(SIZE, "x")
+        a = Detections([], [], [], SIZE, "x")
+        b = Detections([], [], [], SIZE, "x")
         assert a.meta is not b.meta
 
     def test_defaults(self):
@@ -93,7 +92,7 @@ class TestShapes:
 
 class TestEmpty:
     def test_empty(self):
-        d = Detections.empty(SIZE, "gemini", "gemini-2.5-flash", reason="nothing", tokens=12)
+        d = Detections([], [], [], SIZE, "gemini", "gemini-2.5-flash", meta={"reason": "nothing", "tokens": 12})
         assert len(d) == 0
         assert d.xyxy.shape == (0, 4)
         assert d.scores.shape == (0,)
@@ -102,7 +101,6 @@ class TestEmpty:
         assert d.image_size == SIZE
         assert (d.source, d.model) == ("gemini", "gemini-2.5-flash")
         assert d.meta == {"reason": "nothing", "tokens": 12}
-        assert d.mean_score == 0.0
 
     def test_empty_with_empty_masks(self):
         d = Detections(np.zeros((0, 4)), [], np.zeros(0), SIZE, "x", masks=np.zeros((0, SIZE[1], SIZE[0])))
@@ -110,7 +108,7 @@ class TestEmpty:
 
     @pytest.mark.parametrize("keep", [[], np.zeros(0, dtype=bool), np.zeros(0, dtype=int)])
     def test_filter_of_empty(self, keep):
-        d = Detections.empty(SIZE, "gemini", "m", reason="r").filter(keep)
+        d = Detections([], [], [], SIZE, "gemini", "m", meta={"reason": "r"}).filter(keep)
         assert len(d) == 0 and d.xyxy.shape == (0, 4) and d.scores.shape == (0,)
         assert (d.source, d.model, d.meta) == ("gemini", "m", {"reason": "r"})
 
@@ -176,13 +174,3 @@ class TestFilter:
         assert d.labels == before[1]
         np.testing.assert_array_equal(d.scores, before[2])
         np.testing.assert_array_equal(d.masks, before[3])
-
-
-class TestMeanScore:
-    def test_mean(self):
-        assert make().mean_score == pytest.approx((0.9 + 0.5 + 0.7) / 3)
-        assert isinstance(make().mean_score, float)
-
-    def test_zero_when_empty(self):
-        assert Detections.empty(SIZE, "yolo").mean_score == 0.0
-        assert make().filter([]).mean_score == 0.0

@@ -25,17 +25,15 @@ from backend.core.detections import Detections
 from backend.core.settings import get_settings
 from backend.evaluation.truth import load_truth
 from tests import fake_gemini as fg
-from tests.backend.detectors.test_owlvit import tiny_models  # noqa: F401 - session fixture
 from tests.fake_label_studio import FakeLabelStudio
 from tests.models import make_checkpoint
-from tests.paths import ROOT
+from tests.paths import ROOT, TEST_REDIS_URL
 from tests.synthetic import label_config, make_images
 from worker.cli import results
 from worker.cli.__main__ import main
 
 ASSETS = Path(__import__("ultralytics").__file__).parent / "assets"
 CLASSES = ("Car", "Person", "Sign")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 @pytest.fixture
@@ -120,7 +118,7 @@ def test_help_and_usage_errors(env, capsys):
 
 # --- detect ---------------------------------------------------------------------------------------
 
-def test_detect_owlvit_on_real_images_png_and_resume(env, capsys, tiny_models):  # noqa: F811
+def test_detect_owlvit_on_real_images_png_and_resume(env, capsys, tiny_models):
     out = env / "drafts"
     args = ["detect", ASSETS, "--source", "owlvit", "--model", tiny_models["owlv2"], "--labels", "person,bus=a city bus",
             "--threshold", "0", "--out", out]
@@ -156,7 +154,7 @@ def test_detect_owlvit_on_real_images_png_and_resume(env, capsys, tiny_models): 
     assert (out / "bus.json").stat().st_mtime_ns == stamp
 
 
-def test_detect_owlvit_sam_masks(env, capsys, tiny_models):  # noqa: F811
+def test_detect_owlvit_sam_masks(env, capsys, tiny_models):
     out = env / "masks"
     code, _, err = lsb(capsys, "detect", ASSETS / "zidane.jpg", "--source", "owlvit", "--model", tiny_models["owlv2"],
                              "--sam-model", tiny_models["sam"], "--labels", "person", "--tag", "brush", "--threshold", "0", "--out", out)
@@ -302,7 +300,7 @@ def test_eval_saved_predictions_perfect_and_shifted(env, capsys, drafted):
     assert code == 0 and summary["map50_95"] < 1.0 and summary["mean_iou"] < 1.0 and summary["masks"]["instance_miou"] < 1.0
 
 
-def test_eval_runs_a_source_on_a_yolo_dataset_and_a_registry_version(env, capsys, drafted, tiny_models, redis_url):  # noqa: F811
+def test_eval_runs_a_source_on_a_yolo_dataset_and_a_registry_version(env, capsys, drafted, tiny_models, redis_url):
     code, summary, _ = lsb(capsys, "export", "yolo", env / "drafts", "--out", env / "ds")
     ds = Path(summary["data_yaml"]).parent
     code, summary, err = lsb(capsys, "eval", "--truth", ds, "--split", "all", "--source", "owlvit", "--model", tiny_models["owlv2"],
@@ -415,7 +413,7 @@ def test_push_in_process_is_resumable_and_valid(env, capsys, monkeypatch):
         from rq.job import Job
 
         for job_id in jobs:
-            Job.fetch(job_id, connection=redis_lib.Redis.from_url(REDIS_URL)).delete()
+            Job.fetch(job_id, connection=redis_lib.Redis.from_url(TEST_REDIS_URL)).delete()
     monkeypatch.delenv("LABEL_STUDIO_URL")
     code, _, err = lsb(capsys, "push", "--project", "3")
     assert code == 2 and "LABEL_STUDIO_URL" in err

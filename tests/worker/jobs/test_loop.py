@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.live import base_env, gunicorn, rq_worker, wait_for
-from tests.worker_fixtures import cleanup_queues, fake_ls, make_settings, populate, project_id, redis15, settings_env  # noqa: F401
+from tests.worker_fixtures import cleanup_queues, make_settings, populate, settings_env
 
 pytestmark = pytest.mark.slow
 SECRET = "loop-secret-1234"

@@ -18,7 +18,7 @@ from backend.core.label_studio import (
     fetch_project,
 )
 from tests.synthetic import label_config, ls_region, ls_result, make_images
-from tests.worker_fixtures import CLASSES, fake_ls, make_settings, populate  # noqa: F401  (fixtures)
+from tests.worker_fixtures import CLASSES, make_settings, populate
 from worker.training.dataset import NotEnoughData, build_dataset, dataset_hash, load_dataset, split_tasks
 
 CONFIG = ProjectConfig.parse(label_config(CLASSES))

@@ -33,7 +33,6 @@ from tests.fake_gemini import (
     drop,
     empty,
     error,
-    fake_gemini,  # noqa: F401 - pytest fixture
     non_json,
     ok,
     rate_limited,
@@ -69,7 +68,7 @@ class Sleeps:
 
 
 @pytest.fixture
-def make(fake_gemini, rdb):  # noqa: F811
+def make(fake_gemini, rdb):
     client, prefix = rdb
     made: list[GeminiDetector] = []
 
@@ -108,7 +107,7 @@ def one_box(label: str = "Car") -> object:
 # --- success -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("version", ["v1", "v1beta"])
-def test_boxes_land_on_the_original_pixels_after_downscaling(make, fake_gemini, version):  # noqa: F811
+def test_boxes_land_on_the_original_pixels_after_downscaling(make, fake_gemini, version):
     fake_gemini.responder = Oracle({"Car": RED, "Tree": GREEN})
     image, sha = scene()
     detections = make(gemini_api_version=version).detect(image, sha, CONFIG)
@@ -122,7 +121,7 @@ def test_boxes_land_on_the_original_pixels_after_downscaling(make, fake_gemini, 
     assert call.api_key == fake_gemini.api_key
 
 
-def test_request_follows_the_detection_recipe(make, fake_gemini):  # noqa: F811
+def test_request_follows_the_detection_recipe(make, fake_gemini):
     image, sha = scene()
     make().detect(image, sha, CONFIG)
     (call,) = fake_gemini.calls
@@ -137,7 +136,7 @@ def test_request_follows_the_detection_recipe(make, fake_gemini):  # noqa: F811
 
 
 @pytest.mark.parametrize("model", ["gemini-2.5-pro", "gemini-3-flash-preview"])
-def test_thinking_budget_is_not_sent_to_models_that_reject_it(make, fake_gemini, model):  # noqa: F811
+def test_thinking_budget_is_not_sent_to_models_that_reject_it(make, fake_gemini, model):
     image, sha = scene()
     make(gemini_model=model).detect(image, sha, CONFIG)
     (call,) = fake_gemini.calls
@@ -145,14 +144,14 @@ def test_thinking_budget_is_not_sent_to_models_that_reject_it(make, fake_gemini,
     assert thinking_off_supported("gemini-2.5-flash-lite") and not thinking_off_supported(model)
 
 
-def test_empty_answer_is_a_real_empty_result(make, fake_gemini):  # noqa: F811
+def test_empty_answer_is_a_real_empty_result(make, fake_gemini):
     fake_gemini.script(empty())
     image, sha = scene()
     detections = make().detect(image, sha, CONFIG)
     assert len(detections) == 0 and detections.image_size == image.size
 
 
-def test_truncated_answer_keeps_complete_objects(make, fake_gemini):  # noqa: F811
+def test_truncated_answer_keeps_complete_objects(make, fake_gemini):
     text = '[{"box_2d": [100, 100, 500, 300], "label": "Car"}, {"box_2d": [600, 600, 9'
     fake_gemini.script(truncated(text, len(text)))
     image, sha = scene()
@@ -160,7 +159,7 @@ def test_truncated_answer_keeps_complete_objects(make, fake_gemini):  # noqa: F8
     assert detections.labels == ["Car"] and detections.meta["truncated"] is True
 
 
-def test_interactive_query_is_sent_and_labels_fall_back(make, fake_gemini):  # noqa: F811
+def test_interactive_query_is_sent_and_labels_fall_back(make, fake_gemini):
     fake_gemini.script(boxes([{"box_2d": [0, 0, 100, 100], "label": "something else"}, {"box_2d": [0, 200, 100, 300], "label": "Tree"}]))
     image, sha = scene()
     detections = make().detect(image, sha, CONFIG, query="the cars parked in the shade")
@@ -171,7 +170,7 @@ def test_interactive_query_is_sent_and_labels_fall_back(make, fake_gemini):  # n
     assert make().detect(image, sha, CONFIG, query="anything round").labels == ["Car"]  # first label
 
 
-def test_masks_when_the_config_wants_them(make, fake_gemini):  # noqa: F811
+def test_masks_when_the_config_wants_them(make, fake_gemini):
     fake_gemini.responder = Oracle({"Car": RED, "Tree": GREEN}, mask_format="png")
     image, sha = scene()
     detections = make().detect(image, sha, BRUSH)
@@ -181,7 +180,7 @@ def test_masks_when_the_config_wants_them(make, fake_gemini):  # noqa: F811
     assert detections.masks[1][700, 1200]
 
 
-def test_concurrent_calls_from_a_thread_pool(make, fake_gemini):  # noqa: F811
+def test_concurrent_calls_from_a_thread_pool(make, fake_gemini):
     fake_gemini.responder = Oracle({"Car": RED, "Tree": GREEN})
     detector = make()
     scenes = [scene(size=(800, 400), seed=i) for i in range(12)]
@@ -193,7 +192,7 @@ def test_concurrent_calls_from_a_thread_pool(make, fake_gemini):  # noqa: F811
 
 # --- retries -------------------------------------------------------------------------------------
 
-def test_429_retry_delay_is_honoured_then_succeeds(make, fake_gemini):  # noqa: F811
+def test_429_retry_delay_is_honoured_then_succeeds(make, fake_gemini):
     fake_gemini.script(rate_limited("1s"), one_box())
     detector = make()
     image, sha = scene()
@@ -204,7 +203,7 @@ def test_429_retry_delay_is_honoured_then_succeeds(make, fake_gemini):  # noqa: 
     assert second.received_at - first.received_at >= 1.0
 
 
-def test_429_longer_than_the_deadline_gives_up_at_once(make, fake_gemini):  # noqa: F811
+def test_429_longer_than_the_deadline_gives_up_at_once(make, fake_gemini):
     fake_gemini.script(rate_limited("37s"), one_box())
     image, sha = scene()
     with pytest.raises(GeminiUnavailable) as info:
@@ -213,7 +212,7 @@ def test_429_longer_than_the_deadline_gives_up_at_once(make, fake_gemini):  # no
     assert len(fake_gemini.calls) == 1
 
 
-def test_server_errors_and_dropped_connections_are_retried(make, fake_gemini):  # noqa: F811
+def test_server_errors_and_dropped_connections_are_retried(make, fake_gemini):
     fake_gemini.script(server_error(500), server_error(503), drop(), one_box())
     image, sha = scene()
     detections = make(gemini_task_deadline=20.0).detect(image, sha, CONFIG)
@@ -221,7 +220,7 @@ def test_server_errors_and_dropped_connections_are_retried(make, fake_gemini):  
     assert len(fake_gemini.calls) == 4
 
 
-def test_slow_answers_time_out_within_the_deadline(make, fake_gemini):  # noqa: F811
+def test_slow_answers_time_out_within_the_deadline(make, fake_gemini):
     fake_gemini.responder = lambda request: delayed(one_box(), 5.0)
     image, sha = scene()
     started = time.monotonic()
@@ -233,7 +232,7 @@ def test_slow_answers_time_out_within_the_deadline(make, fake_gemini):  # noqa: 
     assert elapsed < 2.0 + 1.0  # the deadline bounds the task (slack for a loaded machine)
 
 
-def test_non_json_200_is_a_bad_answer_not_retried(make, fake_gemini):  # noqa: F811
+def test_non_json_200_is_a_bad_answer_not_retried(make, fake_gemini):
     fake_gemini.script(non_json(), one_box())
     image, sha = scene()
     with pytest.raises(GeminiUnavailable) as info:
@@ -242,7 +241,7 @@ def test_non_json_200_is_a_bad_answer_not_retried(make, fake_gemini):  # noqa: F
     assert len(fake_gemini.calls) == 1
 
 
-def test_prose_answer_is_a_bad_answer(make, fake_gemini):  # noqa: F811
+def test_prose_answer_is_a_bad_answer(make, fake_gemini):
     fake_gemini.script(ok("I see a car and a tree."))
     image, sha = scene()
     with pytest.raises(GeminiUnavailable) as info:
@@ -250,7 +249,7 @@ def test_prose_answer_is_a_bad_answer(make, fake_gemini):  # noqa: F811
     assert info.value.reason == "bad_answer"
 
 
-def test_bad_key_is_a_client_error_not_retried(make, fake_gemini):  # noqa: F811
+def test_bad_key_is_a_client_error_not_retried(make, fake_gemini):
     image, sha = scene()
     with pytest.raises(GeminiUnavailable) as info:
         make(gemini_api_key="wrong-key").detect(image, sha, CONFIG)
@@ -258,7 +257,7 @@ def test_bad_key_is_a_client_error_not_retried(make, fake_gemini):  # noqa: F811
     assert len(fake_gemini.requests) == 1 and fake_gemini.requests[0].status == 400
 
 
-def test_other_400s_are_not_retried(make, fake_gemini):  # noqa: F811
+def test_other_400s_are_not_retried(make, fake_gemini):
     fake_gemini.script(error(400, "INVALID_ARGUMENT", "Unable to process input image."), one_box())
     image, sha = scene()
     with pytest.raises(GeminiUnavailable) as info:
@@ -266,7 +265,7 @@ def test_other_400s_are_not_retried(make, fake_gemini):  # noqa: F811
     assert info.value.reason == "client_error" and len(fake_gemini.calls) == 1
 
 
-def test_blocked_prompt_is_a_failure_not_an_empty_result(make, fake_gemini):  # noqa: F811
+def test_blocked_prompt_is_a_failure_not_an_empty_result(make, fake_gemini):
     fake_gemini.script(blocked("PROHIBITED_CONTENT"), ok("", finish_reason="SAFETY"))
     image, sha = scene()
     detector = make()
@@ -290,7 +289,7 @@ def test_retry_delay_parsing():
 
 # --- breaker, budget, cache ------------------------------------------------------------------------
 
-def test_breaker_opens_skips_calls_and_closes_after_cooldown(make, fake_gemini):  # noqa: F811
+def test_breaker_opens_skips_calls_and_closes_after_cooldown(make, fake_gemini):
     detector = make(gemini_breaker_failures=2, gemini_breaker_cooldown=0.5)
     fake_gemini.script(bad_request(), bad_request())
     for seed in range(2):
@@ -312,7 +311,7 @@ def test_breaker_opens_skips_calls_and_closes_after_cooldown(make, fake_gemini):
     assert len(fake_gemini.calls) == 4
 
 
-def test_budget_exhausted_makes_no_call(make, fake_gemini, rdb):  # noqa: F811
+def test_budget_exhausted_makes_no_call(make, fake_gemini, rdb):
     client, _ = rdb
     detector = make(gemini_daily_budget_usd=0.0001)
     fake_gemini.script(ok('[{"box_2d": [0, 0, 100, 100], "label": "Car"}]', prompt_tokens=300, output_tokens=25))
@@ -328,7 +327,7 @@ def test_budget_exhausted_makes_no_call(make, fake_gemini, rdb):  # noqa: F811
     assert detector.detect(image, sha, CONFIG).meta["cached"]  # a cache hit is still free
 
 
-def test_cache_hit_makes_no_request_and_costs_nothing(make, fake_gemini):  # noqa: F811
+def test_cache_hit_makes_no_request_and_costs_nothing(make, fake_gemini):
     fake_gemini.responder = Oracle({"Car": RED, "Tree": GREEN})
     detector = make()
     image, sha = scene()
@@ -347,7 +346,7 @@ def test_cache_hit_makes_no_request_and_costs_nothing(make, fake_gemini):  # noq
     assert len(fake_gemini.calls) == 2
 
 
-def test_redis_outage_is_never_an_error(make, fake_gemini):  # noqa: F811
+def test_redis_outage_is_never_an_error(make, fake_gemini):
     down = redis.Redis.from_url("redis://127.0.0.1:1/15", socket_connect_timeout=0.2)
     detector = make(redis_client=down)
     fake_gemini.script(one_box(), one_box())
@@ -369,7 +368,7 @@ def test_not_configured_without_a_key(monkeypatch):
 
 # --- secrets -------------------------------------------------------------------------------------
 
-def test_api_key_never_leaks_into_logs_or_elsewhere(make, fake_gemini, caplog):  # noqa: F811
+def test_api_key_never_leaks_into_logs_or_elsewhere(make, fake_gemini, caplog):
     caplog.set_level(logging.DEBUG)
     fake_gemini.script(rate_limited("0s"), one_box(), bad_request(), non_json())
     detector = make()
@@ -422,7 +421,7 @@ def test_fake_records_requests_thread_safely():
         assert len(fake.calls) == 20 and fake.pending == 0
 
 
-def test_oracle_answers_registered_ground_truth(make, fake_gemini):  # noqa: F811
+def test_oracle_answers_registered_ground_truth(make, fake_gemini):
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 255, (600, 1500, 3), dtype=np.uint8))
     oracle = Oracle()
