@@ -22,17 +22,7 @@ from flask import Response
 from PIL import Image, ImageDraw, ImageOps
 
 from tests import fake_gemini as fg
-from tests.adversarial import (  # noqa: F401  (fixtures)
-    CAR_BOX,
-    RED,
-    app_factory,
-    assert_box,
-    car_picture,
-    encode,
-    predict_body,
-    private_redis,
-    task,
-)
+from tests.adversarial import CAR_BOX, RED, assert_box, car_picture, encode, predict_body, task
 from tests.fake_label_studio import FakeLabelStudio
 
 GOOD = "/data/upload/7/good-car.png"
@@ -68,7 +58,7 @@ def gemini(oracle):
 
 
 @pytest.fixture
-def predict(app_factory, private_redis, ls, gemini, caplog):  # noqa: F811
+def predict(app_factory, private_redis, ls, gemini, caplog):
     """POST one batch [odd task, good task]; returns (odd prediction, log text about the odd task)."""
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls)
     caplog.set_level(logging.INFO)
@@ -263,7 +253,7 @@ def test_png_with_transparency_is_composited_not_black(predict, ls):
     assert_box(region, CAR_BOX, 64, 48)
 
 
-def test_a_batch_of_every_bad_image_at_once_keeps_order_and_serves_the_good_ones(app_factory, private_redis, ls, gemini):  # noqa: F811
+def test_a_batch_of_every_bad_image_at_once_keeps_order_and_serves_the_good_ones(app_factory, private_redis, ls, gemini):
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls)
     bad = [upload(ls, "b1.jpg", b"garbage"), raw(ls, "b2.png", b"", "image/png"), upload(ls, "b3.png", _png_bomb(9000, 9000)),
            raw(ls, "b4.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"), "/data/upload/7/none.png"]

@@ -24,7 +24,7 @@ from flask import redirect
 
 from backend.core import images
 from tests import fake_gemini as fg
-from tests.adversarial import CAR_BOX, RED, app_factory, assert_box, car_picture, encode, predict_body, private_redis, task  # noqa: F401
+from tests.adversarial import CAR_BOX, RED, assert_box, car_picture, encode, predict_body, task
 from tests.backend.core.test_images import FakeServer
 from tests.fake_label_studio import FakeLabelStudio
 from tests.live import wait_for
@@ -97,7 +97,8 @@ def gemini():
         yield fake
 
 
-from tests.network_fixtures import connections, public_foreign  # noqa: E402,F401  (fixtures)
+# Every test here sees 127.0.0.2 as a public host (tests/network_fixtures.py, registered by tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("public_foreign")
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ def local_root(tmp_path):
 
 
 @pytest.fixture
-def predict(app_factory, private_redis, ls, gemini, foreign, trap, local_root, caplog):  # noqa: F811
+def predict(app_factory, private_redis, ls, gemini, foreign, trap, local_root, caplog):
     root, _ = local_root
     handle = app_factory(private_redis.url, gemini=gemini, ls=ls, image_allowed_hosts="127.0.0.2",
                          local_files_document_root=str(root))
@@ -195,7 +196,7 @@ def test_cloud_metadata_address(predict, connections):
     assert not [a for a in connections if a[0].startswith("169.254") or "metadata" in a[0]]
 
 
-def test_redis_on_loopback_is_never_spoken_to(predict, private_redis, connections):  # noqa: F811
+def test_redis_on_loopback_is_never_spoken_to(predict, private_redis, connections):
     """HTTP sent to Redis shows in Redis's own log: it drops a client that sends ``Host:`` with
     "Possible SECURITY ATTACK detected" (checked at the end to work, by sending one ourselves)."""
     for url in (f"http://127.0.0.1:{private_redis.port}/", f"http://localhost:{private_redis.port}/",
@@ -226,7 +227,7 @@ def test_other_loopback_services_record_nothing(predict, trap, connections):
 
 
 @pytest.mark.parametrize("target", ["trap", "metadata", "redis", "file"])
-def test_a_redirect_to_a_private_address_is_not_followed(predict, ls, trap, private_redis, connections, target):  # noqa: F811
+def test_a_redirect_to_a_private_address_is_not_followed(predict, ls, trap, private_redis, connections, target):
     trap.hits.clear()
     ls.targets[target] = {"trap": f"http://127.0.0.1:{trap.port}/car.png", "metadata": "http://169.254.169.254/latest/meta-data/",
                           "redis": f"http://127.0.0.1:{private_redis.port}/", "file": "file:///etc/passwd"}[target]
