@@ -3,7 +3,7 @@
 The good task always gets its Gemini draft at the right place. The odd one is either handled (decoded
 to RGB, EXIF applied, first frame, boxes in Label Studio percent of the image as shown) or fails alone:
 an empty prediction for that task and a log line naming the task and the reason. The image loader's
-own unit cases (formats, limits, headers) are in tests/backend/core/test_images.py; this is the path through the
+own unit cases (formats, limits, headers) are in tests/backend/core/images/; this is the path through the
 whole service: fake Label Studio over HTTP -> ImageLoader -> fake Gemini (real google-genai client)
 -> control models -> JSON.
 """

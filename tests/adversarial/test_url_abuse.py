@@ -7,8 +7,8 @@ host. Each sits in a batch beside a good task (which is still served); each is r
 record nothing, no connection is even opened to a forbidden address, and no token appears in any
 foreign request or log.
 
-127.0.0.2 plays a public internet host (``images._is_public`` is patched for it, as in
-tests/backend/core/test_images.py, whose loader-level SSRF cases are not repeated here).
+127.0.0.2 plays a public internet host (``ssrf.is_public`` is patched for it, as in
+tests/backend/core/images/test_ssrf.py, whose loader-level SSRF cases are not repeated here).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from flask import redirect
 
-from backend.core import images
+from backend.core.images import loader as image_loader
 from tests import fake_gemini as fg
 from tests.adversarial import CAR_BOX, RED, assert_box, car_picture, encode, predict_body, task
-from tests.backend.core.test_images import FakeServer
+from tests.backend.core.images.helpers import FakeServer
 from tests.fake_label_studio import FakeLabelStudio
 from tests.live import wait_for
 
@@ -159,7 +159,7 @@ def test_file_and_other_schemes(predict, ls, connections, url):
 def test_an_absolute_path_is_a_label_studio_path_never_a_local_file(predict, ls, monkeypatch):
     opened: list[str] = []
     real_open = os.open
-    monkeypatch.setattr(images.os, "open", lambda path, *a, **k: opened.append(os.fspath(path)) or real_open(path, *a, **k))
+    monkeypatch.setattr(image_loader.os, "open", lambda path, *a, **k: opened.append(os.fspath(path)) or real_open(path, *a, **k))
     before = len(ls.requests_log)
     refused(*predict("/etc/passwd"), reason="not_found")
     assert [r["path"] for r in ls.requests_log[before:] if r["path"] == "/etc/passwd"] == ["/etc/passwd"]
@@ -178,7 +178,7 @@ def test_dot_dot_and_symlinks_in_local_files_paths_open_nothing_outside_the_root
         opened.append(os.fspath(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(images.os, "open", spy)
+    monkeypatch.setattr(image_loader.os, "open", spy)
     odd, lines = predict(f"/data/local-files/?d={rel}", good="/data/local-files/?d=images/car.png")
     assert odd["result"] == []
     assert "forbidden_url" in lines or "not_found" in lines, lines

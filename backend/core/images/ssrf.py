@@ -1,0 +1,158 @@
+"""The network half of the SSRF boundary: which addresses an image download may connect to.
+
+Why hand-written: requests and urllib3 have no address policy (no hook that says "refuse private
+addresses"), and a check done before the request (resolve, check, then let urllib3 resolve again)
+is defeated by DNS rebinding. So the connection class below resolves the host itself, checks every
+address, and connects to exactly the addresses it checked. Proxies (which would connect elsewhere)
+and cookies (which would carry one host's session to another) are switched off on the session.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import ipaddress
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+from backend.core.images.errors import ImageError
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Origin = tuple[str, str, int]
+Guard = Callable[[str, str, int, IPAddress], bool]
+
+
+def is_public(ip: IPAddress) -> bool:
+    """True for globally routable unicast addresses; v4 embedded in v6 is judged as v4."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip.teredo is not None:
+            return False
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified
+                                 or ip.is_loopback or ip.is_link_local or ip.is_private)
+
+
+def address_guard(*, allow_private: bool, trusted_origin: Origin | None) -> Guard:
+    """The connection-time rule: public addresses only, except for the trusted origin (Label
+    Studio, which usually runs next door) or when private addresses are allowed outright."""
+
+    def allowed(scheme: str, host: str, port: int, ip: IPAddress) -> bool:
+        if allow_private or (scheme, host, port) == trusted_origin:
+            return True
+        return is_public(ip)
+
+    return allowed
+
+
+def origin(url: str) -> Origin | None:
+    """(scheme, host, port) of an http(s) URL, default ports filled in; None for anything else."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return None
+    return scheme, parts.hostname.lower(), port
+
+
+def redact(url: str) -> str:
+    """URL for messages and logs: no userinfo, no query (presigned signatures), no data payload."""
+    if url.startswith("data:"):
+        return url[:30] + "..."
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    shown = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
+    return shown + ("?..." if parts.query else "")
+
+
+class _GuardedConnectionMixin:
+    """Resolves the host itself, refuses if any address is not allowed, then connects to exactly
+    the addresses it checked (the TLS server name and Host header keep the original name)."""
+
+    guard: Guard
+    scheme: str
+
+    def _new_conn(self) -> socket.socket:
+        name: str = self._dns_host  # type: ignore[attr-defined]
+        port: int = self.port  # type: ignore[attr-defined]
+        try:
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise NameResolutionError(name, self, exc) from exc  # type: ignore[arg-type]
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        host = name.strip("[]").lower()
+        for address in addresses:
+            if not self.guard(self.scheme, host, port, ipaddress.ip_address(address.split("%")[0])):
+                raise ImageError("forbidden_url", f"{host} resolves to a non-public address ({address})")
+        last: Exception | None = None
+        for address in addresses:
+            self._dns_host = address  # type: ignore[attr-defined]
+            try:
+                return super()._new_conn()  # type: ignore[misc]
+            except (NewConnectionError, ConnectTimeoutError) as exc:
+                last = exc
+            finally:
+                self._dns_host = name  # type: ignore[attr-defined]
+        raise last or NewConnectionError(self, f"no address for {host}")  # type: ignore[arg-type]
+
+
+class _GuardedAdapter(HTTPAdapter):
+    """A requests adapter whose connection pools use the guarded connections above."""
+
+    def __init__(self, guard: Guard, **kwargs: Any) -> None:
+        self._guard = guard
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        guard = staticmethod(self._guard)
+        http_conn = type("GuardedHTTPConnection", (_GuardedConnectionMixin, HTTPConnection),
+                         {"guard": guard, "scheme": "http"})
+        https_conn = type("GuardedHTTPSConnection", (_GuardedConnectionMixin, HTTPSConnection),
+                          {"guard": guard, "scheme": "https"})
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+            "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+        }
+
+    def proxy_manager_for(self, *args: Any, **kwargs: Any) -> Any:
+        raise ImageError("forbidden_url", "proxies are not used for image downloads")
+
+
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """A shared session must not carry one host's cookies (e.g. a LS session) to requests."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
+def guarded_session(guard: Guard) -> requests.Session:
+    """A requests session whose every connection passes ``guard``; no env proxies, no .netrc, no
+    cookies. Thread-safe for simple GETs (its connection pools are)."""
+    session = requests.Session()
+    session.trust_env = False  # no env proxies (they bypass the address check), no .netrc
+    session.cookies.set_policy(_NoCookies())
+    session.headers["Accept"] = "image/*,*/*;q=0.8"
+    adapter = _GuardedAdapter(guard, pool_connections=16, pool_maxsize=32, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
