@@ -10,7 +10,7 @@ Every case asserts its outcome (status code, message, what was served, what was 
   optional fake Gemini / fake Label Studio, like production wires them.
 - image helpers: encoders and the "red car" picture the fake Gemini's Oracle finds by colour.
 
-Cases covered elsewhere and not repeated here: the image loader's own unit cases (tests/backend/core/test_images.py),
+Cases covered elsewhere and not repeated here: the image loader's own unit cases (tests/backend/core/images/),
 a worker SIGKILLed mid-training (tests/backend/core/test_queue.py::test_sigkill_mid_training_leaves_current_untouched),
 Label Studio down until a retry succeeds (tests/backend/core/test_queue.py::test_label_studio_down_is_retried_with_backoff),
 a crash inside ``add_version`` at the registry level (tests/backend/core/test_registry.py).
