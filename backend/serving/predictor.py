@@ -123,7 +123,8 @@ class Predictor:
             return 0.0
         return control.score_threshold if control.score_threshold is not None else self.settings.yolo_score_threshold
 
-    def _prediction(self, task_id, config: ProjectConfig, detections: Detections | None, reason: str, state: ServingState) -> dict:
+    def _prediction(self, task_id, config: ProjectConfig, detections: Detections | None, reason: str,
+                    state: ServingState) -> dict:
         if detections is None:
             PREDICTION_FAILURES.labels(reason.split(":")[0].split(";")[0].strip() or "unknown").inc()
             log.warning("task %s: empty prediction (%s)", task_id, reason)

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def _warn_about_open_routes(settings: Settings) -> None:
     if not settings.webhook_secret.get_secret_value() and not settings.basic_auth_enabled:
-        log.warning("WEBHOOK_SECRET and BASIC_AUTH_* are unset: /webhook and the training routes are open to anyone who can reach this port")
+        log.warning("WEBHOOK_SECRET and BASIC_AUTH_* are unset: /webhook and the training routes are open to anyone "
+                    "who can reach this port")
     elif not settings.basic_auth_enabled:
         log.warning("WEBHOOK_SECRET is set but BASIC_AUTH_* is not: Label Studio's 'Start Training' button sends only "
                     "Basic auth and will be refused; set BASIC_AUTH_USER/BASIC_AUTH_PASS (and enter them in Label Studio), "

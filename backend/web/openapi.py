@@ -76,7 +76,8 @@ _SCHEMAS: dict[str, dict] = {
     "ProjectId": _PROJECT_ID,
     "Task": {
         "type": "object",
-        "description": "A Label Studio task; `data` holds the image URL under the key the label config's <Image value=\"$key\"> names.",
+        "description": ("A Label Studio task; `data` holds the image URL under the key the label config's "
+                        "<Image value=\"$key\"> names."),
         "properties": {
             "id": {"type": "integer"},
             "data": {"type": "object", "additionalProperties": True},
