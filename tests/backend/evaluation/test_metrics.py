@@ -223,14 +223,16 @@ def test_load_coco_boxes_polygons_and_rle(tmp_path):
     mask = np.zeros((40, 60), dtype=bool)
     mask[10:20, 5:25] = True
     coco = {
-        "images": [{"id": 7, "file_name": "a.png", "width": 60, "height": 40}, {"id": 8, "file_name": "b.png", "width": 60, "height": 40}],
+        "images": [{"id": 7, "file_name": "a.png", "width": 60, "height": 40},
+                   {"id": 8, "file_name": "b.png", "width": 60, "height": 40}],
         "categories": [{"id": 3, "name": "Person"}, {"id": 1, "name": "Car"}],
         "annotations": [
             {"id": 1, "image_id": 7, "category_id": 1, "bbox": [5, 10, 20, 10], "area": 200, "iscrowd": 0,
              "segmentation": [[5, 10, 25, 10, 25, 20, 5, 20]]},
             {"id": 2, "image_id": 7, "category_id": 3, "bbox": [5, 10, 20, 10], "area": 200, "iscrowd": 0,
              "segmentation": geometry.mask_to_rle(mask)},
-            {"id": 3, "image_id": 8, "category_id": 3, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 1, "segmentation": [[0, 0, 5, 0, 5, 5]]},
+            {"id": 3, "image_id": 8, "category_id": 3, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 1,
+             "segmentation": [[0, 0, 5, 0, 5, 5]]},
         ],
     }
     Image.new("RGB", (60, 40)).save(tmp_path / "a.png")
@@ -253,7 +255,8 @@ def test_load_yolo_boxes_and_polygons(tmp_path):
     (root / "labels" / "val" / "x.txt").write_text("1 0.5 0.5 0.2 0.4\n0 0.1 0.1 0.05 0.1\n")
     (root / "data.yaml").write_text("path: .\nval: images/val\nnames:\n  0: Car\n  1: Person\n")
     truth = load_truth(root)
-    assert truth.kind == "yolo" and truth.classes == ["Car", "Person"] and [i.name for i in truth.images] == ["images/val/x.jpg", "images/val/y.jpg"]
+    assert truth.kind == "yolo" and truth.classes == ["Car", "Person"]
+    assert [i.name for i in truth.images] == ["images/val/x.jpg", "images/val/y.jpg"]
     x = truth.images[0].truth
     assert x.labels == ["Person", "Car"] and np.allclose(x.xyxy[0], [80, 30, 120, 70]) and x.image_size == (200, 100)
     assert len(truth.images[1].truth) == 0
@@ -276,7 +279,8 @@ def test_load_label_studio_export(tmp_path):
              "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": ["Car"]}}
     tasks = [
         {"id": 1, "data": {"image": "/data/local-files/?d=site/a.png"},
-         "annotations": [{"id": 11, "result": ls_result(images[0].boxes, w, h), "was_cancelled": False, "updated_at": "2026-01-01"}]},
+         "annotations": [{"id": 11, "result": ls_result(images[0].boxes, w, h), "was_cancelled": False,
+                          "updated_at": "2026-01-01"}]},
         {"id": 2, "data": {"image": "https://example.com/b.png"},
          "annotations": [{"id": 12, "result": [], "was_cancelled": True}]},
         {"id": 3, "data": {"image": "https://example.com/c.png"},
