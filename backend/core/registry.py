@@ -124,7 +124,8 @@ class ModelRegistry:
 
     # --- writing (worker side) -------------------------------------------------------------------
 
-    def add_version(self, project: str | int, checkpoint: Path, meta: dict[str, Any], extra_files: dict[str, Path] | None = None) -> VersionInfo:
+    def add_version(self, project: str | int, checkpoint: Path, meta: dict[str, Any],
+                    extra_files: dict[str, Path] | None = None) -> VersionInfo:
         """Copy a checkpoint (and optional exports) into a new version folder, atomically.
 
         The copy is written to a hidden staging folder, fsynced, then renamed: a crash at any

@@ -152,7 +152,8 @@ class ModelHolder:
             try:
                 model = self._load(info.checkpoint, info.version)
             except Exception:
-                log.exception("could not load project %s version %s; keeping %s", project, info.version, current and current.version)
+                log.exception("could not load project %s version %s; keeping %s", project, info.version,
+                              current and current.version)
                 self._failed.add((project, info.version))
                 HOTSWAPS.labels("failed").inc()
                 return current
@@ -206,7 +207,8 @@ def _listen(redis_url: str, stop: threading.Event, wake: threading.Event, projec
     delay = 0.5
     while not stop.is_set():
         try:
-            client = connect(redis_url, None, connect_timeout=2, health_check_interval=10)  # no read timeout: it blocks on messages
+            # no read timeout: the subscriber waits for messages as long as it takes
+            client = connect(redis_url, None, connect_timeout=2, health_check_interval=10)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(Keys.MODELS_CHANNEL)
             delay = 0.5

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             current = registry.current_version(args.project)
             out = [
                 {"version": v.version, "current": v.version == current, "created_at": v.meta.get("created_at"),
-                 "parent": v.meta.get("parent"), "metrics": {k: (v.meta.get("metrics") or {}).get(k) for k in ("map50", "map50_95")},
+                 "parent": v.meta.get("parent"),
+                 "metrics": {k: (v.meta.get("metrics") or {}).get(k) for k in ("map50", "map50_95")},
                  "dataset_hash": v.meta.get("dataset_hash"), "classes": v.classes}
                 for v in registry.versions(args.project)
             ]

@@ -36,12 +36,14 @@ class CachedAnswer:
     finish_reason: str = ""
 
     def dumps(self) -> str:
-        return json.dumps({"text": self.text, "usage": self.usage.to_dict(), "model_version": self.model_version, "finish_reason": self.finish_reason})
+        return json.dumps({"text": self.text, "usage": self.usage.to_dict(), "model_version": self.model_version,
+                           "finish_reason": self.finish_reason})
 
     @classmethod
     def loads(cls, raw: str | bytes) -> CachedAnswer:
         data = json.loads(raw)
-        return cls(str(data["text"]), Usage.from_dict(data.get("usage")), str(data.get("model_version", "")), str(data.get("finish_reason", "")))
+        return cls(str(data["text"]), Usage.from_dict(data.get("usage")), str(data.get("model_version", "")),
+                   str(data.get("finish_reason", "")))
 
 
 class AnswerCache:

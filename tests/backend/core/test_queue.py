@@ -147,7 +147,7 @@ def test_coalescing_100_events_with_a_worker(redis15, project_id, qprefix, tmp_p
         for _ in range(100):
             statuses.append(wq.record_annotation_event(redis15, project_id, s)["training"]["status"])
             time.sleep(0.01)
-        wait_for(lambda: not redis15.exists(keys.train_pending(project_id)) and not redis15.exists(keys.train_running(project_id)),
+        wait_for(lambda: not redis15.exists(keys.train_pending(project_id), keys.train_running(project_id)),
                  60, message="the trainings to finish")
         time.sleep(0.5)
         runs = _runs(redis15, project_id)
@@ -196,7 +196,7 @@ def test_label_studio_down_is_retried_with_backoff(redis15, project_id, qprefix,
             raw = redis15.get(keys.train_last(pid))
             return json.loads(raw) if raw else None
 
-        failed = wait_for(lambda: (l := last()) and l["status"] == "failed" and l, 60, message="a failed attempt")
+        failed = wait_for(lambda: (result := last()) and result["status"] == "failed" and result, 60, message="a failed attempt")
         assert "503" in failed["error"] and "Label Studio" in failed["error"] and failed["retrying"]
         # while the retry is scheduled, it is still the project's pending training
         assert wq.request_training(redis15, pid, settings=s)["job_id"] == job_id
