@@ -303,7 +303,7 @@ def stub_train(project: str, label_config: str | None = None, force: bool = Fals
     """Holds the running lock for ``STUB_SECONDS`` and records when it ran (for coalescing tests)."""
     from rq import get_current_job
 
-    from backend.core.queue import training_slot
+    from worker.training.lock import training_slot
 
     job = get_current_job()
     conn = job.connection

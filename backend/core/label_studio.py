@@ -241,7 +241,7 @@ def fetch_project(project: str | int, settings=None, client=None, label_config: 
     Raises :class:`LabelStudioUnavailable` (retry later), :class:`LabelStudioAuthError`,
     :class:`LabelStudioNotFound` or :class:`LabelStudioNotConfigured`.
     """
-    from backend.core.registry import project_key
+    from backend.core.keys import project_key
 
     if settings is None:
         from backend.core.settings import get_settings

@@ -14,8 +14,8 @@ from typing import Any
 import redis as redis_lib
 
 from backend.core import queue
+from backend.core.keys import project_key
 from backend.core.metrics import WEBHOOKS
-from backend.core.registry import project_key
 from backend.core.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -408,6 +408,7 @@ def _run_worker(redis, queue_name: str) -> None:
 
 
 def test_label_studio_down_during_a_training_job(worker_env, private_redis, checkpoint, tmp_path):
+    from backend.core import keys
     from backend.core import queue as wq
 
     redis = private_redis.client()
@@ -426,12 +427,12 @@ def test_label_studio_down_during_a_training_job(worker_env, private_redis, chec
     job = Job.fetch(job_id, connection=redis)
     assert job.get_status() == "scheduled", job.get_status()  # retried later, by RQ's scheduler
     assert job.meta["error"].startswith(f"Label Studio at {ls.url} is unreachable") and job.meta["error"].endswith("(will retry)")
-    last = json.loads(redis.get(wq.key(7, "last")))
+    last = json.loads(redis.get(keys.train_last(7)))
     assert last["status"] == "failed" and last["retrying"] is True and "unreachable" in last["error"]
     assert wq.request_training(redis, 7, settings=settings) == {"status": "coalesced", "job_id": job_id, "project": "7",
                                                                 "queue": "training"}  # still the project's pending training
     assert registry.current_version("7") == "v0001" and [v.version for v in registry.versions("7")] == ["v0001"]
-    assert not redis.exists(wq.key(7, "running"))
+    assert not redis.exists(keys.train_running(7))
 
     # the retry runs (Label Studio still down): fails the same clear way, one retry left
     time.sleep(1.2)

@@ -21,6 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
+from backend.core.files import write_json_atomic
 from worker.cli import common, results
 
 
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.no_png:  # the PNG first: a complete JSON then always has its picture
                 png_path.parent.mkdir(parents=True, exist_ok=True)
                 results.annotate(loaded.image, detections, config.class_names).save(png_path, compress_level=1)
-            results.write_json_atomic(json_path, doc)
+            write_json_atomic(json_path, doc, indent=1)
             return doc
 
         started = time.perf_counter()

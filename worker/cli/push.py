@@ -74,7 +74,7 @@ def _follow(job_id: str, redis, quiet: bool) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from backend.core.registry import project_key
+    from backend.core.keys import project_key
 
     s = common.settings()
     project = project_key(args.project)

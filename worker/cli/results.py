@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -115,21 +113,6 @@ def from_json(doc: dict) -> Detections:
         masks = np.stack([geometry.rle_to_mask(o["mask"]["rle"]) for o in objects])
     return Detections(xyxy, [str(o["label"]) for o in objects], np.array([float(o["score"]) for o in objects]),
                       (width, height), str(doc.get("source") or ""), str(doc.get("model") or ""), masks, dict(doc.get("meta") or {}))
-
-
-def write_json_atomic(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_result(path: Path) -> dict | None:

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         summary["report"] = str((args.report / "report.md").resolve())
     if args.register:
-        from backend.core.registry import ModelRegistry, project_key
+        from backend.core.keys import project_key
+        from backend.core.registry import ModelRegistry
 
         registry = ModelRegistry(s.model_dir, common.redis_or_none(s))
         gate = metrics["gate"]

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from backend.core import ultralytics_env
+from backend.core.files import copy_atomic
+from backend.core.progress import report_progress
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +107,12 @@ def _jsonable(values: dict) -> dict:
     return out
 
 
-def rq_progress(update: dict) -> None:
-    """Push progress to the current RQ job's meta (no-op outside a job; never raises)."""
-    try:
-        from rq import get_current_job
-
-        job = get_current_job()
-        if job is None:
-            return
-        job.meta["progress"] = update
-        job.save_meta()
-    except Exception as exc:  # progress is best effort: a Redis hiccup must not kill training
-        log.debug("could not save progress: %s", exc)
-
-
 def train(
     data_yaml: Path | str,
     settings,
     current_checkpoint: Path | str | None = None,
     out_dir: Path | str | None = None,
-    progress: ProgressCallback | None = rq_progress,
+    progress: ProgressCallback | None = report_progress,
     **overrides: Any,
 ) -> TrainResult:
     """Train and return the final best checkpoint, copied to ``out_dir`` (default ``DATA_DIR/candidates``).
@@ -212,13 +200,8 @@ def train(
         source = best if best.is_file() else Path(trainer.last)
         if not source.is_file():
             raise RuntimeError(f"training finished without a checkpoint in {trainer.save_dir}")
-        fd, tmp = tempfile.mkstemp(prefix=".best-", suffix=".pt", dir=out_dir)
-        os.close(fd)
-        shutil.copyfile(source, tmp)  # training is over: nothing rewrites best.pt now
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
         final_path = out_dir / f"candidate-{int(time.time() * 1000)}-{os.getpid()}.pt"
-        os.replace(tmp, final_path)
+        copy_atomic(source, final_path)  # training is over: nothing rewrites best.pt now
         final_metrics = _jsonable(getattr(trainer, "metrics", {}) or {})
         epochs_run = int(trainer.epoch) + 1
     finally:

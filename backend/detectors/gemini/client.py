@@ -23,6 +23,7 @@ from google.genai import errors, types
 from PIL import Image
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
+from backend.core import keys
 from backend.core.detections import Detections
 from backend.core.geometry import scaled_size
 from backend.core.label_config import ProjectConfig
@@ -149,7 +150,7 @@ def best_label(config: ProjectConfig, query: str) -> str:
 
 
 def build_prompt(config: ProjectConfig, query: str | None, max_objects: int, masks: bool) -> tuple[str, str]:
-    """``(system_instruction, user_prompt)`` after Google's detection recipe (PROTOCOL.md 2)."""
+    """``(system_instruction, user_prompt)`` after Google's detection recipe (docs/gemini.md#prompt-recipe)."""
     keys = '"box_2d", "mask" and "label"' if masks else '"box_2d" and "label"'
     system = (
         "You detect objects in images for a labeling tool. Answer with a JSON array only: no code "
@@ -184,18 +185,18 @@ class GeminiDetector:
         settings: Settings,
         redis: redis_lib.Redis | None = None,
         *,
-        prefix: str = "lsb:gemini",
+        prefix: str = keys.Keys.GEMINI_ROOT,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.model = settings.gemini_model
         self._key = settings.gemini_api_key.get_secret_value().strip()
         self._sleep = sleep
-        self.cache = AnswerCache(redis, settings.gemini_cache_ttl, prefix=f"{prefix}:answer")
-        self.cost = CostTracker(settings, redis, prefix=f"{prefix}:spend")
+        self.cache = AnswerCache(redis, settings.gemini_cache_ttl, prefix=keys.gemini_answers(prefix))
+        self.cost = CostTracker(settings, redis, prefix=keys.gemini_spend(prefix))
         self.breaker = CircuitBreaker(
             settings.gemini_breaker_failures, settings.gemini_breaker_cooldown, redis,
-            prefix=f"{prefix}:breaker", trial_lease=settings.gemini_task_deadline + 5.0,
+            prefix=keys.gemini_breaker(prefix), trial_lease=settings.gemini_task_deadline + 5.0,
         )
         self._client: genai.Client | None = None
         self._why_off = ""

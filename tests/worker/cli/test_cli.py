@@ -22,6 +22,7 @@ from PIL import Image
 
 from backend.core import geometry
 from backend.core.detections import Detections
+from backend.core.files import write_json_atomic
 from backend.core.settings import get_settings
 from backend.evaluation.truth import load_truth
 from tests import fake_gemini as fg
@@ -92,7 +93,7 @@ def write_results(folder: Path, images_dir: Path, items, xml: str, shift: float 
         det = Detections(boxes, labels, np.linspace(0.9, 0.6, len(labels)), im.image.size, "gemini", "gemini-2.5-flash", m, {"latency_s": 0.5})
         path = images_dir / name
         doc = results.to_json(det, {"name": name, "path": str(path), "url": None, "sha256": results_sha(path)}, config_labels, xml)
-        results.write_json_atomic(folder / Path(name).with_suffix(".json"), doc)
+        write_json_atomic(folder / Path(name).with_suffix(".json"), doc, indent=1)
 
 
 def results_sha(path: Path) -> str:
