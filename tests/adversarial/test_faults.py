@@ -25,6 +25,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
+from backend.core import files as files_mod
 from backend.core import registry as registry_mod
 from backend.core.registry import ModelRegistry
 from tests import fake_gemini as fg
@@ -322,8 +323,8 @@ def _full_disk(monkeypatch, where: str) -> None:
         monkeypatch.setattr(registry_mod.shutil, "copy2", half_then_full)
     elif where == "rename":  # everything written, the final rename fails
         monkeypatch.setattr(registry_mod.os, "rename", _enospc)
-    else:  # meta.json cannot be written
-        monkeypatch.setattr(registry_mod.json, "dump", _enospc)
+    else:  # meta.json cannot be written (the registry writes through backend.core.files)
+        monkeypatch.setattr(files_mod.os, "fsync", _enospc)
 
 
 def test_a_full_disk_while_a_checkpoint_is_written_leaves_the_served_model_alone(app_factory, private_redis, ls, gemini,
@@ -365,7 +366,7 @@ def test_a_full_disk_while_promoting_keeps_the_current_version(app_factory, priv
     registry = ModelRegistry(handle.settings.model_dir, private_redis.client())
     _promote(handle, checkpoint)
     v2 = registry.add_version("7", second_checkpoint, {"classes": ["Car", "Person"]}).version
-    monkeypatch.setattr(registry_mod.json, "dump", _enospc)  # current.json cannot be rewritten
+    monkeypatch.setattr(files_mod.os, "fsync", _enospc)  # current.json cannot be rewritten
     with pytest.raises(OSError):
         registry.promote("7", v2)
     monkeypatch.undo()
