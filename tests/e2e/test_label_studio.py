@@ -189,7 +189,7 @@ def test_1_project_from_label_config(flow: Flow):
 def test_2_connect_backend(flow: Flow):
     flow.need("project")
     backend, started = flow.backend, time.monotonic()
-    user, password = backend.web.auth
+    user, password = backend.auth
     response = flow.api.post("/api/ml", json={
         "url": backend.url, "project": flow.project, "is_interactive": False, "title": "Gemini + YOLO",
         "auth_method": "BASIC_AUTH", "basic_auth_user": user, "basic_auth_pass": password,
@@ -423,6 +423,6 @@ def test_5_start_training_promotes_and_hot_swaps(flow: Flow):
     assert pids == backend.initial_pids, f"processes changed since run.sh started: {backend.initial_pids} -> {pids}"
     assert len(pids["gunicorn workers"]) == 2 and len(pids["rq worker"]) == 1, pids
     log = backend.log()
-    for secret in (backend.webhook_secret, backend.web.auth[1], backend.env["LABEL_STUDIO_API_KEY"], backend.env["GEMINI_API_KEY"]):
+    for secret in (backend.webhook_secret, backend.auth[1], backend.env["LABEL_STUDIO_API_KEY"], backend.env["GEMINI_API_KEY"]):
         assert secret not in log, "a secret reached the backend log"
     flow.done.add("trained")
