@@ -7,7 +7,7 @@ process writes its samples there and ``/metrics`` aggregates them.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
