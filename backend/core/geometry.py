@@ -50,7 +50,8 @@ def gemini_points_to_pixels(points: Iterable[Sequence[float]], width: int, heigh
     return pts * np.array([width, height]) / GEMINI_SCALE
 
 
-def gemini_mask_to_full(probability: np.ndarray, xyxy: Sequence[float], width: int, height: int, threshold: int = 127) -> np.ndarray:
+def gemini_mask_to_full(probability: np.ndarray, xyxy: Sequence[float], width: int, height: int,
+                        threshold: int = 127) -> np.ndarray:
     """A Gemini 2.5 mask (a 0-255 map covering only the box) to a full-image boolean mask."""
     full = np.zeros((height, width), dtype=bool)
     bx0, by0, bx1, by1 = (round(float(v)) for v in xyxy)

@@ -135,10 +135,13 @@ class OwlVitDetector:
         hf_logging.disable_progress_bar()
         started = time.perf_counter()
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path, local_files_only=True).to(self.options.device).eval()
+        self.model = (AutoModelForZeroShotObjectDetection.from_pretrained(path, local_files_only=True)
+                      .to(self.options.device).eval())
         # OWLv2 pads to a square (bottom/right) before resizing; OWL-ViT stretches the whole image.
-        self.square_frame = bool(getattr(self.processor.image_processor, "do_pad", False)) or self.model.config.model_type == "owlv2"
-        self.segmenter = BoxSegmenter(self.options.sam_model, self.options.device, self.options.threads) if self.options.sam_model else None
+        self.square_frame = (bool(getattr(self.processor.image_processor, "do_pad", False))
+                             or self.model.config.model_type == "owlv2")
+        self.segmenter = (BoxSegmenter(self.options.sam_model, self.options.device, self.options.threads)
+                          if self.options.sam_model else None)
         set_torch_threads(self.options.threads)
         self._lock = threading.Lock()
         self.load_seconds = round(time.perf_counter() - started, 3)
@@ -226,7 +229,8 @@ class OwlVitDetector:
             det = det[np.argsort(-det.confidence, kind="stable")[: o.max_objects]]
         order = np.argsort(-det.confidence, kind="stable")  # best first, like the other detectors' output
         det = det[order]
-        return np.asarray(det.xyxy, dtype=float).reshape(-1, 4), np.asarray(det.confidence, dtype=float), np.asarray(det.class_id, dtype=int), counts
+        return (np.asarray(det.xyxy, dtype=float).reshape(-1, 4), np.asarray(det.confidence, dtype=float),
+                np.asarray(det.class_id, dtype=int), counts)
 
     def _masks(self, image: Image.Image, xyxy: np.ndarray, scores: np.ndarray, labels: list[str]):
         width, height = image.size

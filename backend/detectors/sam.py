@@ -101,7 +101,8 @@ class BoxSegmenter:
             embeddings = self.model.get_image_embeddings(inputs["pixel_values"])
             for start in range(0, len(boxes), BOX_CHUNK):
                 chunk = boxes[start:start + BOX_CHUNK]
-                prompt = self.processor(images=image.convert("RGB"), input_boxes=[chunk.tolist()], return_tensors="pt").to(self.device)
+                prompt = self.processor(images=image.convert("RGB"), input_boxes=[chunk.tolist()],
+                                        return_tensors="pt").to(self.device)
                 out = self.model(image_embeddings=embeddings, input_boxes=prompt["input_boxes"], multimask_output=True)
                 iou = out.iou_scores[0]  # (n, 3): SAM's own estimate of each candidate's IoU
                 best = iou.argmax(dim=-1)

@@ -97,7 +97,8 @@ def load_coco(path: Path, data: dict | None = None, images_root: Path | str | No
                 else np.zeros((0, height, width), dtype=bool)
         file_name = str(im.get("file_name") or im["id"])
         local = root / file_name
-        truth = Detections(xyxy, [cats[int(a["category_id"])] for a in rows], np.ones(len(rows)), (width, height), "human", "coco", masks)
+        truth = Detections(xyxy, [cats[int(a["category_id"])] for a in rows], np.ones(len(rows)), (width, height), "human",
+                           "coco", masks)
         images.append(TruthImage(file_name, truth, local if local.is_file() else None,
                                  file_name if urlsplit(file_name).scheme in ("http", "https", "gs", "s3") else None))
     return TruthSet(images, ordered, "coco", str(path))
@@ -166,7 +167,8 @@ def load_yolo(path: Path | str, split: str = "val") -> TruthSet:
             mask_arr = None
             if any_polygon and all(m is not None for m in masks):
                 mask_arr = np.stack(masks)
-            truth = Detections(np.array(boxes, dtype=float).reshape(-1, 4), labels, np.ones(len(labels)), (width, height), "human", "yolo", mask_arr)
+            truth = Detections(np.array(boxes, dtype=float).reshape(-1, 4), labels, np.ones(len(labels)), (width, height),
+                               "human", "yolo", mask_arr)
             name = image_path.relative_to(base).as_posix() if image_path.is_relative_to(base) else image_path.name
             images.append(TruthImage(name, truth, image_path))
     if not images:

@@ -37,7 +37,8 @@ def _explain(exc: BaseException, model: str, endpoint: str) -> str:
         if exc.code == 400 and ("API key" in message or "API_KEY" in str(exc.details)):
             return f"the API key was rejected ({exc.code} {status}: {message}). Check GEMINI_API_KEY."
         if exc.code in (401, 403):
-            return f"not allowed ({exc.code} {status}: {message}). Check the key and that the Generative Language API is enabled for it."
+            return (f"not allowed ({exc.code} {status}: {message}). "
+                    "Check the key and that the Generative Language API is enabled for it.")
         if exc.code == 404:
             return f"model {model!r} was not found ({exc.code} {status}: {message}). Check GEMINI_MODEL / --model."
         if exc.code == 429:
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     s = common.settings()
     model = args.model or s.gemini_model
     if not s.gemini_enabled:
-        raise common.CLIError("Gemini is not configured: set GEMINI_API_KEY (or GOOGLE_API_KEY, or GOOGLE_GENAI_USE_VERTEXAI=true)")
+        raise common.CLIError("Gemini is not configured: "
+                              "set GEMINI_API_KEY (or GOOGLE_API_KEY, or GOOGLE_GENAI_USE_VERTEXAI=true)")
     key = s.gemini_api_key.get_secret_value().strip()
     endpoint = s.gemini_base_url or ("Vertex AI" if s.google_genai_use_vertexai else "https://generativelanguage.googleapis.com")
     timeout = args.timeout or s.gemini_timeout

@@ -88,7 +88,8 @@ def load_config(args: argparse.Namespace, fallback_labels: Sequence[str] | None 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("labels (one of)")
     group.add_argument("--label-config", metavar="XML", help="Label Studio label config file (labels, hints, predicted_values)")
-    group.add_argument("--labels", metavar="LIST", help='comma-separated labels, "value" or "value=hint": "helmet,person without helmet"')
+    group.add_argument("--labels", metavar="LIST",
+                       help='comma-separated labels, "value" or "value=hint": "helmet,person without helmet"')
     group.add_argument("--tag", choices=sorted(label_config.TAG_SHORT_NAMES), default="rectangle",
                        help="control tag for --labels: rectangle (boxes), polygon or brush (masks); default rectangle")
 
@@ -133,7 +134,8 @@ def list_images(inputs: Sequence[str]) -> list[ImageItem]:
         path = Path(entry).expanduser()
         if path.is_dir():
             root = path.resolve()
-            for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(".annotated.png")):
+            for f in sorted(p for p in root.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(".annotated.png")):
                 items.append(ImageItem(f.relative_to(root).as_posix(), path=f))
         elif path.is_file():
             files.append(path.resolve())
@@ -204,11 +206,15 @@ class Source:
 
 def add_source_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     group = parser.add_argument_group("drafting source")
-    group.add_argument("--source", choices=SOURCES, required=required, help="gemini (GEMINI_API_KEY), yolo (a checkpoint) or owlvit (local OWL-ViT/OWLv2)")
-    group.add_argument("--model", help="yolo: a .pt path; owlvit: a folder or cached hub id (default OWLVIT_MODEL); gemini: a model id (default GEMINI_MODEL)")
+    group.add_argument("--source", choices=SOURCES, required=required,
+                       help="gemini (GEMINI_API_KEY), yolo (a checkpoint) or owlvit (local OWL-ViT/OWLv2)")
+    group.add_argument("--model", help="yolo: a .pt path; owlvit: a folder or cached hub id (default OWLVIT_MODEL); "
+                                       "gemini: a model id (default GEMINI_MODEL)")
     group.add_argument("--project", help="yolo: use this Label Studio project's registry model (current, or --version)")
     group.add_argument("--version", help="yolo: registry version (with --project), e.g. v0003")
-    group.add_argument("--threshold", type=float, help="minimum score (yolo default: the config's model_score_threshold or YOLO_SCORE_THRESHOLD; owlvit: OWLVIT_THRESHOLD)")
+    group.add_argument("--threshold", type=float,
+                       help="minimum score (yolo default: the config's model_score_threshold or YOLO_SCORE_THRESHOLD; "
+                            "owlvit: OWLVIT_THRESHOLD)")
     group.add_argument("--sam-model", help="owlvit: SAM folder or cached hub id for masks (default SAM_MODEL)")
     group.add_argument("--no-cache", action="store_true", help="gemini: do not read or write the Redis answer cache")
 
@@ -256,7 +262,8 @@ def resolve_yolo(args, s: Settings) -> tuple[Path, str, dict[str, Path]]:
         registry = ModelRegistry(s.model_dir, redis_or_none(s))
         info = registry.get(args.project, args.version) if args.version else registry.current(args.project)
         if info is None:
-            raise CLIError(f"project {args.project} has no {'version ' + args.version if args.version else 'current model'} in {s.model_dir}")
+            raise CLIError(f"project {args.project} has no "
+                           f"{'version ' + args.version if args.version else 'current model'} in {s.model_dir}")
         exports = {fmt: path for fmt in EXPORT_FORMATS if (path := info.export(fmt)) is not None}
         return info.checkpoint, info.version, exports
     if s.yolo_model:
@@ -300,7 +307,8 @@ def _owlvit_source(args) -> Source:
 
 # --- running ------------------------------------------------------------------------------------
 
-def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str, quiet: bool = False) -> Iterator[tuple[Any, Any, BaseException | None]]:
+def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str,
+             quiet: bool = False) -> Iterator[tuple[Any, Any, BaseException | None]]:
     """``(item, result, error)`` as they finish, with a tqdm bar on stderr."""
     from tqdm import tqdm
 

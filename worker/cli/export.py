@@ -121,8 +121,8 @@ def to_coco(docs: list[tuple[Path, dict]], config: ProjectConfig, min_score: flo
     for image_id, (_, doc) in enumerate(docs, start=1):
         det = _detections(doc, min_score)
         width, height = det.image_size
-        images.append({"id": image_id, "file_name": doc["image"].get("url") or doc["image"]["name"], "width": width, "height": height,
-                       "sha256": doc["image"].get("sha256")})
+        images.append({"id": image_id, "file_name": doc["image"].get("url") or doc["image"]["name"],
+                       "width": width, "height": height, "sha256": doc["image"].get("sha256")})
         for k, label in enumerate(det.labels):
             if label not in cid:
                 continue

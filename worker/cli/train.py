@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     what.add_argument("--project", help="Label Studio project id: the backend's training job")
     p.add_argument("--now", action="store_true", help="--project: train in this process instead of queueing")
     p.add_argument("--no-force", action="store_true", help="--project: skip when no annotation changed")
-    p.add_argument("--epochs", type=int, help="run exactly this many (default TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS from scratch)")
+    p.add_argument("--epochs", type=int,
+                   help="run exactly this many (default TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS from scratch)")
     p.add_argument("--imgsz", type=int, help="default TRAIN_IMGSZ")
     p.add_argument("--batch", type=int, help="default TRAIN_BATCH")
     p.add_argument("--time-min", type=float, help="wall-time budget in minutes (default TRAIN_TIME_LIMIT_MIN)")
@@ -59,7 +60,8 @@ def _project(args) -> int:
     return worker_cli.main(argv)
 
 
-def evaluate_checkpoint(checkpoint: Path, data: Path, s, split: str = "val", report: Path | None = None, quiet: bool = True) -> dict:
+def evaluate_checkpoint(checkpoint: Path, data: Path, s, split: str = "val", report: Path | None = None,
+                        quiet: bool = True) -> dict:
     """Score a checkpoint on a YOLO dataset split (the ``lsb eval`` code path)."""
     from backend.core.label_config import ProjectConfig
     from backend.detectors.yolo import YoloDetector
@@ -131,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {"checkpoint": str(out.resolve()), "classes": classes, "epochs_run": result.epochs_run, "seconds": result.seconds,
                "fine_tuned": result.fine_tuned, "start_from": result.start_from,
                "val": {"map50_95": metrics["coco"]["map50_95"], "map50": metrics["coco"]["map50"],
-                       "precision": metrics["gate"]["precision"], "recall": metrics["gate"]["recall"], "images": metrics["n_images"]}}
+                       "precision": metrics["gate"]["precision"], "recall": metrics["gate"]["recall"],
+                       "images": metrics["n_images"]}}
     if args.report:
         summary["report"] = str((args.report / "report.md").resolve())
     if args.register:

@@ -109,9 +109,11 @@ class DatasetItem:
     def ground_truth(self, saved: bool = True) -> Detections:
         """Ground truth as Detections, in the saved image's pixels (model eval) or the original's."""
         if not saved:
-            return Detections(self.boxes, list(self.labels), np.ones(len(self.labels)), (self.orig_width, self.orig_height), "human")
+            return Detections(self.boxes, list(self.labels), np.ones(len(self.labels)), (self.orig_width, self.orig_height),
+                              "human")
         boxes = [yolo_to_xyxy(xyxy_to_yolo(b, self.orig_width, self.orig_height), self.width, self.height) for b in self.boxes]
-        return Detections(np.array(boxes).reshape(-1, 4), list(self.labels), np.ones(len(self.labels)), (self.width, self.height), "human")
+        return Detections(np.array(boxes).reshape(-1, 4), list(self.labels), np.ones(len(self.labels)), (self.width, self.height),
+                          "human")
 
     def to_json(self) -> dict:
         return {
@@ -293,4 +295,5 @@ def load_dataset(root: Path | str) -> DatasetResult:
                     d["orig_width"], d["orig_height"], list(d["labels"]), np.array(d["boxes"], dtype=float).reshape(-1, 4))
         for d in manifest["items"]
     ]
-    return DatasetResult(manifest["project"], root, root / "data.yaml", manifest["classes"], manifest["dataset_hash"], items, manifest["counts"])
+    return DatasetResult(manifest["project"], root, root / "data.yaml", manifest["classes"], manifest["dataset_hash"], items,
+                         manifest["counts"])
