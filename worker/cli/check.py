@@ -15,6 +15,12 @@ import argparse
 import io
 import time
 
+from google import genai
+from google.genai import errors, types
+from PIL import Image
+
+from backend.detectors.gemini.client import thinking_off_supported
+from backend.detectors.gemini.cost import CostTracker, Usage
 from worker.cli import common
 
 
@@ -29,8 +35,6 @@ def add_parser(sub) -> None:
 
 
 def _explain(exc: BaseException, model: str, endpoint: str) -> str:
-    from google.genai import errors
-
     if isinstance(exc, errors.APIError):
         message = (exc.message or str(exc)).strip()
         status = exc.status or ""
@@ -53,12 +57,6 @@ def _explain(exc: BaseException, model: str, endpoint: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from google import genai
-    from google.genai import types
-
-    from backend.detectors.gemini.client import thinking_off_supported
-    from backend.detectors.gemini.cost import CostTracker, Usage
-
     s = common.settings()
     model = args.model or s.gemini_model
     if not s.gemini_enabled:
@@ -71,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
                                      timeout=int(timeout * 1000))
     contents: list = ["Reply with the single word OK."]
     if args.image:
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "JPEG")
         contents = [types.Part.from_bytes(data=buf.getvalue(), mime_type="image/jpeg"), "What colour is this image? One word."]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -16,14 +17,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis as redis_lib
+from tqdm import tqdm
 
 from backend.core import label_config
 from backend.core.connection import connect
 from backend.core.detections import Detections
-from backend.core.images import ImageError, LoadedImage, decode_image
+from backend.core.images import ImageError, ImageLoader, LoadedImage, decode_image
 from backend.core.label_config import ProjectConfig, UnsupportedConfig
+from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings, get_settings
 from backend.core.ultralytics_env import EXPORT_FORMATS
+from backend.detectors.gemini.client import GeminiDetector, GeminiUnavailable
+from backend.detectors.owlvit import ModelNotAvailable, OwlVitDetector, OwlVitOptions
+from backend.detectors.yolo import YoloDetector
 
 log = logging.getLogger("lsb")
 
@@ -170,8 +176,6 @@ class Images:
             return LoadedImage(image, image.width, image.height, hashlib.sha256(data).hexdigest(), data)
         with self._lock:
             if self._loader is None:
-                from backend.core.images import ImageLoader
-
                 self._loader = ImageLoader(self.settings)
         return self._loader.load(item.url or "")
 
@@ -231,8 +235,6 @@ def make_source(args: argparse.Namespace, s: Settings, config: ProjectConfig) ->
 
 
 def _gemini_source(args, s: Settings) -> Source:
-    from backend.detectors.gemini.client import GeminiDetector, GeminiUnavailable
-
     if args.model:
         s = s.model_copy(update={"gemini_model": args.model})
     if not s.gemini_enabled:
@@ -257,8 +259,6 @@ def resolve_yolo(args, s: Settings) -> tuple[Path, str, dict[str, Path]]:
             raise CLIError(f"YOLO checkpoint {path} does not exist (a missing .pt is never downloaded)")
         return path, path.stem, {}
     if getattr(args, "project", None):
-        from backend.core.registry import ModelRegistry
-
         registry = ModelRegistry(s.model_dir, redis_or_none(s))
         info = registry.get(args.project, args.version) if args.version else registry.current(args.project)
         if info is None:
@@ -275,8 +275,6 @@ def resolve_yolo(args, s: Settings) -> tuple[Path, str, dict[str, Path]]:
 
 
 def _yolo_source(args, s: Settings, config: ProjectConfig) -> Source:
-    from backend.detectors.yolo import YoloDetector
-
     path, version, exports = resolve_yolo(args, s)
     # The served model: a verified ONNX/OpenVINO export when the version has one.
     detector = YoloDetector.load(path, version, exports, device=s.yolo_device, imgsz=s.yolo_imgsz, threads=s.yolo_threads)
@@ -290,8 +288,6 @@ def _yolo_source(args, s: Settings, config: ProjectConfig) -> Source:
 
 
 def _owlvit_source(args) -> Source:
-    from backend.detectors.owlvit import ModelNotAvailable, OwlVitDetector, OwlVitOptions
-
     try:
         options = OwlVitOptions.from_env(model=args.model or None, sam_model=getattr(args, "sam_model", None),
                                          threshold=args.threshold)
@@ -310,8 +306,6 @@ def _owlvit_source(args) -> Source:
 def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str,
              quiet: bool = False) -> Iterator[tuple[Any, Any, BaseException | None]]:
     """``(item, result, error)`` as they finish, with a tqdm bar on stderr."""
-    from tqdm import tqdm
-
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=quiet or not items, file=sys.stderr, dynamic_ncols=True)
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lsb") as pool:
@@ -328,8 +322,6 @@ def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc:
 
 
 def print_json(data: Any) -> None:
-    import json
-
     print(json.dumps(data, indent=2, default=str))
 
 

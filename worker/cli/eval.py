@@ -25,6 +25,7 @@ from pathlib import Path
 
 from backend.core.detections import Detections
 from backend.core.label_config import ProjectConfig
+from backend.evaluation.truth import TruthError, load_truth
 from worker.cli import common, results
 
 
@@ -84,9 +85,8 @@ def _match_predictions(truth_images, folder: Path) -> tuple[list[tuple[Detection
 
 
 def run(args: argparse.Namespace) -> int:
-    from backend.evaluation.metrics import evaluate
-    from backend.evaluation.report import write_report
-    from backend.evaluation.truth import TruthError, load_truth
+    from backend.evaluation.metrics import evaluate  # heavy: pycocotools, kept out of lsb --help
+    from backend.evaluation.report import write_report  # heavy: imports metrics (pycocotools)
 
     if not args.predictions and not args.source:
         raise common.CLIError("give --source gemini|yolo|owlvit (run a detector) or --predictions DIR (saved lsb detect results)")

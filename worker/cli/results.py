@@ -148,7 +148,7 @@ def annotated_path(json_path: Path) -> Path:
 
 def annotate(image: Image.Image, detections: Detections, labels: list[str]) -> Image.Image:
     """The image with mask overlays, boxes and "label score" captions (supervision's annotators)."""
-    import supervision as sv
+    import supervision as sv  # heavy: supervision costs ~0.8 s to import; only when drawing
 
     scene = np.array(image.convert("RGB"))
     if not len(detections):

@@ -23,7 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from backend.core.keys import project_key
+from backend.core.label_config import ProjectConfig
+from backend.core.registry import ModelRegistry
+from backend.detectors.yolo import YoloDetector
+from backend.evaluation.truth import load_yolo, read_data_yaml
 from worker.cli import common
+from worker.training.trainer import train
 
 
 def add_parser(sub) -> None:
@@ -49,7 +57,7 @@ def add_parser(sub) -> None:
 
 
 def _project(args) -> int:
-    from worker.cli import admin as worker_cli
+    from worker.cli import admin as worker_cli  # lazy: admin imports worker.jobs.training (pycocotools), too slow for lsb --help
 
     common.settings()
     argv = ["train", "--project", str(args.project)]
@@ -63,11 +71,8 @@ def _project(args) -> int:
 def evaluate_checkpoint(checkpoint: Path, data: Path, s, split: str = "val", report: Path | None = None,
                         quiet: bool = True) -> dict:
     """Score a checkpoint on a YOLO dataset split (the ``lsb eval`` code path)."""
-    from backend.core.label_config import ProjectConfig
-    from backend.detectors.yolo import YoloDetector
-    from backend.evaluation.metrics import evaluate
-    from backend.evaluation.report import write_report
-    from backend.evaluation.truth import load_yolo
+    from backend.evaluation.metrics import evaluate  # heavy: pycocotools, kept out of lsb --help
+    from backend.evaluation.report import write_report  # heavy: imports metrics (pycocotools)
 
     truth = load_yolo(data, split=split)
     config = ProjectConfig.parse(common.config_from_labels(truth.classes))
@@ -91,8 +96,6 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, s, split: str = "val", rep
 def run(args: argparse.Namespace) -> int:
     if args.project:
         return _project(args)
-    from backend.evaluation.truth import read_data_yaml
-    from worker.training.trainer import train
 
     s = common.settings()
     data = args.data if args.data.suffix.lower() in (".yaml", ".yml") else next(
@@ -108,8 +111,6 @@ def run(args: argparse.Namespace) -> int:
         updates["train_min_steps"] = 0
     if updates:
         s = s.model_copy(update=updates)
-
-    from tqdm import tqdm
 
     bar = tqdm(total=int(s.train_epochs), desc="train", unit="epoch", disable=args.quiet, file=sys.stderr)
 
@@ -138,9 +139,6 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         summary["report"] = str((args.report / "report.md").resolve())
     if args.register:
-        from backend.core.keys import project_key
-        from backend.core.registry import ModelRegistry
-
         registry = ModelRegistry(s.model_dir, common.redis_or_none(s))
         gate = metrics["gate"]
         meta = {"classes": classes, "parent": None, "dataset": {"data_yaml": str(data.resolve())},

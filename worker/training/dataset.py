@@ -38,6 +38,7 @@ import numpy as np
 from backend.control_models.reader import parse_regions
 from backend.core.detections import Detections
 from backend.core.geometry import scaled_size, xyxy_to_yolo, yolo_to_xyxy
+from backend.core.images import ImageLoader
 from backend.core.label_config import ProjectConfig
 from backend.core.label_studio import AnnotatedTask
 
@@ -159,8 +160,6 @@ class DatasetResult:
 # --- building ----------------------------------------------------------------------------------
 
 def _default_loader(settings):
-    from backend.core.images import ImageLoader
-
     return ImageLoader(settings)
 
 

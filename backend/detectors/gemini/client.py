@@ -36,11 +36,11 @@ from backend.detectors.gemini.cost import CostTracker, Usage
 from backend.detectors.gemini.parsing import BadAnswer, parse_answer
 
 try:  # the SDK uses httpx2 when installed, else httpx; catch both families
-    import httpx2 as _httpx2
+    import httpx2 as _httpx2  # optional: the SDK uses httpx2 when installed
 except ImportError:  # pragma: no cover
     _httpx2 = None
 try:
-    import httpx as _httpx
+    import httpx as _httpx  # optional: else httpx
 except ImportError:  # pragma: no cover
     _httpx = None
 
