@@ -30,9 +30,10 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import cv2
@@ -77,7 +78,8 @@ def usage(prompt_tokens: int = 300, output_tokens: int = 50, thoughts_tokens: in
         "promptTokenCount": prompt_tokens,
         "candidatesTokenCount": output_tokens,
         "totalTokenCount": prompt_tokens + output_tokens + thoughts_tokens,
-        "promptTokensDetails": [{"modality": "IMAGE", "tokenCount": max(prompt_tokens - 42, 0)}, {"modality": "TEXT", "tokenCount": min(42, prompt_tokens)}],
+        "promptTokensDetails": [{"modality": "IMAGE", "tokenCount": max(prompt_tokens - 42, 0)},
+                                {"modality": "TEXT", "tokenCount": min(42, prompt_tokens)}],
     }
     if thoughts_tokens:
         meta["thoughtsTokenCount"] = thoughts_tokens
@@ -135,11 +137,13 @@ def error(code: int, status: str, message: str, details: Iterable[Mapping[str, A
     return Answer(status=code, body={"error": body}, **kwargs)
 
 
-def rate_limited(retry_delay: str | None = "37s", message: str = "You exceeded your current quota, please check your plan and billing details.") -> Answer:
+def rate_limited(retry_delay: str | None = "37s",
+                 message: str = "You exceeded your current quota, please check your plan and billing details.") -> Answer:
     """429 RESOURCE_EXHAUSTED with a ``google.rpc.RetryInfo`` detail (``retryDelay`` like "37s")."""
     details: list[dict] = [{
         "@type": "type.googleapis.com/google.rpc.QuotaFailure",
-        "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests", "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}],
+        "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                        "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}],
     }]
     if retry_delay is not None:
         details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay})
@@ -164,12 +168,15 @@ def invalid_key() -> Answer:
     return error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.", [
         {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com",
          "metadata": {"service": "generativelanguage.googleapis.com"}},
-        {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": "API key not valid. Please pass a valid API key."},
+        {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
+         "message": "API key not valid. Please pass a valid API key."},
     ])
 
 
 def missing_key() -> Answer:
-    return error(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.")
+    return error(403, "PERMISSION_DENIED",
+                 "Method doesn't allow unregistered callers (callers without established identity). "
+                 "Please use API Key or other form of API consumer identity to call this API.")
 
 
 def non_json(body: str = "<html><body>502 Bad Gateway</body></html>") -> Answer:
@@ -320,7 +327,7 @@ class FakeGemini:
         self._thread: threading.Thread | None = None
 
     # lifecycle
-    def start(self) -> "FakeGemini":
+    def start(self) -> FakeGemini:
         fake = self
 
         class Handler(_Handler):
@@ -328,7 +335,8 @@ class FakeGemini:
 
         self._stopping.clear()
         self._server = _Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="fake-gemini")
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                                        name="fake-gemini")
         self._thread.start()
         return self
 
@@ -342,7 +350,7 @@ class FakeGemini:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "FakeGemini":
+    def __enter__(self) -> FakeGemini:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

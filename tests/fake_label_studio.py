@@ -70,7 +70,8 @@ class FakeLabelStudio:
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> FakeLabelStudio:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-ls", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-ls",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -277,7 +278,9 @@ class FakeLabelStudio:
             if path not in fake.files:
                 return jsonify({"detail": "Not found."}), 404
             content = fake.files[path]
-            mime = "image/png" if content[:4] == b"\x89PNG" else "image/jpeg" if content[:2] == b"\xff\xd8" else "application/octet-stream"
+            mime = ("image/png" if content[:4] == b"\x89PNG"
+                    else "image/jpeg" if content[:2] == b"\xff\xd8"
+                    else "application/octet-stream")
             return Response(content, mimetype=mime)
 
         return app

@@ -148,12 +148,14 @@ def noise_images(n: int, seed: int = 0, size: tuple[int, int] = (128, 96)) -> li
 
 # --- Label Studio shapes -------------------------------------------------------------------------
 
-def label_config(classes: Sequence[str] = DEFAULT_CLASSES, tag: str = "RectangleLabels", name: str = "label", image: str = "image") -> str:
+def label_config(classes: Sequence[str] = DEFAULT_CLASSES, tag: str = "RectangleLabels", name: str = "label",
+                 image: str = "image") -> str:
     labels = "".join(f'<Label value="{c}"/>' for c in classes)
     return f'<View><Image name="{image}" value="${image}"/><{tag} name="{name}" toName="{image}">{labels}</{tag}></View>'
 
 
-def ls_region(box: Box, width: int, height: int, from_name: str = "label", to_name: str = "image", score: float | None = None, source: str | None = None) -> dict:
+def ls_region(box: Box, width: int, height: int, from_name: str = "label", to_name: str = "image", score: float | None = None,
+              source: str | None = None) -> dict:
     value = {**xyxy_to_ls(box.xyxy, width, height), "rectanglelabels": [box.label]}
     region = {
         "id": uuid.uuid4().hex[:10],

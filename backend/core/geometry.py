@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import cv2
 import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
 
 GEMINI_SCALE = 1000.0
 
@@ -50,7 +51,8 @@ def gemini_points_to_pixels(points: Iterable[Sequence[float]], width: int, heigh
     return pts * np.array([width, height]) / GEMINI_SCALE
 
 
-def gemini_mask_to_full(probability: np.ndarray, xyxy: Sequence[float], width: int, height: int, threshold: int = 127) -> np.ndarray:
+def gemini_mask_to_full(probability: np.ndarray, xyxy: Sequence[float], width: int, height: int,
+                        threshold: int = 127) -> np.ndarray:
     """A Gemini 2.5 mask (a 0-255 map covering only the box) to a full-image boolean mask."""
     full = np.zeros((height, width), dtype=bool)
     bx0, by0, bx1, by1 = (round(float(v)) for v in xyxy)
@@ -236,7 +238,7 @@ def yolo_points_to_pixels(points: Sequence[float], width: int, height: int) -> n
 
 def mask_to_rle(mask: np.ndarray) -> dict:
     """A boolean mask to COCO compressed RLE ``{"size": [height, width], "counts": str}`` (JSON-safe)."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # heavy: pycocotools, only for RLE masks (the web process never needs it)
 
     rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
@@ -244,7 +246,7 @@ def mask_to_rle(mask: np.ndarray) -> dict:
 
 def rle_to_mask(rle: dict) -> np.ndarray:
     """COCO RLE (compressed string or uncompressed list ``counts``) to a boolean ``(height, width)`` mask."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # heavy: pycocotools, only for RLE masks (the web process never needs it)
 
     height, width = (int(v) for v in rle["size"])
     counts = rle["counts"]
@@ -268,8 +270,6 @@ def coco_segmentation_to_mask(segmentation, width: int, height: int) -> np.ndarr
 
 def ls_brush_to_mask(rle: Sequence[int], width: int, height: int) -> np.ndarray | None:
     """A Label Studio BrushLabels ``rle`` to a boolean mask (None when it does not decode to this size)."""
-    from label_studio_sdk.converter.brush import decode_rle
-
     flat = np.asarray(decode_rle(list(rle)), dtype=np.uint8)
     if flat.size != width * height * 4:
         return None

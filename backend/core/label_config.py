@@ -177,7 +177,8 @@ def _parse_cached(xml: str) -> ProjectConfig:
             score_threshold = float(threshold) if threshold not in (None, "") else None
         except ValueError as exc:
             raise UnsupportedConfig(f"model_score_threshold on {control.name} is not a number: {threshold!r}") from exc
-        controls.append(ControlSpec(control.name, control.tag, target, labels, score_threshold, str(control.attr.get("model_path", ""))))
+        controls.append(ControlSpec(control.name, control.tag, target, labels, score_threshold,
+                                    str(control.attr.get("model_path", ""))))
 
     if not controls:
         raise UnsupportedConfig(

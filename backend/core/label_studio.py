@@ -20,6 +20,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from backend.core.keys import project_key
+from backend.core.settings import get_settings
+
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
@@ -116,7 +119,7 @@ def make_client(url: str, api_key: str, timeout: float = 30.0, max_retries: int 
     """An SDK client; PAT refresh is the SDK's job. Raises :class:`LabelStudioNotConfigured`."""
     if not url or not api_key:
         raise LabelStudioNotConfigured("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for training to read annotations")
-    from label_studio_sdk import LabelStudio
+    from label_studio_sdk import LabelStudio  # lazy: the SDK client costs ~0.5 s to import
 
     try:
         return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout, max_retries=max_retries)
@@ -130,8 +133,8 @@ def client_from_settings(settings) -> Any:
 
 def translate_error(exc: BaseException, url: str, what: str) -> LabelStudioError:
     """Map SDK / httpx errors to this module's exception types with a clear message."""
-    import httpx
-    from label_studio_sdk.core.api_error import ApiError
+    import httpx  # lazy, like the SDK client above: only needed on an API error
+    from label_studio_sdk.core.api_error import ApiError  # lazy, with the SDK client
 
     if isinstance(exc, LabelStudioError):
         return exc
@@ -241,11 +244,7 @@ def fetch_project(project: str | int, settings=None, client=None, label_config: 
     Raises :class:`LabelStudioUnavailable` (retry later), :class:`LabelStudioAuthError`,
     :class:`LabelStudioNotFound` or :class:`LabelStudioNotConfigured`.
     """
-    from backend.core.keys import project_key
-
     if settings is None:
-        from backend.core.settings import get_settings
-
         settings = get_settings()
     url = settings.label_studio_url
     project = project_key(project)

@@ -7,7 +7,7 @@ process writes its samples there and ``/metrics`` aggregates them.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,8 +28,10 @@ GEMINI_TOKENS = Counter("lsb_gemini_tokens_total", "Gemini tokens by kind (input
 GEMINI_COST = Counter("lsb_gemini_cost_usd_total", "Estimated Gemini spend in USD", ["model"])
 GEMINI_CACHE = Counter("lsb_gemini_cache_total", "Gemini answer cache lookups", ["result"])
 GEMINI_DROPPED = Counter("lsb_gemini_dropped_objects_total", "Objects dropped from Gemini answers, by reason", ["reason"])
-REQUEST_SECONDS = Histogram("lsb_request_seconds", "HTTP request latency", ["route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100))
-DETECT_SECONDS = Histogram("lsb_detect_seconds", "Per-task detection latency by source", ["source"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+REQUEST_SECONDS = Histogram("lsb_request_seconds", "HTTP request latency", ["route"],
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100))
+DETECT_SECONDS = Histogram("lsb_detect_seconds", "Per-task detection latency by source", ["source"],
+                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 HOTSWAPS = Counter("lsb_model_swaps_total", "Models loaded by hot-swap in this process", ["outcome"])
 WEBHOOKS = Counter("lsb_webhooks_total", "Webhook events by action and outcome", ["action", "outcome"])
 

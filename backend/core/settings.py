@@ -29,51 +29,93 @@ class Settings(BaseSettings):
 
     # --- Label Studio ---------------------------------------------------------------------------
     label_studio_url: str = Field("", description="Base URL of Label Studio, e.g. http://127.0.0.1:8080.")
-    label_studio_api_key: SecretStr = Field(SecretStr(""), description="Personal Access Token (or legacy token) of a Label Studio user.")
+    label_studio_api_key: SecretStr = Field(
+        SecretStr(""),
+        description="Personal Access Token (or legacy token) of a Label Studio user.",
+    )
 
     # --- auth -----------------------------------------------------------------------------------
-    basic_auth_user: str = Field("", description="If set with BASIC_AUTH_PASS, HTTP Basic auth on every route except /health and /metrics.")
+    basic_auth_user: str = Field(
+        "",
+        description="If set with BASIC_AUTH_PASS, HTTP Basic auth on every route except /health and /metrics.",
+    )
     basic_auth_pass: SecretStr = Field(SecretStr(""), description="Password for BASIC_AUTH_USER.")
-    webhook_secret: SecretStr = Field(SecretStr(""), description="Shared secret for /webhook: header X-Webhook-Secret or ?token=. Empty = open (logged as a warning).")
+    webhook_secret: SecretStr = Field(
+        SecretStr(""),
+        description="Shared secret for /webhook: header X-Webhook-Secret or ?token=. Empty = open (logged as a warning).",
+    )
 
     # --- Gemini ---------------------------------------------------------------------------------
     gemini_api_key: SecretStr = Field(
         SecretStr(""), validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY"),
-        description="Gemini API key (GEMINI_API_KEY or GOOGLE_API_KEY). Empty = Gemini off unless GOOGLE_GENAI_USE_VERTEXAI is set.",
+        description=("Gemini API key (GEMINI_API_KEY or GOOGLE_API_KEY). "
+                     "Empty = Gemini off unless GOOGLE_GENAI_USE_VERTEXAI is set."),
     )
-    google_genai_use_vertexai: bool = Field(False, description="Use Vertex AI (the SDK's own switch; also needs GOOGLE_CLOUD_PROJECT/LOCATION).")
+    google_genai_use_vertexai: bool = Field(
+        False,
+        description="Use Vertex AI (the SDK's own switch; also needs GOOGLE_CLOUD_PROJECT/LOCATION).",
+    )
     gemini_model: str = Field("gemini-2.5-flash", description="Gemini model id.")
     gemini_base_url: str = Field("", description="Override the Gemini endpoint (proxies, the tests' fake server).")
     gemini_api_version: str = Field("", description="API version (v1, v1beta); empty = the SDK's default.")
     gemini_timeout: float = Field(20.0, description="Seconds for one Gemini call.")
-    gemini_task_deadline: float = Field(30.0, description="Seconds one task may spend on Gemini, retries included, before falling back.")
-    gemini_concurrency: int = Field(16, ge=1, description="Gemini calls in flight at once for one request or job (paid-tier rate limits allow far more).")
+    gemini_task_deadline: float = Field(
+        30.0,
+        description="Seconds one task may spend on Gemini, retries included, before falling back.",
+    )
+    gemini_concurrency: int = Field(
+        16, ge=1,
+        description="Gemini calls in flight at once for one request or job (paid-tier rate limits allow far more).",
+    )
     gemini_max_objects: int = Field(25, ge=1, description="Object cap asked of Gemini and enforced on its answer.")
     gemini_max_image_side: int = Field(1024, ge=64, description="Images are downscaled to this long side before sending.")
     gemini_temperature: float = Field(0.5, description="Sampling temperature.")
     gemini_max_output_tokens: int = Field(8192, description="Output token cap per call.")
     gemini_price_input_per_m: float = Field(0.30, description="USD per 1M input tokens (cost estimate).")
     gemini_price_output_per_m: float = Field(2.50, description="USD per 1M output tokens, thinking included.")
-    gemini_daily_budget_usd: float = Field(0.0, ge=0, description="Skip Gemini for the rest of the UTC day once spent. 0 = no budget.")
+    gemini_daily_budget_usd: float = Field(
+        0.0, ge=0,
+        description="Skip Gemini for the rest of the UTC day once spent. 0 = no budget.",
+    )
     gemini_breaker_failures: int = Field(5, ge=1, description="Consecutive failed tasks that open the circuit breaker.")
     gemini_breaker_cooldown: float = Field(60.0, description="Seconds the breaker stays open before Gemini is tried again.")
     gemini_cache_ttl: int = Field(30 * 24 * 3600, description="Seconds a Gemini answer stays cached in Redis.")
     gemini_rpm: int = Field(0, ge=0, description="Requests per minute for background pre-labeling (0 = unlimited).")
 
     # --- routing and YOLO serving ---------------------------------------------------------------
-    routing: Literal["gemini", "yolo", "auto"] = Field("gemini", description="gemini: Gemini first, YOLO fallback; yolo: YOLO only; auto: YOLO once it measured at least as good as Gemini's drafts.")
+    routing: Literal["gemini", "yolo", "auto"] = Field(
+        "gemini",
+        description=("gemini: Gemini first, YOLO fallback; yolo: YOLO only; "
+                     "auto: YOLO once it measured at least as good as Gemini's drafts."),
+    )
     yolo_model: str = Field("", description="Serve this checkpoint instead of the registry's (path to a .pt).")
-    yolo_score_threshold: float = Field(0.25, description="Default YOLO confidence threshold (a tag's model_score_threshold wins).")
+    yolo_score_threshold: float = Field(
+        0.25,
+        description="Default YOLO confidence threshold (a tag's model_score_threshold wins).",
+    )
     yolo_imgsz: int = Field(0, ge=0, description="Inference size; 0 = the size the checkpoint was trained at.")
     yolo_device: str = Field("cpu", description="Torch device for inference.")
     yolo_threads: int = Field(0, ge=0, description="Torch threads per process for inference (0 = all cores).")
-    hotswap_poll_seconds: float = Field(1.0, description="How often each process re-reads the current version (pub/sub is the fast path).")
+    hotswap_poll_seconds: float = Field(
+        1.0,
+        description="How often each process re-reads the current version (pub/sub is the fast path).",
+    )
 
     # --- training -------------------------------------------------------------------------------
-    yolo_base_model: str = Field("yolo11n.yaml", description="First training starts from this local .pt or model yaml (random init).")
-    train_min_new_annotations: int = Field(10, ge=1, description="Annotation events since the last training that trigger a new one.")
+    yolo_base_model: str = Field(
+        "yolo11n.yaml",
+        description="First training starts from this local .pt or model yaml (random init).",
+    )
+    train_min_new_annotations: int = Field(
+        10, ge=1,
+        description="Annotation events since the last training that trigger a new one.",
+    )
     train_epochs: int = Field(30, ge=1, description="Epochs per training (the time limit may stop it sooner).")
-    train_min_steps: int = Field(240, ge=0, description="A training from random init makes at least this many optimizer steps: epochs are raised for small datasets (0 = off).")
+    train_min_steps: int = Field(
+        240, ge=0,
+        description=("A training from random init makes at least this many optimizer steps: "
+                     "epochs are raised for small datasets (0 = off)."),
+    )
     train_imgsz: int = Field(320, ge=32, description="Training image size.")
     train_batch: int = Field(16, ge=1, description="Batch size (nbs is set equal: see docs/ultralytics.md#training-on-cpu).")
     train_device: str = Field("cpu", description="Training device: cpu, 0, 0,1 ...")
@@ -83,26 +125,50 @@ class Settings(BaseSettings):
     train_job_timeout: int = Field(4 * 3600, description="Seconds before RQ kills a training job.")
     promote_min_gain: float = Field(0.0, description="Promote when candidate mAP50-95 exceeds the current by more than this.")
     keep_versions: int = Field(5, ge=1, description="Versions kept per project in MODEL_DIR.")
-    export_formats: str = Field(",".join(EXPORT_FORMATS), description="Formats a promoted model is exported to, each verified against the .pt (same boxes); servers use the fastest present. Empty = serve the .pt.")
+    export_formats: str = Field(
+        ",".join(EXPORT_FORMATS),
+        description=("Formats a promoted model is exported to, each verified against the .pt (same boxes); "
+                     "servers use the fastest present. Empty = serve the .pt."),
+    )
 
     # --- pre-labeling ---------------------------------------------------------------------------
     prelabel_batch: int = Field(16, ge=1, description="Tasks predicted per batch by the pre-labeling job.")
-    predict_max_tasks: int = Field(256, ge=1, description="Larger /predict batches are answered 413 and drafted by a background pre-labeling job instead (LS waits only 100 s).")
+    predict_max_tasks: int = Field(
+        256, ge=1,
+        description=("Larger /predict batches are answered 413 and drafted by a background pre-labeling job instead "
+                     "(LS waits only 100 s)."),
+    )
     max_request_mb: int = Field(32, ge=1, description="Largest request body accepted, in MB.")
 
     # --- local open-vocabulary drafting (lsb detect --source owlvit) ---------------------------------
-    owlvit_model: str = Field("google/owlv2-base-patch16-ensemble", description="OWL-ViT/OWLv2 weights: a local folder or a hub id already in the local HF cache (never downloaded).")
+    owlvit_model: str = Field(
+        "google/owlv2-base-patch16-ensemble",
+        description="OWL-ViT/OWLv2 weights: a local folder or a hub id already in the local HF cache (never downloaded).",
+    )
     owlvit_threshold: float = Field(0.1, description="OWL-ViT score threshold.")
     owlvit_device: str = Field("cpu", description="Torch device for OWL-ViT and SAM.")
-    sam_model: str = Field("", description="SAM weights (local folder or cached hub id) for box-prompted masks; empty = boxes only.")
+    sam_model: str = Field(
+        "",
+        description="SAM weights (local folder or cached hub id) for box-prompted masks; empty = boxes only.",
+    )
 
     # --- images ---------------------------------------------------------------------------------
     image_max_bytes: int = Field(40 * 1024 * 1024, description="Largest image download accepted.")
     image_max_pixels: int = Field(80_000_000, description="Largest decoded image (decompression-bomb guard).")
     image_fetch_timeout: float = Field(15.0, description="Seconds for one image download.")
-    image_allowed_hosts: str = Field("", description="Comma list of extra hosts images may be fetched from ('*' = any public host). Label Studio's host is always allowed.")
-    image_allow_private: bool = Field(False, description="Allow fetching from private/loopback addresses other than Label Studio's.")
-    local_files_document_root: str = Field("", description="Read /data/local-files/?d= paths directly under this root (LS LOCAL_FILES_DOCUMENT_ROOT).")
+    image_allowed_hosts: str = Field(
+        "",
+        description=("Comma list of extra hosts images may be fetched from ('*' = any public host). "
+                     "Label Studio's host is always allowed."),
+    )
+    image_allow_private: bool = Field(
+        False,
+        description="Allow fetching from private/loopback addresses other than Label Studio's.",
+    )
+    local_files_document_root: str = Field(
+        "",
+        description="Read /data/local-files/?d= paths directly under this root (LS LOCAL_FILES_DOCUMENT_ROOT).",
+    )
 
     @property
     def gemini_enabled(self) -> bool:

@@ -25,7 +25,7 @@ _CPU_F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 def _local_font() -> Path | None:
     """A TTF that ships with matplotlib, copied under the names Ultralytics would download."""
     try:
-        import matplotlib
+        import matplotlib  # heavy: matplotlib, only to locate its bundled font
 
         path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
         return path if path.is_file() else None
@@ -50,7 +50,7 @@ def prepare(config_dir: str | os.PathLike | None = None) -> Path:
         if font and not target.exists():
             copy_atomic(font, target)
     if not _done:
-        from ultralytics.utils import SETTINGS
+        from ultralytics.utils import SETTINGS  # heavy: ultralytics, only in processes that run it
 
         SETTINGS.update(
             sync=False, clearml=False, comet=False, dvc=False, mlflow=False,
@@ -87,7 +87,7 @@ def openvino_in_f32() -> None:
     precision hint only on Windows and ARM, so the hint goes on the ``Core`` class itself: the
     model is compiled once, in f32, instead of compiled in bf16 and then again.
     """
-    import openvino as ov
+    import openvino as ov  # heavy, optional: openvino, only when an OpenVINO model is used
 
     if getattr(ov.Core, "lsb_cpu_f32", False):
         return

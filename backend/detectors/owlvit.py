@@ -46,6 +46,7 @@ from PIL import Image
 from backend.core import geometry
 from backend.core.detections import Detections
 from backend.core.label_config import ProjectConfig
+from backend.core.settings import Settings
 from backend.detectors.gemini.client import best_label
 from backend.detectors.sam import BoxSegmenter, ModelNotAvailable, resolve_pretrained, set_torch_threads
 
@@ -78,8 +79,6 @@ class OwlVitOptions:
 
     @classmethod
     def from_env(cls, **overrides) -> OwlVitOptions:
-        from backend.core.settings import Settings
-
         settings = Settings()
         values = {
             "model": settings.owlvit_model.strip() or DEFAULT_MODEL,
@@ -129,16 +128,22 @@ class OwlVitDetector:
         self.options = replace(options, **overrides) if overrides else options
         path = resolve_pretrained(self.options.model, "OWLVIT_MODEL")
         import torch  # noqa: F401
-        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-        from transformers.utils import logging as hf_logging
+        from transformers import (  # heavy: transformers, only when the model loads
+            AutoModelForZeroShotObjectDetection,
+            AutoProcessor,
+        )
+        from transformers.utils import logging as hf_logging  # heavy: with transformers above
 
         hf_logging.disable_progress_bar()
         started = time.perf_counter()
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path, local_files_only=True).to(self.options.device).eval()
+        self.model = (AutoModelForZeroShotObjectDetection.from_pretrained(path, local_files_only=True)
+                      .to(self.options.device).eval())
         # OWLv2 pads to a square (bottom/right) before resizing; OWL-ViT stretches the whole image.
-        self.square_frame = bool(getattr(self.processor.image_processor, "do_pad", False)) or self.model.config.model_type == "owlv2"
-        self.segmenter = BoxSegmenter(self.options.sam_model, self.options.device, self.options.threads) if self.options.sam_model else None
+        self.square_frame = (bool(getattr(self.processor.image_processor, "do_pad", False))
+                             or self.model.config.model_type == "owlv2")
+        self.segmenter = (BoxSegmenter(self.options.sam_model, self.options.device, self.options.threads)
+                          if self.options.sam_model else None)
         set_torch_threads(self.options.threads)
         self._lock = threading.Lock()
         self.load_seconds = round(time.perf_counter() - started, 3)
@@ -193,7 +198,7 @@ class OwlVitDetector:
 
     def _forward(self, image: Image.Image, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(scores (Q, T) sigmoid, boxes (Q, 4) normalised cx cy w h)`` for one image."""
-        import torch
+        import torch  # heavy: torch, imported only when a model is loaded
 
         with self._lock, torch.no_grad():
             inputs = self.processor(text=[texts], images=image, return_tensors="pt", truncation=True).to(self.options.device)
@@ -203,7 +208,7 @@ class OwlVitDetector:
         return scores.reshape(len(boxes), len(texts)), boxes.reshape(-1, 4)
 
     def _postprocess(self, xyxy: np.ndarray, scores: np.ndarray, class_id: np.ndarray):
-        import supervision as sv
+        import supervision as sv  # heavy: supervision costs ~0.8 s to import (scipy)
 
         o = self.options
         counts: dict[str, int] = {}
@@ -226,7 +231,8 @@ class OwlVitDetector:
             det = det[np.argsort(-det.confidence, kind="stable")[: o.max_objects]]
         order = np.argsort(-det.confidence, kind="stable")  # best first, like the other detectors' output
         det = det[order]
-        return np.asarray(det.xyxy, dtype=float).reshape(-1, 4), np.asarray(det.confidence, dtype=float), np.asarray(det.class_id, dtype=int), counts
+        return (np.asarray(det.xyxy, dtype=float).reshape(-1, 4), np.asarray(det.confidence, dtype=float),
+                np.asarray(det.class_id, dtype=int), counts)
 
     def _masks(self, image: Image.Image, xyxy: np.ndarray, scores: np.ndarray, labels: list[str]):
         width, height = image.size

@@ -46,7 +46,7 @@ def resolve_pretrained(name_or_path: str, env_name: str) -> str:
     if path.suffix or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise ModelNotAvailable(f"{env_name}={name_or_path!r} does not exist")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy: huggingface_hub, only to resolve a hub id
 
         return snapshot_download(name_or_path, local_files_only=True)
     except Exception as exc:
@@ -59,7 +59,7 @@ def resolve_pretrained(name_or_path: str, env_name: str) -> str:
 
 
 def set_torch_threads(threads: int = 0) -> None:
-    import torch
+    import torch  # heavy: torch, imported only when a model is loaded
 
     torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
 
@@ -70,8 +70,8 @@ class BoxSegmenter:
     def __init__(self, name_or_path: str, device: str = "cpu", threads: int = 0):
         path = resolve_pretrained(name_or_path, "SAM_MODEL")
         import torch  # noqa: F401  (transformers needs it; imported here to keep module import light)
-        from transformers import SamModel, SamProcessor
-        from transformers.utils import logging as hf_logging
+        from transformers import SamModel, SamProcessor  # heavy: transformers, only when SAM loads
+        from transformers.utils import logging as hf_logging  # heavy: with transformers above
 
         hf_logging.disable_progress_bar()
         self.name = name_or_path
@@ -87,7 +87,7 @@ class BoxSegmenter:
 
     def segment(self, image: Image.Image, xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(masks (N, H, W) bool, predicted_iou (N,))`` for pixel boxes ``xyxy`` on ``image``."""
-        import torch
+        import torch  # heavy: torch, imported only when a model is loaded
 
         width, height = image.size
         boxes = np.asarray(xyxy, dtype=float).reshape(-1, 4)
@@ -101,7 +101,8 @@ class BoxSegmenter:
             embeddings = self.model.get_image_embeddings(inputs["pixel_values"])
             for start in range(0, len(boxes), BOX_CHUNK):
                 chunk = boxes[start:start + BOX_CHUNK]
-                prompt = self.processor(images=image.convert("RGB"), input_boxes=[chunk.tolist()], return_tensors="pt").to(self.device)
+                prompt = self.processor(images=image.convert("RGB"), input_boxes=[chunk.tolist()],
+                                        return_tensors="pt").to(self.device)
                 out = self.model(image_embeddings=embeddings, input_boxes=prompt["input_boxes"], multimask_output=True)
                 iou = out.iou_scores[0]  # (n, 3): SAM's own estimate of each candidate's IoU
                 best = iou.argmax(dim=-1)

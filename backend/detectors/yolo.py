@@ -11,6 +11,7 @@ through :class:`YoloDetector`, so what the gate measures is what serves.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import threading
@@ -58,8 +59,6 @@ def model_format(path: Path | str) -> str:
 
 def _as_size(value) -> int | None:
     if isinstance(value, str):
-        import ast
-
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -75,12 +74,11 @@ def _as_size(value) -> int | None:
 def export_metadata(path: Path | str) -> dict:
     """Ultralytics' metadata of an export (names, imgsz, dynamic...), read without loading the model."""
     try:
-        from ultralytics.nn.backends.base import BaseBackend
+        from ultralytics.nn.backends.base import BaseBackend  # heavy: ultralytics, only to read an export's metadata
 
         meta = dict(BaseBackend.read_metadata(path) or {})
     except Exception:  # an older Ultralytics or an unreadable file: the model load will tell
         return {}
-    import ast
 
     for key in ("names", "args", "imgsz"):
         if isinstance(meta.get(key), str):
@@ -102,7 +100,7 @@ def openvino_precision(model):
 
 def check_openvino_f32(model, path: Path | str) -> None:
     """Refuse to serve an OpenVINO model compiled in anything but f32 (bf16 moves boxes)."""
-    import openvino as ov
+    import openvino as ov  # heavy, optional: openvino, only for an OpenVINO export
 
     precision = openvino_precision(model)
     if precision != ov.Type.f32:
@@ -145,7 +143,7 @@ class YoloDetector:
     def __init__(self, path: Path | str, version: str, device: str = "cpu", imgsz: int = 0, threads: int = 0,
                  task: str | None = None, max_det: int = MAX_DET):
         ultralytics_env.prepare()
-        from ultralytics import YOLO
+        from ultralytics import YOLO  # heavy: ultralytics (torch), imported only when a model is loaded
 
         path = Path(path)
         if not path.exists():  # YOLO() would try to download any missing .pt name

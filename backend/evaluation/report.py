@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def _figure(width: float = 6.0, height: float = 3.6):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: matplotlib, only when plots are drawn
+    from matplotlib.figure import Figure  # heavy: matplotlib, with the canvas above
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)

@@ -14,6 +14,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
+import yaml
+from PIL import Image, ImageOps
 
 from backend.control_models.reader import labels_in_regions, parse_regions, region_width_height
 from backend.core import geometry
@@ -97,7 +99,8 @@ def load_coco(path: Path, data: dict | None = None, images_root: Path | str | No
                 else np.zeros((0, height, width), dtype=bool)
         file_name = str(im.get("file_name") or im["id"])
         local = root / file_name
-        truth = Detections(xyxy, [cats[int(a["category_id"])] for a in rows], np.ones(len(rows)), (width, height), "human", "coco", masks)
+        truth = Detections(xyxy, [cats[int(a["category_id"])] for a in rows], np.ones(len(rows)), (width, height), "human",
+                           "coco", masks)
         images.append(TruthImage(file_name, truth, local if local.is_file() else None,
                                  file_name if urlsplit(file_name).scheme in ("http", "https", "gs", "s3") else None))
     return TruthSet(images, ordered, "coco", str(path))
@@ -105,8 +108,6 @@ def load_coco(path: Path, data: dict | None = None, images_root: Path | str | No
 
 def read_data_yaml(path: Path) -> tuple[dict, list[str]]:
     """A YOLO data.yaml (JSON is YAML too) and its class names in index order."""
-    import yaml
-
     cfg = yaml.safe_load(Path(path).read_text()) or {}
     names = cfg.get("names") or {}
     classes = [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else [str(n) for n in names]
@@ -131,7 +132,6 @@ def load_yolo(path: Path | str, split: str = "val") -> TruthSet:
             image_dirs.append((base / entry).resolve())
     if not image_dirs:
         raise TruthError(f"{yaml_path} has no {split!r} split")
-    from PIL import Image
 
     images = []
     for folder in image_dirs:
@@ -141,8 +141,6 @@ def load_yolo(path: Path | str, split: str = "val") -> TruthSet:
             idx = len(parts) - 1 - parts[::-1].index("images") if "images" in parts else None
             label_path = (Path(*parts[:idx], "labels", *parts[idx + 1:]) if idx is not None else image_path).with_suffix(".txt")
             with Image.open(image_path) as im:
-                from PIL import ImageOps
-
                 width, height = ImageOps.exif_transpose(im).size
             boxes, labels, masks, any_polygon = [], [], [], False
             lines = label_path.read_text().splitlines() if label_path.is_file() else []
@@ -166,7 +164,8 @@ def load_yolo(path: Path | str, split: str = "val") -> TruthSet:
             mask_arr = None
             if any_polygon and all(m is not None for m in masks):
                 mask_arr = np.stack(masks)
-            truth = Detections(np.array(boxes, dtype=float).reshape(-1, 4), labels, np.ones(len(labels)), (width, height), "human", "yolo", mask_arr)
+            truth = Detections(np.array(boxes, dtype=float).reshape(-1, 4), labels, np.ones(len(labels)), (width, height),
+                               "human", "yolo", mask_arr)
             name = image_path.relative_to(base).as_posix() if image_path.is_relative_to(base) else image_path.name
             images.append(TruthImage(name, truth, image_path))
     if not images:

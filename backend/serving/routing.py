@@ -149,7 +149,8 @@ class Router:
         except Exception as exc:
             log.exception("yolo failed on a batch of %d", len(pending))
             for i in pending:
-                outcomes[i].fallback_reason = "; ".join(r for r in (outcomes[i].fallback_reason, f"yolo error: {type(exc).__name__}") if r)
+                outcomes[i].fallback_reason = "; ".join(r for r in (outcomes[i].fallback_reason,
+                                                                    f"yolo error: {type(exc).__name__}") if r)
             return pending
         elapsed = time.perf_counter() - started
         for i, det in zip(pending, batch):

@@ -126,7 +126,8 @@ def test_webhook_secret(guarded, how, kwargs, ok):
 @pytest.mark.parametrize("path", ["/train", "/prelabel", "/models/rollback"])
 def test_state_changing_routes_take_the_secret_too(guarded, path):
     client = guarded.client
-    for kwargs in ({"headers": {"X-Webhook-Secret": HOOK}}, {"query_string": {"token": HOOK, "project": "7"}}, {"headers": GOOD_AUTH}):
+    for kwargs in ({"headers": {"X-Webhook-Secret": HOOK}}, {"query_string": {"token": HOOK, "project": "7"}},
+                   {"headers": GOOD_AUTH}):
         kwargs.setdefault("query_string", {"project": "7"})
         assert client.post(path, json={"project": 7}, **kwargs).status_code in (202, 404), (path, kwargs)
     for kwargs in ({}, {"headers": {"X-Webhook-Secret": HOOK[:-1]}}, {"query_string": {"token": "x", "project": "7"}},
@@ -185,7 +186,8 @@ def deployment(tmp_path_factory, private_redis):
     )
     logs = {"gunicorn": tmp / "gunicorn.log", "worker": tmp / "worker.log"}
     try:
-        with gunicorn(env, logs["gunicorn"], workers=1, threads=4) as url, rq_worker(env, ["training", "prelabel"], logs["worker"]):
+        with (gunicorn(env, logs["gunicorn"], workers=1, threads=4) as url,
+              rq_worker(env, ["training", "prelabel"], logs["worker"])):
             yield {"url": url, "ls": ls, "gemini": gemini, "redis": redis, "logs": logs}
     finally:
         ls.stop()
@@ -228,7 +230,8 @@ def test_no_secret_reaches_the_logs_of_gunicorn_or_the_worker(deployment):
     trained = s.post(f"{url}/train?project=7", headers=GOOD_AUTH, timeout=5)
     assert trained.status_code == 202
     job_ids = [prelabel.json()["prelabel_job"], trained.json()["job_id"]]
-    assert wait_for(lambda: _jobs_done(redis, job_ids), timeout=90), [Job.fetch(i, connection=redis).get_status() for i in job_ids]
+    assert wait_for(lambda: _jobs_done(redis, job_ids), timeout=90), [
+        Job.fetch(i, connection=redis).get_status() for i in job_ids]
 
     # Label Studio goes down: predictions fail per task, trainings fail in the worker and are retried
     ls.stop()

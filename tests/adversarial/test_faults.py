@@ -239,7 +239,8 @@ def test_redis_killed_mid_request_then_restarted(app_factory, own_redis, ls, gem
     client = handle.client
     assert _promote(handle, checkpoint) == "v0001"
     served = "gemini:gemini-2.5-flash+yolo:v0001"
-    assert {p["model_version"] for p in check_one_prediction_per_task(client.post("/predict", json=small_batch()), {"gemini"}, n=2)} == {served}
+    assert {p["model_version"]
+            for p in check_one_prediction_per_task(client.post("/predict", json=small_batch()), {"gemini"}, n=2)} == {served}
 
     # kill Redis while a request waits on Gemini
     slow = fg.Oracle(colors={"Car": RED})
@@ -267,7 +268,8 @@ def test_redis_killed_mid_request_then_restarted(app_factory, own_redis, ls, gem
     assert client.get("/health").status_code == 200
     assert client.post("/setup", json={"project": PROJECT, "schema": CONFIG}).json == {"model_version": served}
     for method, path, payload in (("post", "/webhook", {"action": "START_TRAINING", "project": {"id": 7}}),
-                                  ("post", "/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 7}, "annotation": {"id": 1}}),
+                                  ("post", "/webhook",
+                                   {"action": "ANNOTATION_CREATED", "project": {"id": 7}, "annotation": {"id": 1}}),
                                   ("post", "/train?project=7", None), ("get", "/train/status?project=7", None)):
         started = time.perf_counter()
         response = client.open(path, method=method.upper(), json=payload)
@@ -334,7 +336,8 @@ def test_a_full_disk_while_a_checkpoint_is_written_leaves_the_served_model_alone
     client = handle.client
     registry = ModelRegistry(handle.settings.model_dir, private_redis.client())
     assert _promote(handle, checkpoint) == "v0001"
-    assert {p["model_version"] for p in check_one_prediction_per_task(client.post("/predict", json=small_batch()), {"yolo"}, n=2)} == {"yolo:v0001"}
+    assert {p["model_version"]
+            for p in check_one_prediction_per_task(client.post("/predict", json=small_batch()), {"yolo"}, n=2)} == {"yolo:v0001"}
     root = handle.settings.model_dir / "7"
 
     for where in ("copy", "rename", "meta"):
@@ -390,8 +393,9 @@ def worker_env(monkeypatch, tmp_path, private_redis):
         monkeypatch.delenv(name, raising=False)
 
     def configure(ls: FakeLabelStudio) -> None:
-        for key, value in {"REDIS_URL": private_redis.url, "MODEL_DIR": str(tmp_path / "models"), "DATA_DIR": str(tmp_path / "data"),
-                           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat, "LSB_TRAIN_RETRY_INTERVALS": "1,1"}.items():
+        for key, value in {"REDIS_URL": private_redis.url, "MODEL_DIR": str(tmp_path / "models"),
+                           "DATA_DIR": str(tmp_path / "data"), "LABEL_STUDIO_URL": ls.url,
+                           "LABEL_STUDIO_API_KEY": ls.pat, "LSB_TRAIN_RETRY_INTERVALS": "1,1"}.items():
             monkeypatch.setenv(key, value)
         get_settings.cache_clear()
 

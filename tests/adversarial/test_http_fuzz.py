@@ -173,7 +173,8 @@ IMAGE_VALUES = st.one_of(
     st.integers(), st.none(), st.booleans(), st.floats(), st.lists(st.integers(), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
-TASK_IDS = st.one_of(st.integers(), st.none(), st.text(max_size=6), st.floats(), st.booleans(), st.lists(st.integers(), max_size=2))
+TASK_IDS = st.one_of(st.integers(), st.none(), st.text(max_size=6), st.floats(), st.booleans(),
+                     st.lists(st.integers(), max_size=2))
 TASKS = st.lists(
     st.fixed_dictionaries({"id": TASK_IDS, "data": st.dictionaries(st.sampled_from(["image", "img", "text"]), IMAGE_VALUES,
                                                                    max_size=2)},

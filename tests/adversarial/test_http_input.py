@@ -73,7 +73,8 @@ def test_non_json_bodies_are_a_400_naming_json(handle, redis_db, path, data, con
 
 
 @pytest.mark.parametrize("path", ["/train", "/prelabel", "/models/rollback"])
-@pytest.mark.parametrize("data", [b"[1, 2]", b'"2"', b"not json", b"[" * 100_000 + b"]" * 100_000], ids=["array-was-a-500", "string", "garbage", "nested"])
+@pytest.mark.parametrize("data", [b"[1, 2]", b'"2"', b"not json", b"[" * 100_000 + b"]" * 100_000],
+                         ids=["array-was-a-500", "string", "garbage", "nested"])
 def test_training_routes_need_a_project_whatever_the_body(handle, redis_db, path, data):
     body = rejected(handle.client.post(path, data=data, content_type="application/json"), 400)
     assert "project" in body["message"] or (path == "/models/rollback" and "JSON object" in body["message"]), body
@@ -127,7 +128,8 @@ def test_wrong_types_and_missing_fields_on_setup(handle, body, needle):
 
 @pytest.mark.parametrize("path", ["/models", "/train/status"])
 @pytest.mark.parametrize("project", ["", "x", "-3", "1" * 300, "1" * 5000, "١٢", "7/../../etc"],
-                         ids=["empty", "letters", "negative", "300-digits", "5000-digits-was-a-500", "arabic-digits", "traversal"])
+                         ids=["empty", "letters", "negative", "300-digits", "5000-digits-was-a-500", "arabic-digits",
+                              "traversal"])
 def test_bad_project_ids_in_queries(handle, tmp_path, path, project):
     rejected(handle.client.get(path, query_string={"project": project}), 400, "project")
 
@@ -316,7 +318,8 @@ def recorder():
 
 
 def _xml_attacks(url: str) -> dict[str, str]:
-    body = '<View><Image name="image" value="$image"/><RectangleLabels name="l" toName="image"><Label value="{}"/></RectangleLabels></View>'
+    body = ('<View><Image name="image" value="$image"/>'
+            '<RectangleLabels name="l" toName="image"><Label value="{}"/></RectangleLabels></View>')
     entities = "".join(f'<!ENTITY l{i} "{f"&l{i - 1};" * 10}">' for i in range(1, 10))
     return {
         "billion-laughs": f'<?xml version="1.0"?><!DOCTYPE View [<!ENTITY l0 "lol">{entities}]>' + body.format("&l9;"),

@@ -149,7 +149,8 @@ def test_decompression_bomb_is_refused_from_its_header(predict, ls, gemini):
 
 
 def test_svg_is_refused_as_a_vector_format(predict, ls):
-    svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="48"><rect width="30" height="20" fill="red"/></svg>'
+    svg = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="48">'
+           b'<rect width="30" height="20" fill="red"/></svg>')
     odd, lines = predict(raw(ls, "pic.svg", svg, "image/svg+xml"))
     failed_alone(odd, lines, "unsupported_format")
     assert "SVG" in lines

@@ -126,7 +126,8 @@ def test_two_minutes_at_full_rate_on_the_yolo_path(tmp_path, private_redis):
 
     latencies = sorted(load.latencies)
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
-    summary = (f"{load.ok} answers in {total_seconds:.0f} s; calibration {', '.join(f'{c} clients {r:.1f}/s' for c, r in rates.items())}; "
+    summary = (f"{load.ok} answers in {total_seconds:.0f} s; "
+               f"calibration {', '.join(f'{c} clients {r:.1f}/s' for c, r in rates.items())}; "
                f"then {best} clients at {rate:.1f}/s; p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; "
                f"RSS warm {rss_warm} kB, end {rss_end} kB")
     print(summary)

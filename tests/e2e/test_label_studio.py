@@ -222,7 +222,8 @@ def test_2_connect_backend(flow: Flow):
     event = {"action": "PROJECT_UPDATED", "project": {"id": flow.project}}
     assert requests.post(f"{backend.url}/webhook", json=event, timeout=10).status_code == 401
     assert requests.post(f"{backend.url}/webhook", json=event, headers={SECRET_HEADER: "wrong"}, timeout=10).status_code == 401
-    assert requests.post(f"{backend.url}/webhook", json=event, headers={SECRET_HEADER: backend.webhook_secret}, timeout=10).status_code == 200
+    assert requests.post(f"{backend.url}/webhook", json=event, headers={SECRET_HEADER: backend.webhook_secret},
+                         timeout=10).status_code == 200
     assert requests.post(f"{backend.url}/predict", json={"tasks": [{"data": {}}]}, timeout=10).status_code == 401
     timed("2. connect the backend + webhook secret", started)
     flow.done.add("connected")
@@ -342,10 +343,12 @@ def assert_yolo_draft(prediction, local: list, task_id: int) -> None:
     assert all(score is not None and score >= 0.3 for _, _, _, score in boxes), boxes
     # (an export may differ from the .pt in the last digits: compare boxes, and only clear scores)
     for label, xyxy, _, _ in boxes:
-        assert any(label == name and iou(xyxy, box) >= 0.8 for name, box, _ in local), f"{label} {xyxy} not found locally: {local}"
+        assert any(label == name and iou(xyxy, box) >= 0.8 for name, box, _ in local), (
+            f"{label} {xyxy} not found locally: {local}")
     for name, box, score in local:
         if score >= 0.4:
-            assert any(label == name and iou(xyxy, box) >= 0.8 for label, xyxy, _, _ in boxes), f"{name} {box} {score:.2f} missing: {boxes}"
+            assert any(label == name and iou(xyxy, box) >= 0.8 for label, xyxy, _, _ in boxes), (
+                f"{name} {box} {score:.2f} missing: {boxes}")
 
 
 def test_5_start_training_promotes_and_hot_swaps(flow: Flow):
@@ -423,6 +426,7 @@ def test_5_start_training_promotes_and_hot_swaps(flow: Flow):
     assert pids == backend.initial_pids, f"processes changed since run.sh started: {backend.initial_pids} -> {pids}"
     assert len(pids["gunicorn workers"]) == 2 and len(pids["rq worker"]) == 1, pids
     log = backend.log()
-    for secret in (backend.webhook_secret, backend.auth[1], backend.env["LABEL_STUDIO_API_KEY"], backend.env["GEMINI_API_KEY"]):
+    for secret in (backend.webhook_secret, backend.auth[1], backend.env["LABEL_STUDIO_API_KEY"],
+                   backend.env["GEMINI_API_KEY"]):
         assert secret not in log, "a secret reached the backend log"
     flow.done.add("trained")

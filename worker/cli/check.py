@@ -15,6 +15,12 @@ import argparse
 import io
 import time
 
+from google import genai
+from google.genai import errors, types
+from PIL import Image
+
+from backend.detectors.gemini.client import thinking_off_supported
+from backend.detectors.gemini.cost import CostTracker, Usage
 from worker.cli import common
 
 
@@ -29,15 +35,14 @@ def add_parser(sub) -> None:
 
 
 def _explain(exc: BaseException, model: str, endpoint: str) -> str:
-    from google.genai import errors
-
     if isinstance(exc, errors.APIError):
         message = (exc.message or str(exc)).strip()
         status = exc.status or ""
         if exc.code == 400 and ("API key" in message or "API_KEY" in str(exc.details)):
             return f"the API key was rejected ({exc.code} {status}: {message}). Check GEMINI_API_KEY."
         if exc.code in (401, 403):
-            return f"not allowed ({exc.code} {status}: {message}). Check the key and that the Generative Language API is enabled for it."
+            return (f"not allowed ({exc.code} {status}: {message}). "
+                    "Check the key and that the Generative Language API is enabled for it.")
         if exc.code == 404:
             return f"model {model!r} was not found ({exc.code} {status}: {message}). Check GEMINI_MODEL / --model."
         if exc.code == 429:
@@ -52,16 +57,11 @@ def _explain(exc: BaseException, model: str, endpoint: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from google import genai
-    from google.genai import types
-
-    from backend.detectors.gemini.client import thinking_off_supported
-    from backend.detectors.gemini.cost import CostTracker, Usage
-
     s = common.settings()
     model = args.model or s.gemini_model
     if not s.gemini_enabled:
-        raise common.CLIError("Gemini is not configured: set GEMINI_API_KEY (or GOOGLE_API_KEY, or GOOGLE_GENAI_USE_VERTEXAI=true)")
+        raise common.CLIError("Gemini is not configured: "
+                              "set GEMINI_API_KEY (or GOOGLE_API_KEY, or GOOGLE_GENAI_USE_VERTEXAI=true)")
     key = s.gemini_api_key.get_secret_value().strip()
     endpoint = s.gemini_base_url or ("Vertex AI" if s.google_genai_use_vertexai else "https://generativelanguage.googleapis.com")
     timeout = args.timeout or s.gemini_timeout
@@ -69,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
                                      timeout=int(timeout * 1000))
     contents: list = ["Reply with the single word OK."]
     if args.image:
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "JPEG")
         contents = [types.Part.from_bytes(data=buf.getvalue(), mime_type="image/jpeg"), "What colour is this image? One word."]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -16,14 +17,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis as redis_lib
+from tqdm import tqdm
 
 from backend.core import label_config
 from backend.core.connection import connect
 from backend.core.detections import Detections
-from backend.core.images import ImageError, LoadedImage, decode_image
+from backend.core.images import ImageError, ImageLoader, LoadedImage, decode_image
 from backend.core.label_config import ProjectConfig, UnsupportedConfig
+from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings, get_settings
 from backend.core.ultralytics_env import EXPORT_FORMATS
+from backend.detectors.gemini.client import GeminiDetector, GeminiUnavailable
+from backend.detectors.owlvit import ModelNotAvailable, OwlVitDetector, OwlVitOptions
+from backend.detectors.yolo import YoloDetector
 
 log = logging.getLogger("lsb")
 
@@ -88,7 +94,8 @@ def load_config(args: argparse.Namespace, fallback_labels: Sequence[str] | None 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("labels (one of)")
     group.add_argument("--label-config", metavar="XML", help="Label Studio label config file (labels, hints, predicted_values)")
-    group.add_argument("--labels", metavar="LIST", help='comma-separated labels, "value" or "value=hint": "helmet,person without helmet"')
+    group.add_argument("--labels", metavar="LIST",
+                       help='comma-separated labels, "value" or "value=hint": "helmet,person without helmet"')
     group.add_argument("--tag", choices=sorted(label_config.TAG_SHORT_NAMES), default="rectangle",
                        help="control tag for --labels: rectangle (boxes), polygon or brush (masks); default rectangle")
 
@@ -133,7 +140,8 @@ def list_images(inputs: Sequence[str]) -> list[ImageItem]:
         path = Path(entry).expanduser()
         if path.is_dir():
             root = path.resolve()
-            for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(".annotated.png")):
+            for f in sorted(p for p in root.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(".annotated.png")):
                 items.append(ImageItem(f.relative_to(root).as_posix(), path=f))
         elif path.is_file():
             files.append(path.resolve())
@@ -168,8 +176,6 @@ class Images:
             return LoadedImage(image, image.width, image.height, hashlib.sha256(data).hexdigest(), data)
         with self._lock:
             if self._loader is None:
-                from backend.core.images import ImageLoader
-
                 self._loader = ImageLoader(self.settings)
         return self._loader.load(item.url or "")
 
@@ -204,11 +210,15 @@ class Source:
 
 def add_source_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     group = parser.add_argument_group("drafting source")
-    group.add_argument("--source", choices=SOURCES, required=required, help="gemini (GEMINI_API_KEY), yolo (a checkpoint) or owlvit (local OWL-ViT/OWLv2)")
-    group.add_argument("--model", help="yolo: a .pt path; owlvit: a folder or cached hub id (default OWLVIT_MODEL); gemini: a model id (default GEMINI_MODEL)")
+    group.add_argument("--source", choices=SOURCES, required=required,
+                       help="gemini (GEMINI_API_KEY), yolo (a checkpoint) or owlvit (local OWL-ViT/OWLv2)")
+    group.add_argument("--model", help="yolo: a .pt path; owlvit: a folder or cached hub id (default OWLVIT_MODEL); "
+                                       "gemini: a model id (default GEMINI_MODEL)")
     group.add_argument("--project", help="yolo: use this Label Studio project's registry model (current, or --version)")
     group.add_argument("--version", help="yolo: registry version (with --project), e.g. v0003")
-    group.add_argument("--threshold", type=float, help="minimum score (yolo default: the config's model_score_threshold or YOLO_SCORE_THRESHOLD; owlvit: OWLVIT_THRESHOLD)")
+    group.add_argument("--threshold", type=float,
+                       help="minimum score (yolo default: the config's model_score_threshold or YOLO_SCORE_THRESHOLD; "
+                            "owlvit: OWLVIT_THRESHOLD)")
     group.add_argument("--sam-model", help="owlvit: SAM folder or cached hub id for masks (default SAM_MODEL)")
     group.add_argument("--no-cache", action="store_true", help="gemini: do not read or write the Redis answer cache")
 
@@ -225,8 +235,6 @@ def make_source(args: argparse.Namespace, s: Settings, config: ProjectConfig) ->
 
 
 def _gemini_source(args, s: Settings) -> Source:
-    from backend.detectors.gemini.client import GeminiDetector, GeminiUnavailable
-
     if args.model:
         s = s.model_copy(update={"gemini_model": args.model})
     if not s.gemini_enabled:
@@ -251,12 +259,11 @@ def resolve_yolo(args, s: Settings) -> tuple[Path, str, dict[str, Path]]:
             raise CLIError(f"YOLO checkpoint {path} does not exist (a missing .pt is never downloaded)")
         return path, path.stem, {}
     if getattr(args, "project", None):
-        from backend.core.registry import ModelRegistry
-
         registry = ModelRegistry(s.model_dir, redis_or_none(s))
         info = registry.get(args.project, args.version) if args.version else registry.current(args.project)
         if info is None:
-            raise CLIError(f"project {args.project} has no {'version ' + args.version if args.version else 'current model'} in {s.model_dir}")
+            raise CLIError(f"project {args.project} has no "
+                           f"{'version ' + args.version if args.version else 'current model'} in {s.model_dir}")
         exports = {fmt: path for fmt in EXPORT_FORMATS if (path := info.export(fmt)) is not None}
         return info.checkpoint, info.version, exports
     if s.yolo_model:
@@ -268,8 +275,6 @@ def resolve_yolo(args, s: Settings) -> tuple[Path, str, dict[str, Path]]:
 
 
 def _yolo_source(args, s: Settings, config: ProjectConfig) -> Source:
-    from backend.detectors.yolo import YoloDetector
-
     path, version, exports = resolve_yolo(args, s)
     # The served model: a verified ONNX/OpenVINO export when the version has one.
     detector = YoloDetector.load(path, version, exports, device=s.yolo_device, imgsz=s.yolo_imgsz, threads=s.yolo_threads)
@@ -283,8 +288,6 @@ def _yolo_source(args, s: Settings, config: ProjectConfig) -> Source:
 
 
 def _owlvit_source(args) -> Source:
-    from backend.detectors.owlvit import ModelNotAvailable, OwlVitDetector, OwlVitOptions
-
     try:
         options = OwlVitOptions.from_env(model=args.model or None, sam_model=getattr(args, "sam_model", None),
                                          threshold=args.threshold)
@@ -300,10 +303,9 @@ def _owlvit_source(args) -> Source:
 
 # --- running ------------------------------------------------------------------------------------
 
-def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str, quiet: bool = False) -> Iterator[tuple[Any, Any, BaseException | None]]:
+def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str,
+             quiet: bool = False) -> Iterator[tuple[Any, Any, BaseException | None]]:
     """``(item, result, error)`` as they finish, with a tqdm bar on stderr."""
-    from tqdm import tqdm
-
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=quiet or not items, file=sys.stderr, dynamic_ncols=True)
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lsb") as pool:
@@ -320,8 +322,6 @@ def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc:
 
 
 def print_json(data: Any) -> None:
-    import json
-
     print(json.dumps(data, indent=2, default=str))
 
 

@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-png", action="store_true", help="skip the annotated PNGs")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have a complete JSON")
     p.add_argument("--allowed-hosts", metavar="HOSTS",
-                   help="http(s) image hosts to fetch from, comma-separated or '*' (default IMAGE_ALLOWED_HOSTS; private addresses stay refused)")
+                   help="http(s) image hosts to fetch from, comma-separated or '*' "
+                        "(default IMAGE_ALLOWED_HOSTS; private addresses stay refused)")
     common.common_flags(p)
     p.set_defaults(run=run)
 
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     for item, doc in redraw:  # cheap: no detector needed
         try:
             loaded = images.load(item)
-            results.annotate(loaded.image, results.from_json(doc), list(doc.get("labels") or [])).save(_paths(out, item)[1], compress_level=1)
+            results.annotate(loaded.image, results.from_json(doc), list(doc.get("labels") or [])).save(
+                _paths(out, item)[1], compress_level=1)
             summary["redrawn"] += 1
         except Exception as exc:
             failures.append({"image": item.name, "error": f"redraw: {type(exc).__name__}: {exc}"})

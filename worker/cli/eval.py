@@ -25,16 +25,19 @@ from pathlib import Path
 
 from backend.core.detections import Detections
 from backend.core.label_config import ProjectConfig
+from backend.evaluation.truth import TruthError, load_truth
 from worker.cli import common, results
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="score a drafting source / YOLO version against human labels -> Markdown report",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--truth", required=True, type=Path, help="COCO json, YOLO dataset folder/data.yaml, or Label Studio export JSON")
+    p.add_argument("--truth", required=True, type=Path,
+                   help="COCO json, YOLO dataset folder/data.yaml, or Label Studio export JSON")
     p.add_argument("--images", type=Path, help="folder holding the truth's images (COCO file_name / export basenames)")
     p.add_argument("--split", default="val", help="YOLO dataset split: train, val, test or all (default val)")
-    p.add_argument("--document-root", type=Path, help="Label Studio export: LOCAL_FILES_DOCUMENT_ROOT for /data/local-files/ URLs")
+    p.add_argument("--document-root", type=Path,
+                   help="Label Studio export: LOCAL_FILES_DOCUMENT_ROOT for /data/local-files/ URLs")
     p.add_argument("--predictions", type=Path, help="score these lsb detect results instead of running a source")
     p.add_argument("--out", required=True, type=Path, help="report folder")
     p.add_argument("--title", help="report title")
@@ -82,9 +85,8 @@ def _match_predictions(truth_images, folder: Path) -> tuple[list[tuple[Detection
 
 
 def run(args: argparse.Namespace) -> int:
-    from backend.evaluation.metrics import evaluate
-    from backend.evaluation.report import write_report
-    from backend.evaluation.truth import TruthError, load_truth
+    from backend.evaluation.metrics import evaluate  # heavy: pycocotools, kept out of lsb --help
+    from backend.evaluation.report import write_report  # heavy: imports metrics (pycocotools)
 
     if not args.predictions and not args.source:
         raise common.CLIError("give --source gemini|yolo|owlvit (run a detector) or --predictions DIR (saved lsb detect results)")
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
         started = time.perf_counter()
         try:
-            for t, out, error in common.parallel(one, truth.images, args.workers or source.workers, f"eval ({source.name})", args.quiet):
+            for t, out, error in common.parallel(one, truth.images, args.workers or source.workers, f"eval ({source.name})",
+                                                 args.quiet):
                 if error is not None:
                     failures.append({"image": t.name, "error": f"{type(error).__name__}: {error}"})
                     continue
@@ -145,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
             images.close()
         wall = time.perf_counter() - started
     if not pairs:
-        raise common.CLIError("no image could be evaluated: " + "; ".join(f"{f['image']}: {f['error']}" for f in failures[:5]), code=1)
+        raise common.CLIError("no image could be evaluated: " + "; ".join(f"{f['image']}: {f['error']}" for f in failures[:5]),
+                              code=1)
     metrics = evaluate(pairs, truth.classes, latencies=latencies, wall_seconds=wall, score_threshold=pr_threshold)
     if failures:
         about["failed images"] = len(failures)
@@ -153,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {"report": str(report.resolve()), "images": metrics["n_images"], "failed": len(failures),
                "map50_95": metrics["coco"]["map50_95"], "map50": metrics["coco"]["map50"],
                "precision": metrics["gate"]["precision"], "recall": metrics["gate"]["recall"],
-               "mean_iou": metrics["iou"]["mean"], "masks": metrics["masks"] and {k: metrics["masks"][k] for k in ("segm_map50", "instance_miou", "instance_dice")},
+               "mean_iou": metrics["iou"]["mean"],
+               "masks": metrics["masks"] and {k: metrics["masks"][k] for k in ("segm_map50", "instance_miou", "instance_dice")},
                "images_per_second": (metrics["speed"] or {}).get("images_per_second")}
     if failures:
         summary["failures"] = failures[:20]

@@ -34,7 +34,9 @@ from backend.control_models import CONTROL_MODELS
 from backend.core import geometry
 from backend.core.detections import Detections
 from backend.core.label_config import ProjectConfig, UnsupportedConfig
+from backend.core.label_studio import AnnotatedTask
 from worker.cli import common, results
+from worker.training.dataset import NotEnoughData, build_dataset
 
 
 def add_parser(sub) -> None:
@@ -121,8 +123,8 @@ def to_coco(docs: list[tuple[Path, dict]], config: ProjectConfig, min_score: flo
     for image_id, (_, doc) in enumerate(docs, start=1):
         det = _detections(doc, min_score)
         width, height = det.image_size
-        images.append({"id": image_id, "file_name": doc["image"].get("url") or doc["image"]["name"], "width": width, "height": height,
-                       "sha256": doc["image"].get("sha256")})
+        images.append({"id": image_id, "file_name": doc["image"].get("url") or doc["image"]["name"],
+                       "width": width, "height": height, "sha256": doc["image"].get("sha256")})
         for k, label in enumerate(det.labels):
             if label not in cid:
                 continue
@@ -158,9 +160,6 @@ class _LocalImages:
 
 def to_yolo(docs: list[tuple[Path, dict]], config: ProjectConfig, out: Path, s, min_score: float = 0.0,
             val_fraction: float | None = None, quiet: bool = False):
-    from backend.core.label_studio import AnnotatedTask
-    from worker.training.dataset import build_dataset
-
     tasks, by_url = [], {}
     box_tags = ("RectangleLabels",) if any(c.tag == "RectangleLabels" for c in config.controls) else None
     for i, (_, doc) in enumerate(docs, start=1):
@@ -199,8 +198,6 @@ def run(args: argparse.Namespace) -> int:
         common.print_json({"format": "coco", "images": len(coco["images"]), "annotations": len(coco["annotations"]),
                            "categories": [c["name"] for c in coco["categories"]], "out": str(out.resolve())})
     else:
-        from worker.training.dataset import NotEnoughData
-
         try:
             dataset = to_yolo(docs, config, out, common.settings(), args.min_score, args.val_fraction, args.quiet)
         except NotEnoughData as exc:

@@ -19,8 +19,14 @@ import argparse
 import sys
 import time
 
+from rq.job import Job
+from tqdm import tqdm
+
+from backend.core.keys import project_key
+from backend.core.queue import PRELABEL_QUEUE, enqueue_prelabel, queue_name
 from worker.cli import common
 from worker.jobs import prelabeling
+from worker.jobs.prelabeling import prelabel_tasks
 
 
 def add_parser(sub) -> None:
@@ -51,9 +57,6 @@ def _task_list(s, project: str, ids: str | None) -> tuple[list[dict] | None, str
 
 
 def _follow(job_id: str, redis, quiet: bool) -> dict:
-    from rq.job import Job
-    from tqdm import tqdm
-
     bar = tqdm(desc="push (queued)", unit="task", disable=quiet, file=sys.stderr)
     try:
         while True:
@@ -74,14 +77,10 @@ def _follow(job_id: str, redis, quiet: bool) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from backend.core.keys import project_key
-
     s = common.settings()
     project = project_key(args.project)
     if not s.label_studio_url or not s.label_studio_api_key.get_secret_value():
         raise common.CLIError("push needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a Personal Access Token)")
-    from backend.core.queue import enqueue_prelabel
-    from worker.jobs.prelabeling import prelabel_tasks
 
     if args.queue:
         redis = common.redis_or_none(s, timeout=5.0)
@@ -89,19 +88,12 @@ def run(args: argparse.Namespace) -> int:
             raise common.CLIError(f"--queue needs Redis at {s.redis_url}")
         tasks = _task_list(s, project, args.tasks)[0] if args.tasks else None
         job_id = enqueue_prelabel(redis, project, tasks, settings=s)
-        try:
-            from backend.core.queue import PRELABEL_QUEUE, queue_name
-
-            queue = queue_name(PRELABEL_QUEUE)
-        except ImportError:  # older backend.core.queue
-            queue = "prelabel"
+        queue = queue_name(PRELABEL_QUEUE)
         out = {"queued": True, "job_id": job_id, "queue": queue, "tasks": "all" if tasks is None else len(tasks)}
         if args.wait:
             out.update(_follow(job_id, redis, args.quiet))
         common.print_json(out)
         return 0 if not args.wait or out.get("status") == "finished" else 1
-
-    from tqdm import tqdm
 
     tasks, label_config = _task_list(s, project, args.tasks)
     total = {"project": project, "tasks": len(tasks), "stored": 0, "skipped": 0, "failed": 0, "failure_reasons": {}}

@@ -75,8 +75,9 @@ def to_json(detections: Detections, image: dict, labels: list[str], label_config
         obj: dict[str, Any] = {
             "label": label,
             "score": round(float(detections.scores[i]), 6),
-            "box": {"xyxy": [round(float(v), 3) for v in box], "ls": {k: (round(v, 6) if isinstance(v, float) else v)
-                                                                       for k, v in geometry.xyxy_to_ls(box, width, height).items()}},
+            "box": {"xyxy": [round(float(v), 3) for v in box],
+                    "ls": {k: (round(v, 6) if isinstance(v, float) else v)
+                           for k, v in geometry.xyxy_to_ls(box, width, height).items()}},
             "mask": None,
         }
         if detections.masks is not None:
@@ -112,7 +113,8 @@ def from_json(doc: dict) -> Detections:
     if objects and all(o.get("mask") for o in objects):
         masks = np.stack([geometry.rle_to_mask(o["mask"]["rle"]) for o in objects])
     return Detections(xyxy, [str(o["label"]) for o in objects], np.array([float(o["score"]) for o in objects]),
-                      (width, height), str(doc.get("source") or ""), str(doc.get("model") or ""), masks, dict(doc.get("meta") or {}))
+                      (width, height), str(doc.get("source") or ""), str(doc.get("model") or ""), masks,
+                      dict(doc.get("meta") or {}))
 
 
 def read_result(path: Path) -> dict | None:
@@ -146,7 +148,7 @@ def annotated_path(json_path: Path) -> Path:
 
 def annotate(image: Image.Image, detections: Detections, labels: list[str]) -> Image.Image:
     """The image with mask overlays, boxes and "label score" captions (supervision's annotators)."""
-    import supervision as sv
+    import supervision as sv  # heavy: supervision costs ~0.8 s to import; only when drawing
 
     scene = np.array(image.convert("RGB"))
     if not len(detections):

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.cli import admin as worker_cli
+    from worker.cli import admin as worker_cli  # lazy: admin imports worker.jobs.training (pycocotools), too slow for lsb --help
 
     common.settings()
     argv = ["rollback", "--project", str(args.project)]

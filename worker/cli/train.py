@@ -23,7 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from backend.core.keys import project_key
+from backend.core.label_config import ProjectConfig
+from backend.core.registry import ModelRegistry
+from backend.detectors.yolo import YoloDetector
+from backend.evaluation.truth import load_yolo, read_data_yaml
 from worker.cli import common
+from worker.training.trainer import train
 
 
 def add_parser(sub) -> None:
@@ -34,7 +42,8 @@ def add_parser(sub) -> None:
     what.add_argument("--project", help="Label Studio project id: the backend's training job")
     p.add_argument("--now", action="store_true", help="--project: train in this process instead of queueing")
     p.add_argument("--no-force", action="store_true", help="--project: skip when no annotation changed")
-    p.add_argument("--epochs", type=int, help="run exactly this many (default TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS from scratch)")
+    p.add_argument("--epochs", type=int,
+                   help="run exactly this many (default TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS from scratch)")
     p.add_argument("--imgsz", type=int, help="default TRAIN_IMGSZ")
     p.add_argument("--batch", type=int, help="default TRAIN_BATCH")
     p.add_argument("--time-min", type=float, help="wall-time budget in minutes (default TRAIN_TIME_LIMIT_MIN)")
@@ -48,7 +57,7 @@ def add_parser(sub) -> None:
 
 
 def _project(args) -> int:
-    from worker.cli import admin as worker_cli
+    from worker.cli import admin as worker_cli  # lazy: admin imports worker.jobs.training (pycocotools), too slow for lsb --help
 
     common.settings()
     argv = ["train", "--project", str(args.project)]
@@ -59,13 +68,11 @@ def _project(args) -> int:
     return worker_cli.main(argv)
 
 
-def evaluate_checkpoint(checkpoint: Path, data: Path, s, split: str = "val", report: Path | None = None, quiet: bool = True) -> dict:
+def evaluate_checkpoint(checkpoint: Path, data: Path, s, split: str = "val", report: Path | None = None,
+                        quiet: bool = True) -> dict:
     """Score a checkpoint on a YOLO dataset split (the ``lsb eval`` code path)."""
-    from backend.core.label_config import ProjectConfig
-    from backend.detectors.yolo import YoloDetector
-    from backend.evaluation.metrics import evaluate
-    from backend.evaluation.report import write_report
-    from backend.evaluation.truth import load_yolo
+    from backend.evaluation.metrics import evaluate  # heavy: pycocotools, kept out of lsb --help
+    from backend.evaluation.report import write_report  # heavy: imports metrics (pycocotools)
 
     truth = load_yolo(data, split=split)
     config = ProjectConfig.parse(common.config_from_labels(truth.classes))
@@ -89,8 +96,6 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, s, split: str = "val", rep
 def run(args: argparse.Namespace) -> int:
     if args.project:
         return _project(args)
-    from backend.evaluation.truth import read_data_yaml
-    from worker.training.trainer import train
 
     s = common.settings()
     data = args.data if args.data.suffix.lower() in (".yaml", ".yml") else next(
@@ -106,8 +111,6 @@ def run(args: argparse.Namespace) -> int:
         updates["train_min_steps"] = 0
     if updates:
         s = s.model_copy(update=updates)
-
-    from tqdm import tqdm
 
     bar = tqdm(total=int(s.train_epochs), desc="train", unit="epoch", disable=args.quiet, file=sys.stderr)
 
@@ -131,13 +134,11 @@ def run(args: argparse.Namespace) -> int:
     summary = {"checkpoint": str(out.resolve()), "classes": classes, "epochs_run": result.epochs_run, "seconds": result.seconds,
                "fine_tuned": result.fine_tuned, "start_from": result.start_from,
                "val": {"map50_95": metrics["coco"]["map50_95"], "map50": metrics["coco"]["map50"],
-                       "precision": metrics["gate"]["precision"], "recall": metrics["gate"]["recall"], "images": metrics["n_images"]}}
+                       "precision": metrics["gate"]["precision"], "recall": metrics["gate"]["recall"],
+                       "images": metrics["n_images"]}}
     if args.report:
         summary["report"] = str((args.report / "report.md").resolve())
     if args.register:
-        from backend.core.keys import project_key
-        from backend.core.registry import ModelRegistry
-
         registry = ModelRegistry(s.model_dir, common.redis_or_none(s))
         gate = metrics["gate"]
         meta = {"classes": classes, "parent": None, "dataset": {"data_yaml": str(data.resolve())},

@@ -38,6 +38,7 @@ import numpy as np
 from backend.control_models.reader import parse_regions
 from backend.core.detections import Detections
 from backend.core.geometry import scaled_size, xyxy_to_yolo, yolo_to_xyxy
+from backend.core.images import ImageLoader
 from backend.core.label_config import ProjectConfig
 from backend.core.label_studio import AnnotatedTask
 
@@ -109,9 +110,11 @@ class DatasetItem:
     def ground_truth(self, saved: bool = True) -> Detections:
         """Ground truth as Detections, in the saved image's pixels (model eval) or the original's."""
         if not saved:
-            return Detections(self.boxes, list(self.labels), np.ones(len(self.labels)), (self.orig_width, self.orig_height), "human")
+            return Detections(self.boxes, list(self.labels), np.ones(len(self.labels)), (self.orig_width, self.orig_height),
+                              "human")
         boxes = [yolo_to_xyxy(xyxy_to_yolo(b, self.orig_width, self.orig_height), self.width, self.height) for b in self.boxes]
-        return Detections(np.array(boxes).reshape(-1, 4), list(self.labels), np.ones(len(self.labels)), (self.width, self.height), "human")
+        return Detections(np.array(boxes).reshape(-1, 4), list(self.labels), np.ones(len(self.labels)), (self.width, self.height),
+                          "human")
 
     def to_json(self) -> dict:
         return {
@@ -157,8 +160,6 @@ class DatasetResult:
 # --- building ----------------------------------------------------------------------------------
 
 def _default_loader(settings):
-    from backend.core.images import ImageLoader
-
     return ImageLoader(settings)
 
 
@@ -293,4 +294,5 @@ def load_dataset(root: Path | str) -> DatasetResult:
                     d["orig_width"], d["orig_height"], list(d["labels"]), np.array(d["boxes"], dtype=float).reshape(-1, 4))
         for d in manifest["items"]
     ]
-    return DatasetResult(manifest["project"], root, root / "data.yaml", manifest["classes"], manifest["dataset_hash"], items, manifest["counts"])
+    return DatasetResult(manifest["project"], root, root / "data.yaml", manifest["classes"], manifest["dataset_hash"], items,
+                         manifest["counts"])

@@ -29,6 +29,7 @@ Hooking it into training (``worker.jobs.training``, at promotion)::
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import logging
@@ -192,7 +193,7 @@ def export_and_check(checkpoint: Path | str, out_dir: Path | str, sample_images:
     """
     ultralytics_env.prepare()
     import torch  # heavy: the worker imports this module only when a promotion exports
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # heavy: ultralytics, with torch above
 
     started = time.monotonic()
     checkpoint = Path(checkpoint)
@@ -280,8 +281,6 @@ def export_verified(checkpoint: Path | str, out_dir: Path | str, sample_images: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Export a YOLO checkpoint to ONNX/OpenVINO and verify the boxes.")
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("out_dir", type=Path)

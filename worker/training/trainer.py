@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from backend.core import ultralytics_env
 from backend.core.files import copy_atomic
 from backend.core.progress import report_progress
@@ -70,8 +72,6 @@ def resolve_start(settings, current_checkpoint: Path | str | None) -> tuple[str,
 
 def train_images(data_yaml: Path | str) -> int:
     """How many training images a data.yaml points at (its ``train`` folder, as Ultralytics reads it)."""
-    import yaml
-
     data = yaml.safe_load(Path(data_yaml).read_text()) or {}
     root = Path(data.get("path") or Path(data_yaml).parent)
     entries = data.get("train") or []
@@ -121,7 +121,7 @@ def train(
     """
     ultralytics_env.prepare()
     import torch  # heavy: imported when a training starts, not when the worker starts
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # heavy: ultralytics, with torch above
 
     started = time.monotonic()
     data_dir = Path(settings.data_dir).resolve()

@@ -15,7 +15,8 @@ import json
 import logging
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis as redis_lib
 from google import genai
@@ -35,11 +36,11 @@ from backend.detectors.gemini.cost import CostTracker, Usage
 from backend.detectors.gemini.parsing import BadAnswer, parse_answer
 
 try:  # the SDK uses httpx2 when installed, else httpx; catch both families
-    import httpx2 as _httpx2
+    import httpx2 as _httpx2  # optional: the SDK uses httpx2 when installed
 except ImportError:  # pragma: no cover
     _httpx2 = None
 try:
-    import httpx as _httpx
+    import httpx as _httpx  # optional: else httpx
 except ImportError:  # pragma: no cover
     _httpx = None
 
@@ -242,12 +243,14 @@ class GeminiDetector:
         if self.cost.budget_exhausted():
             raise GeminiUnavailable("budget", f"daily Gemini budget of ${self.settings.gemini_daily_budget_usd:.2f} is spent")
         if not self.breaker.allow():
-            raise GeminiUnavailable("circuit_open", f"Gemini failed {self.settings.gemini_breaker_failures} tasks in a row; skipped for a while")
+            raise GeminiUnavailable("circuit_open",
+                                    f"Gemini failed {self.settings.gemini_breaker_failures} tasks in a row; skipped for a while")
 
         attempts = [0]
         try:
             answer = self._ask(self._encode(image), system, prompt, started, attempts)
-            detections = self._to_detections(answer, image.size, config, fallback, cached=False, started=started, attempts=attempts[0])
+            detections = self._to_detections(answer, image.size, config, fallback, cached=False, started=started,
+                                             attempts=attempts[0])
         except GeminiUnavailable as exc:
             (self.breaker.record_failure if exc.service_fault else self.breaker.record_success)()
             self._log_outcome(exc.reason, started, attempts[0], None, 0, image_sha256)
@@ -328,7 +331,8 @@ class GeminiDetector:
             if reason == "bad_answer" and not isinstance(exc, (ValueError, errors.APIError)):
                 log.exception("gemini %s: unexpected error", self.model)
             message = self._redact(f"{type(exc).__name__}: {exc}")[:500]
-            raise GeminiUnavailable(reason, message, service_fault=reason != "bad_answer" or isinstance(exc, json.JSONDecodeError)) from None
+            raise GeminiUnavailable(reason, message,
+                                    service_fault=reason != "bad_answer" or isinstance(exc, json.JSONDecodeError)) from None
         return self._read(response)
 
     def _call(self, contents: list, config: types.GenerateContentConfig) -> types.GenerateContentResponse:
@@ -389,7 +393,8 @@ class GeminiDetector:
     def _log_outcome(self, outcome: str, started: float, attempts: int, usage: Usage | None, boxes: int, sha: str) -> None:
         u = usage or Usage()
         log.info(
-            "gemini model=%s outcome=%s latency=%.2fs attempts=%d tokens_in=%d tokens_out=%d tokens_thinking=%d boxes=%d image=%s",
+            "gemini model=%s outcome=%s latency=%.2fs attempts=%d "
+            "tokens_in=%d tokens_out=%d tokens_thinking=%d boxes=%d image=%s",
             self.model, outcome, time.monotonic() - started, attempts, u.prompt_tokens, u.output_tokens,
             u.thinking_tokens, boxes, sha[:12],
         )

@@ -104,7 +104,7 @@ def _salvage(text: str) -> list[dict]:
     strings so brackets inside labels or base64 do not count, and parses each object that
     closes at the array's own depth; the cut-off tail is ignored.
     """
-    key = re.search(r'"(?:%s)"\s*:\s*\[' % "|".join(_LIST_KEYS), text)
+    key = re.search(r'"(?:{})"\s*:\s*\['.format("|".join(_LIST_KEYS)), text)
     bracket, brace = text.find("["), text.find("{")
     if key:
         start, base = key.end() - 1, 1

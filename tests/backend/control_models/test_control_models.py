@@ -138,7 +138,8 @@ class TestRectangleLabels:
 
     def test_recorded_label_studio_config(self):
         spec = control(RECORDED, "label")
-        d = Detections([[0, 0, 32, 24], [10, 10, 20, 20], [1, 1, 2, 2]], ["Car", "Person", "Dog"], [0.8, 0.7, 0.9], (W, H), "gemini")
+        d = Detections([[0, 0, 32, 24], [10, 10, 20, 20], [1, 1, 2, 2]], ["Car", "Person", "Dog"], [0.8, 0.7, 0.9], (W, H),
+                       "gemini")
         regions = RectangleLabelsModel(spec).regions(d)
         assert [r["value"]["rectanglelabels"] for r in regions] == [["Car"], ["Person"]]
         value = dict(regions[0]["value"])
@@ -243,7 +244,8 @@ class TestPolygonLabels:
         single = np.zeros((H, W), dtype=bool)
         single[5, 5] = True
         masks = np.stack([np.zeros((H, W), dtype=bool), single, rect_mask(10, 10, 20, 20)])
-        d = Detections([[0, 0, 1, 1], [5, 5, 6, 6], [10, 10, 20, 20]], ["Car", "Tree", "Car"], [0.9, 0.9, 0.3], (W, H), "gemini", masks=masks)
+        d = Detections([[0, 0, 1, 1], [5, 5, 6, 6], [10, 10, 20, 20]], ["Car", "Tree", "Car"], [0.9, 0.9, 0.3], (W, H), "gemini",
+                       masks=masks)
         regions = PolygonLabelsModel(control(MULTI, "poly")).regions(d)
         assert len(regions) == 1 and regions[0]["score"] == 0.3
         assert_valid(MULTI, regions)

@@ -318,7 +318,8 @@ class TestUnsupported:
 
     @pytest.mark.parametrize("value", ["high", "0,4", "abc"])
     def test_bad_model_score_threshold(self, value):
-        xml = view(f'<RectangleLabels name="boxes" toName="image" model_score_threshold="{value}"><Label value="A"/></RectangleLabels>')
+        xml = view(f'<RectangleLabels name="boxes" toName="image" model_score_threshold="{value}">'
+                   '<Label value="A"/></RectangleLabels>')
         with pytest.raises(UnsupportedConfig) as info:
             ProjectConfig.parse(xml)
         message = str(info.value)

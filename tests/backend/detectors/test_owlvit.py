@@ -112,7 +112,8 @@ def test_masks_from_sam_best_of_three(tiny_models):
 
     from backend.detectors.owlvit import OwlVitDetector, OwlVitOptions
 
-    det_sam = OwlVitDetector(OwlVitOptions(model=str(tiny_models["owlv2"]), sam_model=str(tiny_models["sam"]), threshold=0.0, max_objects=5))
+    det_sam = OwlVitDetector(OwlVitOptions(model=str(tiny_models["owlv2"]), sam_model=str(tiny_models["sam"]), threshold=0.0,
+                                           max_objects=5))
     image = make_images(1, seed=5, size=(120, 80))[0].image
     det = det_sam.detect(image, "", BRUSH)
     assert det.masks is not None and det.masks.shape == (len(det), 80, 120) and det.masks.dtype == bool
@@ -225,7 +226,8 @@ def test_options_from_env(monkeypatch, tiny_models):
     monkeypatch.setenv("SAM_MODEL", str(tiny_models["sam"]))
     monkeypatch.setenv("OWLVIT_THRESHOLD", "0.3")
     opts = OwlVitOptions.from_env(threshold=None, max_objects=7)
-    assert (opts.model, opts.sam_model, opts.threshold, opts.max_objects) == (str(tiny_models["owlv2"]), str(tiny_models["sam"]), 0.3, 7)
+    assert (opts.model, opts.sam_model, opts.threshold, opts.max_objects) == (str(tiny_models["owlv2"]), str(tiny_models["sam"]),
+                                                                              0.3, 7)
 
 
 def test_interactive_query_labels_every_box(owlv2):

@@ -25,7 +25,8 @@ def test_yolo_preferred_only_when_measured_at_least_as_good_as_gemini():
     assert not quality.yolo_preferred(info({"metrics": {"map50": 0.59}, "draft_quality": gemini}))
     assert not quality.yolo_preferred(info({"metrics": {"map50": 0.9}, "draft_quality": {"gemini": {"map50": 0.6, "n": 0}}}))
     # A later evaluation of the same version (after a rejected challenger) wins over the promotion-time one.
-    assert quality.yolo_preferred(info({"metrics": {"map50": 0.3}, "metrics_latest_val": {"map50": 0.7}, "draft_quality": gemini}))
+    assert quality.yolo_preferred(info({"metrics": {"map50": 0.3}, "metrics_latest_val": {"map50": 0.7},
+                                        "draft_quality": gemini}))
 
 
 def test_gauges_from_redis(tmp_path, redis_url):

@@ -90,9 +90,11 @@ def write_results(folder: Path, images_dir: Path, items, xml: str, shift: float 
         labels = [b.label for b in im.boxes]
         m = np.stack([geometry.box_to_mask(b, im.width, im.height) for b in boxes]) if masks and len(boxes) else (
             np.zeros((0, im.height, im.width), bool) if masks else None)
-        det = Detections(boxes, labels, np.linspace(0.9, 0.6, len(labels)), im.image.size, "gemini", "gemini-2.5-flash", m, {"latency_s": 0.5})
+        det = Detections(boxes, labels, np.linspace(0.9, 0.6, len(labels)), im.image.size, "gemini", "gemini-2.5-flash", m,
+                         {"latency_s": 0.5})
         path = images_dir / name
-        doc = results.to_json(det, {"name": name, "path": str(path), "url": None, "sha256": results_sha(path)}, config_labels, xml)
+        doc = results.to_json(det, {"name": name, "path": str(path), "url": None, "sha256": results_sha(path)}, config_labels,
+                              xml)
         write_json_atomic(folder / Path(name).with_suffix(".json"), doc, indent=1)
 
 
@@ -105,7 +107,8 @@ def results_sha(path: Path) -> str:
 # --- help and usage -------------------------------------------------------------------------------
 
 def test_help_and_usage_errors(env, capsys):
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    proc = subprocess.run([sys.executable, "-m", "worker.cli", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          check=False)
     assert proc.returncode == 0
     for command in ("detect", "export", "push", "check", "train", "eval", "versions", "rollback"):
         assert command in proc.stdout
@@ -158,7 +161,8 @@ def test_detect_owlvit_on_real_images_png_and_resume(env, capsys, tiny_models):
 def test_detect_owlvit_sam_masks(env, capsys, tiny_models):
     out = env / "masks"
     code, _, err = lsb(capsys, "detect", ASSETS / "zidane.jpg", "--source", "owlvit", "--model", tiny_models["owlv2"],
-                             "--sam-model", tiny_models["sam"], "--labels", "person", "--tag", "brush", "--threshold", "0", "--out", out)
+                       "--sam-model", tiny_models["sam"], "--labels", "person", "--tag", "brush", "--threshold", "0",
+                       "--out", out)
     assert code == 0, err
     doc = json.loads((out / "zidane.json").read_text())
     assert doc["model"].endswith("+sam") and doc["objects"]
@@ -178,7 +182,8 @@ def test_detect_gemini_boxes_cache_cost_and_failures(env, capsys, monkeypatch):
         monkeypatch.setenv("GEMINI_API_KEY", fg.DEFAULT_KEY)
         monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
         fake.script(fg.bad_request())  # one image fails (not retried): it gets no JSON and is redone next run
-        args = ["detect", env / "photos", "--source", "gemini", "--labels", ",".join(CLASSES), "--out", env / "drafts", "--workers", "3"]
+        args = ["detect", env / "photos", "--source", "gemini", "--labels", ",".join(CLASSES), "--out", env / "drafts",
+                "--workers", "3"]
         code, summary, _ = lsb(capsys, *args)
         assert code == 1 and summary["done"] == 5 and summary["failed"] == 1
         assert "client_error" in summary["failures"][0]["error"]
@@ -218,8 +223,9 @@ def test_detect_yolo_checkpoint(env, capsys):
 def drafted(env):
     """Synthetic images + lsb detect results with their true boxes (and box-shaped masks)."""
     items = synthetic_folder(env / "photos", n=8, seed=2)
-    xml = label_config(CLASSES, tag="BrushLabels").replace("</View>", label_config(CLASSES)[label_config(CLASSES).index("<RectangleLabels"):]
-                                                           .replace('name="label"', 'name="box"'))
+    xml = label_config(CLASSES, tag="BrushLabels").replace(
+        "</View>",
+        label_config(CLASSES)[label_config(CLASSES).index("<RectangleLabels"):].replace('name="label"', 'name="box"'))
     write_results(env / "drafts", env / "photos", items, xml, masks=True)
     return items, xml
 
@@ -287,8 +293,8 @@ def test_eval_saved_predictions_perfect_and_shifted(env, capsys, drafted):
     items, xml = drafted
     code, _, _ = lsb(capsys, "export", "coco", env / "drafts", "--out", env / "truth.json")
     assert code == 0
-    code, summary, err = lsb(capsys, "eval", "--truth", env / "truth.json", "--images", env / "photos", "--predictions", env / "drafts",
-                             "--out", env / "report")
+    code, summary, err = lsb(capsys, "eval", "--truth", env / "truth.json", "--images", env / "photos",
+                             "--predictions", env / "drafts", "--out", env / "report")
     assert code == 0, err
     assert summary["map50_95"] == 1.0 and summary["map50"] == 1.0 and summary["precision"] == 1.0 and summary["recall"] == 1.0
     assert summary["masks"]["instance_miou"] == 1.0 and summary["masks"]["segm_map50"] == 1.0
@@ -296,16 +302,16 @@ def test_eval_saved_predictions_perfect_and_shifted(env, capsys, drafted):
     assert "mAP50-95 (pycocotools) | 1.000" in report and (env / "report" / "plots" / "iou_histogram.png").is_file()
 
     write_results(env / "shifted", env / "photos", items, xml, shift=4.0, masks=True)
-    code, summary, _ = lsb(capsys, "eval", "--truth", env / "truth.json", "--images", env / "photos", "--predictions", env / "shifted",
-                           "--out", env / "report2")
+    code, summary, _ = lsb(capsys, "eval", "--truth", env / "truth.json", "--images", env / "photos",
+                           "--predictions", env / "shifted", "--out", env / "report2")
     assert code == 0 and summary["map50_95"] < 1.0 and summary["mean_iou"] < 1.0 and summary["masks"]["instance_miou"] < 1.0
 
 
 def test_eval_runs_a_source_on_a_yolo_dataset_and_a_registry_version(env, capsys, drafted, tiny_models, redis_url):
     code, summary, _ = lsb(capsys, "export", "yolo", env / "drafts", "--out", env / "ds")
     ds = Path(summary["data_yaml"]).parent
-    code, summary, err = lsb(capsys, "eval", "--truth", ds, "--split", "all", "--source", "owlvit", "--model", tiny_models["owlv2"],
-                             "--out", env / "rep-owl")
+    code, summary, err = lsb(capsys, "eval", "--truth", ds, "--split", "all", "--source", "owlvit",
+                             "--model", tiny_models["owlv2"], "--out", env / "rep-owl")
     assert code == 0, err
     metrics = json.loads((env / "rep-owl" / "metrics.json").read_text())
     assert metrics["n_images"] == 8 and metrics["speed"]["images_per_second"] > 0 and len(metrics["speed"]["latencies_s"]) == 8
@@ -437,7 +443,8 @@ def test_train_local_dataset_register_versions_rollback(env, capsys, redis_url):
         assert code == 0, err
         assert Path(out["checkpoint"]).is_file() and out["classes"] == list(CLASSES) and out["epochs_run"] == 1
         assert 0 <= out["val"]["map50_95"] <= 1 and out["val"]["images"] >= 3
-        assert out["registered"] == {"project": project, "version": "v0001", "path": str(env / "models" / project / "v0001"), "current": True}
+        assert out["registered"] == {"project": project, "version": "v0001", "path": str(env / "models" / project / "v0001"),
+                                     "current": True}
         assert (env / "train-report" / "report.md").is_file()
         meta = json.loads((env / "models" / project / "v0001" / "meta.json").read_text())
         assert meta["classes"] == list(CLASSES) and "map50_95" in meta["metrics"]
@@ -445,7 +452,8 @@ def test_train_local_dataset_register_versions_rollback(env, capsys, redis_url):
         from backend.core.registry import ModelRegistry
 
         registry = ModelRegistry(env / "models", client)
-        registry.promote(project, registry.add_version(project, make_checkpoint(env / "v2.pt", list(CLASSES)), {"classes": list(CLASSES)}).version)
+        registry.promote(project, registry.add_version(project, make_checkpoint(env / "v2.pt", list(CLASSES)),
+                                                       {"classes": list(CLASSES)}).version)
         code, out, _ = lsb(capsys, "versions", "--project", project)
         assert code == 0 and [(v["version"], v["current"]) for v in out] == [("v0001", False), ("v0002", True)]
         code, out, _ = lsb(capsys, "rollback", "--project", project)
@@ -471,7 +479,8 @@ def test_gemini_on_real_images_then_export_and_eval(env, capsys, monkeypatch):
     with fg.FakeGemini(responder=oracle) as fake:
         monkeypatch.setenv("GEMINI_API_KEY", fg.DEFAULT_KEY)
         monkeypatch.setenv("GEMINI_BASE_URL", fake.base_url)
-        code, summary, err = lsb(capsys, "detect", ASSETS, "--source", "gemini", "--labels", "person,bus", "--out", env / "drafts")
+        code, summary, err = lsb(capsys, "detect", ASSETS, "--source", "gemini", "--labels", "person,bus", "--out",
+                                 env / "drafts")
     assert code == 0, err
     assert summary["done"] == 2 and summary["objects"] == 5
     for name, objects in truth.items():
@@ -483,12 +492,14 @@ def test_gemini_on_real_images_then_export_and_eval(env, capsys, monkeypatch):
 
     code, summary, _ = lsb(capsys, "export", "ls", env / "drafts", "--out", env / "tasks.json", "--document-root", ASSETS.parent)
     tasks = json.loads((env / "tasks.json").read_text())
-    assert code == 0 and sorted(t["data"]["image"] for t in tasks) == ["/data/local-files/?d=assets/bus.jpg", "/data/local-files/?d=assets/zidane.jpg"]
+    assert code == 0 and sorted(t["data"]["image"] for t in tasks) == ["/data/local-files/?d=assets/bus.jpg",
+                                                                       "/data/local-files/?d=assets/zidane.jpg"]
     xml = json.loads((env / "drafts" / "bus.json").read_text())["label_config"]
     assert all(LabelInterface(xml).validate_prediction(t["predictions"][0], return_errors=True) == [] for t in tasks)
 
     code, _, _ = lsb(capsys, "export", "coco", env / "drafts", "--out", env / "coco.json")
     assert code == 0
-    code, summary, err = lsb(capsys, "eval", "--truth", env / "coco.json", "--images", ASSETS, "--predictions", env / "drafts", "--out", env / "rep")
+    code, summary, err = lsb(capsys, "eval", "--truth", env / "coco.json", "--images", ASSETS, "--predictions", env / "drafts",
+                             "--out", env / "rep")
     assert code == 0, err
     assert summary["map50"] == 1.0 and summary["images"] == 2

@@ -36,7 +36,8 @@ def versions_seen(url: str, config: str, n: int = 12) -> set[str]:
     """The model versions /setup reports over several requests (spread over both workers)."""
     seen = set()
     for _ in range(n):
-        seen.add(requests.post(f"{url}/setup", json={"project": f"{PROJECT}.1", "schema": config}, timeout=3).json()["model_version"])
+        seen.add(requests.post(f"{url}/setup", json={"project": f"{PROJECT}.1", "schema": config},
+                               timeout=3).json()["model_version"])
     return seen
 
 
@@ -59,11 +60,13 @@ def test_webhook_trains_promotes_and_every_worker_swaps_without_restart(tmp_path
             workers_before = gunicorn_workers(url)
             assert len(workers_before) >= 2
             assert versions_seen(url, config) == {"no-model"}
-            empty = requests.post(f"{url}/predict", json={"tasks": [task], "label_config": config, "project": f"{pid}.1"}, timeout=30).json()
+            empty = requests.post(f"{url}/predict", json={"tasks": [task], "label_config": config, "project": f"{pid}.1"},
+                                  timeout=30).json()
             assert empty["results"] == [{"result": [], "score": 0.0, "model_version": "no-model"}]
 
             # Label Studio's "Start Training" arrives as a webhook.
-            response = requests.post(f"{url}/webhook?token={SECRET}", json={"action": "START_TRAINING", "project": {"id": pid}}, timeout=2)
+            response = requests.post(f"{url}/webhook?token={SECRET}", json={"action": "START_TRAINING", "project": {"id": pid}},
+                                     timeout=2)
             assert response.status_code == 201, response.text
             assert wait_for(lambda: versions_seen(url, config) == {"yolo:v0001"}, timeout=400, interval=1.0), (
                 (tmp_path / "worker.log").read_text()[-3000:])

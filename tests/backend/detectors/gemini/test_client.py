@@ -160,7 +160,8 @@ def test_truncated_answer_keeps_complete_objects(make, fake_gemini):
 
 
 def test_interactive_query_is_sent_and_labels_fall_back(make, fake_gemini):
-    fake_gemini.script(boxes([{"box_2d": [0, 0, 100, 100], "label": "something else"}, {"box_2d": [0, 200, 100, 300], "label": "Tree"}]))
+    fake_gemini.script(boxes([{"box_2d": [0, 0, 100, 100], "label": "something else"},
+                              {"box_2d": [0, 200, 100, 300], "label": "Tree"}]))
     image, sha = scene()
     detections = make().detect(image, sha, CONFIG, query="the cars parked in the shade")
     assert detections.labels == ["Car", "Tree"]  # "cars" in the query -> Car for the unknown one
@@ -341,7 +342,8 @@ def test_cache_hit_makes_no_request_and_costs_nothing(make, fake_gemini):
     np.testing.assert_allclose(second.xyxy, first.xyxy)
     assert second.labels == first.labels
     assert REGISTRY.get_sample_value("lsb_gemini_cache_total", {"result": "hit"}) == hits + 1
-    assert (REGISTRY.get_sample_value("lsb_gemini_cost_usd_total", {"model": "gemini-2.5-flash"}) or 0.0) - cost == pytest.approx(spent)
+    assert (REGISTRY.get_sample_value("lsb_gemini_cost_usd_total",
+                                      {"model": "gemini-2.5-flash"}) or 0.0) - cost == pytest.approx(spent)
     detector.detect(image, sha, CONFIG, query="red cars")  # another question is another answer
     assert len(fake_gemini.calls) == 2
 

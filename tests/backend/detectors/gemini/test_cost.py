@@ -37,7 +37,8 @@ def test_cost_counts_thinking_as_output():
 
 
 def test_usage_from_sdk_metadata():
-    meta = types.GenerateContentResponseUsageMetadata(prompt_token_count=258, candidates_token_count=40, thoughts_token_count=7, total_token_count=305)
+    meta = types.GenerateContentResponseUsageMetadata(prompt_token_count=258, candidates_token_count=40, thoughts_token_count=7,
+                                                      total_token_count=305)
     assert Usage.from_metadata(meta) == Usage(258, 40, 7)
     assert Usage.from_metadata(types.GenerateContentResponseUsageMetadata(prompt_token_count=5)) == Usage(5, 0, 0)
     assert Usage.from_metadata(None) == Usage()
@@ -94,7 +95,8 @@ def test_without_redis_the_budget_holds_per_process():
 
 def test_redis_outage_is_not_an_error_and_is_logged_once(caplog):
     caplog.set_level(logging.WARNING, logger="backend.detectors.gemini.cost")
-    tracker = CostTracker(settings(gemini_daily_budget_usd=0.001), redis.Redis.from_url(DOWN_URL, socket_connect_timeout=0.2), prefix="test:cost:down")
+    tracker = CostTracker(settings(gemini_daily_budget_usd=0.001), redis.Redis.from_url(DOWN_URL, socket_connect_timeout=0.2),
+                          prefix="test:cost:down")
     tracker.record("m", Usage(0, 300, 0))
     assert not tracker.budget_exhausted()
     tracker.record("m", Usage(0, 300, 0))

@@ -74,7 +74,8 @@ def test_truncated_at_max_tokens_salvages_complete_objects():
 
 
 def test_truncated_boxes_object_form_is_salvaged():
-    full = json.dumps({"boxes": [item([0, 0, 100, 100]), item([200, 200, 300, 300], "label with [brackets] {and braces}"), item([500, 500, 600, 600])]})
+    full = json.dumps({"boxes": [item([0, 0, 100, 100]), item([200, 200, 300, 300], "label with [brackets] {and braces}"),
+                                 item([500, 500, 600, 600])]})
     det, stats = parse(full[:-30], finish_reason="MAX_TOKENS")
     # the second label is unknown (dropped), the third object is cut off
     assert det.labels == ["Car"] and stats.truncated
@@ -128,7 +129,8 @@ def test_labels_map_via_case_predicted_values_hint_and_plural():
 
 
 def test_fallback_label_keeps_unknown_labels_for_interactive_queries():
-    det, stats = parse(json.dumps([item([0, 0, 100, 100], "person with no helmet"), item([0, 200, 100, 300], "tree")]), fallback_label="Helmetless")
+    det, stats = parse(json.dumps([item([0, 0, 100, 100], "person with no helmet"), item([0, 200, 100, 300], "tree")]),
+                       fallback_label="Helmetless")
     assert det.labels == ["Helmetless", "Tree"] and not stats.dropped
 
 
@@ -170,7 +172,8 @@ def test_unusable_text_is_a_bad_answer(text):
 
 
 def test_confidence_field_is_used_when_present():
-    det, _ = parse(json.dumps([item([0, 0, 100, 100], confidence=0.9), item([0, 200, 100, 300], score=1.7), item([0, 400, 100, 500], confidence="high")]))
+    det, _ = parse(json.dumps([item([0, 0, 100, 100], confidence=0.9), item([0, 200, 100, 300], score=1.7),
+                               item([0, 400, 100, 500], confidence="high")]))
     assert det.scores.tolist() == [0.9, 1.0, DEFAULT_SCORE]
     det, _ = parse(json.dumps([item([0, 0, 100, 100])]), default_score=0.3)
     assert det.scores.tolist() == [0.3]
