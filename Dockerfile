@@ -9,10 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# OpenCV (pulled in by Ultralytics) needs libGL and GLib at import time.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
- && rm -rf /var/lib/apt/lists/*
+# No system packages: the one OpenCV is opencv-python-headless (no libGL, no GLib; see below).
 
 WORKDIR /app
 
@@ -22,17 +19,22 @@ WORKDIR /app
 # `docker compose build --build-arg WITH_OWLVIT=true`. The lock pins the CUDA build of torch and its
 # nvidia-*/cuda-*/triton wheels (several GB): install the CPU build of the same torch/torchvision
 # versions, then the rest of the lock without those lines and without the `-r` include (nvidia-ml-py
-# stays: Ultralytics requires it, and it is a small pure-Python package).
+# stays: Ultralytics requires it, and it is a small pure-Python package). Everything with --no-deps,
+# as make install does: the lock pins the whole tree, and leaves out Ultralytics' opencv-python (GUI
+# OpenCV, needs libGL) in favour of opencv-python-headless (same cv2); scripts/check_env.py then
+# checks that nothing is missing and that cv2 is the headless build.
 ARG WITH_OWLVIT=false
 COPY requirements.txt requirements-owlvit.txt ./
-RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu \
+COPY scripts/check_env.py /tmp/check_env.py
+RUN pip install --no-deps torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu \
  && if [ "$WITH_OWLVIT" = true ]; then extra=requirements-owlvit.txt; else extra=; fi \
  && cat requirements.txt $extra \
   | grep -vE '^(-r |(torch|torchvision|triton|cuda-(bindings|pathfinder|toolkit)|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx)[a-z0-9-]*)==)' \
         > /tmp/requirements-cpu.txt \
- && pip install -r /tmp/requirements-cpu.txt \
+ && pip install --no-deps -r /tmp/requirements-cpu.txt \
  && python -c "import torch; assert torch.version.cuda is None, torch.version.cuda" \
- && rm /tmp/requirements-cpu.txt
+ && python /tmp/check_env.py \
+ && rm /tmp/requirements-cpu.txt /tmp/check_env.py
 
 # A non-root user; it owns only what the service writes.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app \
@@ -44,7 +46,8 @@ COPY backend/ backend/
 COPY worker/ worker/
 COPY scripts/ scripts/
 COPY gunicorn.conf.py label_config.xml ./
-# The `lsb` command (pyproject.toml's entry point); its dependencies are the lock installed above.
+# The `lsb` command (pyproject.toml's entry point, on PATH in both roles); its dependencies are the
+# lock installed above.
 RUN pip install --no-deps . \
  && rm -rf build ./*.egg-info
 
@@ -58,6 +61,8 @@ ENV PYTHONPATH=/app \
     DATA_DIR=/data/cache
 
 USER app
+# Fails the build when the `lsb` command does not start (as the service's user, with its environment).
+RUN lsb --help > /dev/null
 EXPOSE 9090
 
 # /health never waits on a model or a training; python instead of curl (not in the slim image).

@@ -50,9 +50,19 @@ $(BIN)/python:
 # requirements-dev.txt adds tests, lint, fuzzing and bench. Development installs all three.
 LOCKS := requirements.txt requirements-owlvit.txt requirements-dev.txt
 
+# --no-deps: the locks pin the whole tree, and pip must not resolve it again. Ultralytics asks for the
+# GUI OpenCV (opencv-python, needs libGL) and label-studio-sdk for the headless one; both install into
+# the same cv2/ folder, so the lock keeps only opencv-python-headless and nothing may pull the other
+# back. A venv made before that still holds the GUI one: remove it and lay the headless one again.
+# scripts/check_env.py then fails on a missing dependency or a second OpenCV.
 $(STAMP): $(LOCKS) pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --progress-bar off -r requirements-dev.txt
+	if $(BIN)/python -m pip show -q opencv-python 2>/dev/null; then \
+	    $(BIN)/python -m pip uninstall -y opencv-python && \
+	    $(BIN)/python -m pip install --progress-bar off --no-deps --force-reinstall $$(grep '^opencv-python-headless==' requirements.txt); \
+	fi
+	$(BIN)/python -m pip install --progress-bar off --no-deps -r requirements-dev.txt
 	$(BIN)/python -m pip install --progress-bar off --no-deps -e .   # the `lsb` command
+	$(BIN)/python scripts/check_env.py
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -62,23 +72,10 @@ run: install
 	VENV="$(abspath $(VENV))" bash scripts/run.sh
 
 # --- tests ----------------------------------------------------------------------------------------
-# Start a throwaway local Redis for the tests when none answers (no persistence; it keeps running).
+# The tests' Redis: started by scripts/redis.sh when none answers (the same code as make run's; it
+# installs redis-server with apt-get when missing and root). It keeps running after the tests.
 redis: install
-	@url='$(TEST_REDIS_URL)'; \
-	if $(BIN)/python -c 'import redis, sys; redis.Redis.from_url(sys.argv[1], socket_connect_timeout=1).ping()' "$$url" 2>/dev/null; then \
-	    echo "Redis answers at $$url"; exit 0; \
-	fi; \
-	port=$$($(BIN)/python -c 'import sys; from urllib.parse import urlsplit; u = urlsplit(sys.argv[1]); print((u.port or 6379) if u.hostname in ("127.0.0.1", "localhost") else "")' "$$url"); \
-	if [ -z "$$port" ]; then echo "Redis does not answer at $$url" >&2; exit 1; fi; \
-	if ! command -v redis-server >/dev/null; then \
-	    echo "Redis does not answer at $$url and redis-server is missing (apt-get install redis-server)" >&2; exit 1; \
-	fi; \
-	echo "starting redis-server on 127.0.0.1:$$port for the tests"; \
-	redis-server --daemonize yes --bind 127.0.0.1 --port "$$port" --save "" --appendonly no --logfile "$${TMPDIR:-/tmp}/lsb-test-redis.log"; \
-	for i in $$(seq 50); do \
-	    $(BIN)/python -c 'import redis, sys; redis.Redis.from_url(sys.argv[1]).ping()' "$$url" 2>/dev/null && exit 0; sleep 0.1; \
-	done; \
-	echo "redis-server did not answer at $$url" >&2; exit 1
+	VENV="$(abspath $(VENV))" bash scripts/redis.sh '$(TEST_REDIS_URL)'
 
 # --- lint -----------------------------------------------------------------------------------------
 # ruff (rules in pyproject.toml) and the layer contract (.importlinter). Both run; either failing fails.
@@ -102,9 +99,12 @@ bench: install
 LOCK_NEW := $(LOCK_VENV)/bin/python -c 'import re, sys; name = lambda line: re.sub(r"[-_.]+", "-", line.split("==")[0].strip()).lower(); \
 	pinned = {name(line) for path in sys.argv[1:] for line in open(path) if "==" in line}; \
 	sys.stdout.writelines(sorted((line for line in sys.stdin if name(line) not in pinned), key=str.lower))'
+# Never pinned: the GUI OpenCV that Ultralytics asks for (libGL; it shares cv2/ with the headless one
+# label-studio-sdk needs, which Ultralytics runs on just as well). make install uses --no-deps.
+LOCK_DROP := opencv-python|opencv-contrib-python
 define lock_step
 	$(LOCK_VENV)/bin/python -m pip install --progress-bar off -r $(1:.txt=.in) $(foreach f,$(2),-c $(f).pins)
-	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | $(LOCK_NEW) $(foreach f,$(2),$(f).pins) > $(1).pins
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -vE '^($(LOCK_DROP))==' | $(LOCK_NEW) $(foreach f,$(2),$(f).pins) > $(1).pins
 	{ sed -n '/^\(#\|-r \)/!q;p' $(1) 2>/dev/null || true; cat $(1).pins; } > $(1).new
 endef
 

@@ -46,6 +46,15 @@ def on_starting(server) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def post_worker_init(worker) -> None:
+    """Warm the worker up in the background as soon as it has loaded the app: the first /setup must
+    answer within Label Studio's 3 s. /health says "warming" (still 200) until it is done."""
+    from backend.web.state import start_warm_up  # here, not at the top: the master never imports the app
+    from backend.web.wsgi import app  # the app the worker just loaded (worker.wsgi may be wrapped)
+
+    start_warm_up(app)
+
+
 def child_exit(server, worker) -> None:
     """Drop the live gauges of a worker that exited (Prometheus multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -6,7 +6,8 @@
 # - Settings come from the environment, then from ./.env (ENV_FILE) for what the environment leaves
 #   unset; see `python -m backend.core.settings`. PORT (9090), WORKERS (2), THREADS (8), REDIS_URL.
 # - If nothing answers at REDIS_URL and it points at this machine, a private redis-server is started
-#   (no persistence unless REDIS_PERSIST=1; log and pid under var/run/) and stopped again at exit.
+#   by scripts/redis.sh (installed with apt-get when missing and root; no persistence unless
+#   REDIS_PERSIST=1; log and pid under var/run/) and stopped again at exit.
 # - Runtime files live under VAR_DIR (./var): Ultralytics config, Prometheus multiprocess files.
 set -euo pipefail
 
@@ -59,82 +60,9 @@ export YOLO_CONFIG_DIR="${YOLO_CONFIG_DIR:-$VAR_DIR/ultralytics}"
 mkdir -p "$YOLO_CONFIG_DIR"
 
 # --- Redis -------------------------------------------------------------------------------------
-redis_ping() {
-    "$PY" - "$REDIS_URL" <<'PY' >/dev/null 2>&1
-import sys, redis
-redis.Redis.from_url(sys.argv[1], socket_connect_timeout=1, socket_timeout=2).ping()
-PY
-}
-
-# Prints "host port password" when REDIS_URL points at this machine, nothing otherwise.
-redis_local_target() {
-    "$PY" - "$REDIS_URL" <<'PY'
-import sys
-from urllib.parse import unquote, urlsplit
-url = urlsplit(sys.argv[1])
-host = url.hostname or "127.0.0.1"
-if url.scheme == "redis" and host in ("127.0.0.1", "localhost", "::1"):
-    host = "127.0.0.1" if host == "localhost" else host
-    print(host, url.port or 6379, unquote(url.password or ""))
-PY
-}
-
-REDIS_STARTED_PID=""
-REDIS_PIDFILE="$RUN_DIR/redis.pid"
-
-start_local_redis() {
-    local target host port password
-    target="$(redis_local_target)"
-    [[ -n "$target" ]] || die "nothing answers at REDIS_URL=$REDIS_URL (not a local URL, so not starting one)"
-    read -r host port password <<<"$target"
-    if ! command -v redis-server >/dev/null 2>&1; then
-        if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-            log "redis-server is missing: installing it with apt-get"
-            DEBIAN_FRONTEND=noninteractive apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-            # The package may have started its own service on 6379.
-            if redis_ping; then log "Redis answers at $REDIS_URL"; return; fi
-        else
-            die "nothing answers at $REDIS_URL and redis-server is not installed.
-    Install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis),
-    or point REDIS_URL at a running Redis."
-        fi
-    fi
-    local args=(--daemonize yes --bind "$host" --port "$port"
-                --dir "$RUN_DIR" --logfile "$RUN_DIR/redis.log" --pidfile "$REDIS_PIDFILE")
-    if [[ "${REDIS_PERSIST:-0}" == 1 ]]; then
-        mkdir -p "$VAR_DIR/redis"
-        args+=(--dir "$VAR_DIR/redis" --appendonly yes)
-    else
-        args+=(--save "" --appendonly no)
-    fi
-    [[ -z "$password" ]] || args+=(--requirepass "$password")
-    log "starting redis-server on $host:$port (log: $RUN_DIR/redis.log)"
-    rm -f "$REDIS_PIDFILE"
-    redis-server "${args[@]}" || die "redis-server did not start, see $RUN_DIR/redis.log"
-    local i
-    for ((i = 0; i < 50; i++)); do
-        if redis_ping; then
-            REDIS_STARTED_PID="$(cat "$REDIS_PIDFILE" 2>/dev/null || true)"
-            return
-        fi
-        sleep 0.1
-    done
-    die "redis-server started but does not answer at $REDIS_URL, see $RUN_DIR/redis.log"
-}
-
-stop_local_redis() {
-    [[ -n "$REDIS_STARTED_PID" ]] || return 0
-    log "stopping the redis-server started here (pid $REDIS_STARTED_PID)"
-    kill -TERM "$REDIS_STARTED_PID" 2>/dev/null || return 0
-    local i
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$REDIS_STARTED_PID" 2>/dev/null || { REDIS_STARTED_PID=""; return 0; }
-        sleep 0.1
-    done
-    kill -KILL "$REDIS_STARTED_PID" 2>/dev/null || true
-    REDIS_STARTED_PID=""
-}
+# redis_ping / redis_ensure / redis_stop_started: the same code `make test` uses (scripts/redis.sh).
+# shellcheck source=scripts/redis.sh
+. "$ROOT/scripts/redis.sh"
 
 # --- children ----------------------------------------------------------------------------------
 WEB_PID=""
@@ -192,9 +120,9 @@ stop_children() {
 
 cleanup() {
     local status=$?
-    STOP_REQUESTED="${STOP_REQUESTED:-EXIT}"   # from here on, a signal means "hurry up"
+    [[ -n "$STOP_REQUESTED" ]] || STOP_REQUESTED=EXIT   # from here on, a signal means "hurry up"
     stop_children
-    stop_local_redis
+    redis_stop_started
     [[ -z "$PROM_DIR" ]] || rm -rf "$PROM_DIR"
     wait 2>/dev/null || true   # the log prefixers
     log "stopped"
@@ -212,11 +140,7 @@ trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
 trap 'on_signal HUP' HUP
 
-if redis_ping; then
-    log "Redis answers at $REDIS_URL"
-else
-    start_local_redis
-fi
+redis_ensure "$REDIS_URL" || die "no Redis at $REDIS_URL (see above)"
 
 # Validates the settings (a bad value stops here with pydantic's message) and reports Gemini's mode.
 "$PY" - <<'PY' || die "invalid configuration (see above)"

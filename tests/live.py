@@ -81,8 +81,9 @@ def gunicorn(env: dict[str, str], log_path: Path, workers: int = 2, threads: int
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: requests.get(f"{url}/health", timeout=1).ok, timeout=60, message=f"gunicorn to answer {url}/health",
-                 on_timeout=lambda: log_path.read_text(errors="replace")[-3000:])
+        # "UP", not just 200: the worker's warm-up (gunicorn.conf.py post_worker_init) is done.
+        wait_for(lambda: requests.get(f"{url}/health", timeout=1).json()["status"] == "UP", timeout=60,
+                 message=f"gunicorn to answer {url}/health", on_timeout=lambda: log_path.read_text(errors="replace")[-3000:])
         yield url
     finally:
         _stop(proc)

@@ -208,3 +208,16 @@ def perturb(
 
 def draft_result(drafts: Sequence[tuple[Box, float]], width: int, height: int, source: str | None = None, **kwargs) -> list[dict]:
     return [ls_region(b, width, height, score=s, source=source, **kwargs) for b, s in drafts]
+
+
+def crafted_brush_rle(declared: int, size_bytes: int = 4096) -> list[int]:
+    """A Label Studio brush RLE of ``size_bytes`` whose 32-bit header declares ``declared`` values.
+
+    Its body is 27-bit fill runs of 65,536 values each (8-bit words, 16-bit run lengths): fed to the
+    SDK's decoder, 4 KB of it fill about 80 MB of the array the header made it allocate.
+    """
+    bits = f"{declared:032b}" + f"{8 - 1:05b}" + "1111" * 4
+    run = "1" + "11" + "1" * 16 + "1" * 8
+    bits += run * (size_bytes * 8 // len(run) + 1)
+    bits = bits[: size_bytes * 8]
+    return [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]

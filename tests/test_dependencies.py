@@ -52,6 +52,10 @@ NOT_RUNTIME = {"pytest", "pytest-timeout", "hypothesis", "schemathesis", "ruff",
                "transformers", "tokenizers", "safetensors", "huggingface-hub"}
 #: Ignored by ``pip freeze`` (so never pinned) although some packages require them.
 INSTALLER_PACKAGES = {"pip", "setuptools", "wheel"}
+#: Requirements met by another pinned package (scripts/check_env.py: same module, installed with --no-deps).
+SUBSTITUTES = {"opencv-python": "opencv-python-headless"}
+#: OpenCV builds with a GUI: they need libGL and share the cv2/ folder with the headless build.
+GUI_OPENCV = {"opencv-python", "opencv-contrib-python"}
 
 
 def _normalise(name: str) -> str:
@@ -197,6 +201,11 @@ def test_lock_is_closed_under_dependencies(lock):
             dependency = _normalise(requirement.name)
             if dependency in INSTALLER_PACKAGES:
                 continue
+            if dependency in SUBSTITUTES and SUBSTITUTES[dependency] in pins:
+                substitute = SUBSTITUTES[dependency]
+                assert requirement.specifier.contains(pins[substitute], prereleases=True), \
+                    f"{name} asks {requirement}; {substitute}=={pins[substitute]} stands in for it and does not match"
+                continue
             if dependency not in pins:
                 missing.setdefault(dependency, set()).add(name)
             else:
@@ -209,3 +218,48 @@ def _installed_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+# --- one OpenCV, headless ------------------------------------------------------------------------------
+
+def test_locks_pin_one_opencv_and_it_is_headless():
+    """Ultralytics asks for opencv-python (GUI, libGL), label-studio-sdk for opencv-python-headless; both
+    write cv2/, and the one installed last won (a cv2 that needs libGL). The locks keep the headless one."""
+    for lock in INCLUDES:
+        assert not GUI_OPENCV & set(_pins(lock)), f"{lock.name} pins {sorted(GUI_OPENCV & set(_pins(lock)))}"
+    assert "opencv-python-headless" in _pins(RUNTIME)
+
+
+def test_installed_cv2_is_headless_and_needs_no_libgl():
+    """What make install left: no GUI OpenCV distribution, and cv2's native module links no libGL."""
+    import cv2.version  # not at module level: OpenCV's native library, loaded by this test only
+
+    installed = {name for name in GUI_OPENCV if _installed_version(name)}
+    assert not installed, f"installed: {sorted(installed)}; run make install (it removes them)"
+    assert cv2.version.headless, f"cv2 {cv2.version.opencv_version} is not the headless build"
+    module = Path(cv2.__file__).parent
+    natives = sorted(module.glob("cv2*.so"))
+    assert natives, f"no native module under {module}"
+    needed = subprocess.run(["ldd", str(natives[0])], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "libGL" not in needed and "not found" not in needed, needed
+
+
+def test_check_env_accepts_the_substitute_and_nothing_else():
+    """scripts/check_env.py (make install, the Docker build) lets through only Ultralytics' opencv-python."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import check_env  # scripts/ is not a package: importable only with its folder on sys.path
+    finally:
+        sys.path.pop(0)
+    output = ("ultralytics 8.4.190 requires opencv-python, which is not installed.\n"
+              "torch 2.14.1 requires sympy, which is not installed.\n"
+              "foo 1.0 has requirement bar<2, but you have bar 3.0.\n")
+    assert check_env.pip_check_problems(output) == [
+        "torch 2.14.1 requires sympy, which is not installed.", "foo 1.0 has requirement bar<2, but you have bar 3.0."]
+    assert check_env.pip_check_problems("No broken requirements found.\n") == []
+
+
+def test_check_env_passes_on_this_environment():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_env.py")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -31,6 +31,8 @@ from tests.paths import TEST_REDIS_URL
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)  # the venv running the tests is the one run.sh should use
 RUN_SH = ROOT / "scripts" / "run.sh"
+REDIS_SH = ROOT / "scripts" / "redis.sh"
+BOOTSTRAP_SH = ROOT / "scripts" / "bootstrap.sh"
 CI_RUN = ROOT / ".ci" / "run"
 
 GUNICORN_ARGS = ["-c", "gunicorn.conf.py", "backend.web.wsgi:app"]
@@ -159,9 +161,67 @@ def test_compose_settings():
     assert services["backend"]["environment"]["PORT"] == "9090", "a PORT in .env must not move the container's port"
     assert str(services["backend"]["ports"][0]).endswith(":9090")
     dashboard = services["rq-dashboard"]
-    assert dashboard["image"].startswith("eoranged/rq-dashboard")
     assert dashboard["environment"]["RQ_DASHBOARD_REDIS_URL"] == "redis://redis:6379/0"
     assert "9181" in str(dashboard["ports"])
+
+
+def _compose_command(service: dict, values: dict[str, str]) -> list[str]:
+    command = service["command"]
+    command = shlex.split(command) if isinstance(command, str) else command
+    return [interpolate(arg, values) for arg in command]
+
+
+@pytest.mark.parametrize("prefix", ["", "staging-"])
+def test_compose_worker_listens_where_the_backend_enqueues(prefix, monkeypatch):
+    """Both containers get LSB_QUEUE_PREFIX from the same ${LSB_QUEUE_PREFIX}; the worker's queue
+    names are the ones backend/core/queue.py computes from it (a prefix in .env once left the worker
+    listening on queues nobody filled)."""
+    from backend.core.queue import PRELABEL_QUEUE, TRAINING_QUEUE, queue_name
+
+    services = compose()["services"]
+    values = {**env_example(), "LSB_QUEUE_PREFIX": prefix}
+    for name in ("backend", "worker"):
+        assert interpolate(services[name]["environment"]["LSB_QUEUE_PREFIX"], values) == prefix, name
+    monkeypatch.setenv("LSB_QUEUE_PREFIX", prefix)
+    command = _compose_command(services["worker"], values)
+    assert command[-2:] == [queue_name(TRAINING_QUEUE), queue_name(PRELABEL_QUEUE)]
+    assert command[-2:] == [prefix + queue for queue in WORKER_QUEUES]
+
+
+def test_compose_backend_and_worker_share_the_prometheus_directory():
+    """Jobs' Gemini calls and trainings reach /metrics: one multiprocess directory for every process,
+    on one volume, and one PID namespace, since prometheus_client names its files by pid."""
+    doc = compose()
+    services = doc["services"]
+    paths = {services[name]["environment"].get("PROMETHEUS_MULTIPROC_DIR") for name in ("backend", "worker")}
+    assert len(paths) == 1 and None not in paths, paths
+    (path,) = paths
+    mounts = {}
+    for name in ("backend", "worker"):
+        mounts[name] = [v.split(":")[0] for v in services[name]["volumes"] if v.split(":")[1] == path]
+        assert len(mounts[name]) == 1, f"{name} does not mount {path}"
+        assert not [m for m in services[name].get("tmpfs") or [] if m.split(":")[0] == path], f"{name}: a private tmpfs"
+    assert mounts["backend"] == mounts["worker"], mounts
+    volume = doc["volumes"][mounts["backend"][0]]
+    assert volume["driver_opts"]["type"] == "tmpfs", "fresh metrics at every start"
+    uid = re.search(r"useradd .*--uid (\d+)", dockerfile()).group(1)
+    assert f"uid={uid}" in volume["driver_opts"]["o"], "the image's user must be able to write there"
+    assert services["worker"]["pid"] == "service:backend"
+    assert "backend" in services["worker"]["depends_on"]
+
+
+def test_compose_rq_dashboard_reads_our_rq_version():
+    """rq-dashboard 0.9.0 (registries read with rq 2/3's get_job_count(cleanup=...)) on the rq and redis
+    pins of requirements.txt: a prebuilt image's rq is whatever was current when it was built."""
+    dashboard = compose()["services"]["rq-dashboard"]
+    assert "image" not in dashboard or not dashboard["image"].startswith("eoranged/"), "eoranged/rq-dashboard predates rq 2"
+    inline = dashboard["build"]["dockerfile_inline"]
+    assert "rq-dashboard==0.9.0" in inline and "-c /tmp/requirements.txt" in inline
+    assert "COPY requirements.txt /tmp/requirements.txt" in inline
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M))
+    assert pins["rq"].split(".")[0] == "3", "the assertion in the dashboard's build expects rq 3"
+    assert "rq.VERSION.split('.')[0] == '3'" in inline
+    assert "$" not in inline, "compose would interpolate it"
 
 
 def test_every_compose_variable_is_in_env_example():
@@ -244,8 +304,27 @@ def test_dockerfile_healthcheck_user_and_env():
     for pair in ("YOLO_OFFLINE=1", "YOLO_AUTOINSTALL=0", "YOLO_CONFIG_DIR=/app/var/ultralytics",
                  "MODEL_DIR=/data/models", "DATA_DIR=/data/cache"):
         assert pair in env
-    assert "libgl1" in dockerfile() and "libglib2.0-0" in dockerfile()
+    assert not [line for line in dockerfile_instruction("RUN") if "apt-get" in line], \
+        "no system packages: the one OpenCV is the headless wheel (no libGL)"
+    assert "libgl1" not in dockerfile() and "libglib2.0-0" not in dockerfile()
     assert dockerfile_instruction("WORKDIR") == ["/app"]
+
+
+def test_dockerfile_installs_with_no_deps_and_checks_the_result():
+    """Like make install: pip never resolves (it would bring back Ultralytics' GUI OpenCV), then
+    scripts/check_env.py fails the build on a missing dependency or a non-headless cv2."""
+    installs = [line for line in dockerfile_instruction("RUN") if "pip install" in line]
+    commands = [cmd.strip() for line in installs for cmd in line.split("&&") if "pip install" in cmd]
+    assert commands and all("--no-deps" in cmd for cmd in commands), commands
+    text = dockerfile()
+    assert "COPY scripts/check_env.py" in text
+    assert text.index("pip install --no-deps -r /tmp/requirements-cpu.txt") < text.index("python /tmp/check_env.py")
+
+
+def test_dockerfile_runs_the_lsb_command_as_the_service_user():
+    text = dockerfile()
+    assert "RUN lsb --help" in text, "the build does not check that `lsb` starts"
+    assert text.index("pip install --no-deps .") < text.index("USER app") < text.index("RUN lsb --help")
 
 
 def test_dockerfile_copies_every_package():
@@ -291,7 +370,7 @@ def test_dockerfile_installs_cpu_torch_and_the_rest_of_the_lock():
 
 # --- scripts ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script", [RUN_SH, CI_RUN], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [RUN_SH, CI_RUN, REDIS_SH, BOOTSTRAP_SH], ids=lambda p: p.name)
 def test_bash_syntax(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -299,13 +378,137 @@ def test_bash_syntax(script):
 
 
 def test_ci_runs_make_test():
+    """CI takes the README's fresh-machine path: bootstrap.sh, make install, make test (which starts Redis)."""
     lines = [line.strip() for line in CI_RUN.read_text().splitlines()]
     assert "make install" in lines
     assert "make test" in lines
-    assert any("redis-server --daemonize yes --bind 127.0.0.1 --port 6379" in line for line in lines)
+    assert any("bash scripts/bootstrap.sh" in line for line in lines)
+    assert not any("redis-server --daemonize" in line for line in lines), "make test starts Redis, as make run does"
     readme = ROOT / "README.md"
     if readme.is_file():
         assert "make test" in readme.read_text(), "the README's test command is what CI runs"
+
+
+def test_make_run_and_make_test_start_redis_with_the_same_script():
+    assert '. "$ROOT/scripts/redis.sh"' in RUN_SH.read_text()
+    assert re.search(r"^\s*redis_ensure \"\$REDIS_URL\"", RUN_SH.read_text(), re.M)
+    assert "redis_stop_started" in RUN_SH.read_text()
+    result = subprocess.run(["make", "-n", "-o", ".venv/.requirements.stamp", "redis"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "bash scripts/redis.sh 'redis://127.0.0.1:6379/15'" in result.stdout
+
+
+def _tool_dir(tmp_path: Path, *, without: tuple[str, ...] = (), fake: dict[str, str] | None = None) -> Path:
+    """A PATH of its own: links to the real tools the scripts use, minus ``without``, plus fake scripts."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "cat", "dirname", "id", "ln", "mkdir", "rm", "sleep", "sed", "grep", "python3", "redis-server"):
+        real = shutil.which(tool)
+        if real and tool not in without:
+            (bin_dir / tool).symlink_to(real)
+    for name, body in (fake or {}).items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def _kill_pidfile(pidfile: Path) -> None:
+    if pidfile.is_file():
+        try:
+            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def test_make_redis_starts_a_private_redis_when_none_answers(tmp_path):
+    """`make redis` (run by make test) starts redis-server on the test URL's port through scripts/redis.sh."""
+    import shutil
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/15"
+    var_dir = tmp_path / "var"
+    pidfile = var_dir / "run" / f"redis-{port}.pid"
+    try:
+        result = subprocess.run(
+            ["make", "-o", f"{VENV}/.requirements.stamp", "redis", f"VENV={VENV}", f"TEST_REDIS_URL={url}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "VAR_DIR": str(var_dir)})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"starting redis-server on 127.0.0.1:{port}" in result.stdout
+        assert redis_answers(url)
+        assert pidfile.is_file()
+        again = subprocess.run(["bash", str(REDIS_SH), url], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "VENV": str(VENV), "VAR_DIR": str(var_dir)})
+        assert again.returncode == 0 and f"Redis answers at {url}" in again.stdout, again.stdout + again.stderr
+    finally:
+        _kill_pidfile(pidfile)
+
+
+def test_redis_sh_installs_redis_server_with_apt_when_root(tmp_path):
+    """No redis-server on PATH and root: apt-get installs it (a stand-in apt-get that links the real
+    binary and records its arguments), then the server is started."""
+    import shutil
+
+    real = shutil.which("redis-server")
+    if not real:
+        pytest.skip("redis-server is not installed")
+    if os.getuid() != 0:
+        pytest.skip("the install branch runs as root only")
+    calls = tmp_path / "apt-calls"
+    bin_dir = _tool_dir(tmp_path, without=("redis-server",), fake={
+        "apt-get": f'echo "$@" >> {calls}\ncase "$*" in *install*) ln -sf {real} "$(dirname "$0")/redis-server";; esac\n',
+    })
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    var_dir = tmp_path / "var"
+    try:
+        result = subprocess.run([str(bin_dir / "bash"), str(REDIS_SH), url], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120, env={"PATH": str(bin_dir), "VENV": str(VENV), "VAR_DIR": str(var_dir)})
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = calls.read_text().splitlines()
+        assert lines[0].endswith("update -qq") and "install" in lines[1] and "redis-server" in lines[1], lines
+        assert redis_answers(url)
+    finally:
+        _kill_pidfile(var_dir / "run" / f"redis-{port}.pid")
+
+
+def test_redis_sh_without_root_says_what_to_install(tmp_path):
+    bin_dir = _tool_dir(tmp_path, without=("redis-server",), fake={"id": "echo 1000\n", "apt-get": "exit 99\n"})
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = subprocess.run([str(bin_dir / "bash"), str(REDIS_SH), url], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={"PATH": str(bin_dir), "VENV": str(VENV), "VAR_DIR": str(tmp_path / "var")})
+    assert result.returncode == 1
+    assert "apt-get install redis-server" in result.stderr and "scripts/bootstrap.sh" in result.stderr, result.stderr
+
+
+def test_redis_sh_does_not_start_a_server_for_a_remote_url(tmp_path):
+    result = subprocess.run(["bash", str(REDIS_SH), "redis://192.0.2.1:6379/0"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "VENV": str(VENV), "VAR_DIR": str(tmp_path / "var")})
+    assert result.returncode == 1 and "not a local URL" in result.stderr, result.stdout + result.stderr
+
+
+def test_bootstrap_installs_only_what_is_missing(tmp_path):
+    """On a machine without make and redis-server, bootstrap.sh asks apt-get for exactly those two
+    (this Python has venv and ensurepip); without root it prints the command instead."""
+    calls = tmp_path / "apt-calls"
+    bin_dir = _tool_dir(tmp_path, without=("redis-server",), fake={"apt-get": f'echo "$@" >> {calls}\n'})
+    env = {"PATH": str(bin_dir), "PYTHON": sys.executable}
+    result = subprocess.run([str(bin_dir / "bash"), str(BOOTSTRAP_SH)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env=env)
+    if os.getuid() == 0:
+        assert result.returncode == 0, result.stdout + result.stderr
+        install = [line for line in calls.read_text().splitlines() if "install" in line]
+        assert install and install[0].split()[-2:] == ["make", "redis-server"], install
+    (bin_dir / "id").unlink()
+    (bin_dir / "id").write_text("#!/bin/sh\necho 1000\n")
+    (bin_dir / "id").chmod(0o755)
+    result = subprocess.run([str(bin_dir / "bash"), str(BOOTSTRAP_SH)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 1 and "apt-get install -y make redis-server" in result.stderr, result.stderr
 
 
 def test_make_dry_run():
@@ -336,8 +539,11 @@ def test_make_install_installs_the_dev_lock_and_test_runs_lint_first():
     result = subprocess.run(["make", "-n", "-W", "requirements.txt", "install"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "pip install --progress-bar off -r requirements-dev.txt" in result.stdout
+    assert "pip install --progress-bar off --no-deps -r requirements-dev.txt" in result.stdout
     assert "pip install --progress-bar off --no-deps -e ." in result.stdout
+    assert "scripts/check_env.py" in result.stdout, "make install checks what --no-deps does not"
+    # A venv that still holds the GUI OpenCV loses it, and the headless one is laid again.
+    assert "pip uninstall -y opencv-python" in result.stdout and "--force-reinstall" in result.stdout
     dev = (ROOT / "requirements-dev.txt").read_text()
     assert "-r requirements-owlvit.txt" in dev.splitlines(), "make install installs the OWL-ViT extra too"
     lint = _make_n("lint")
@@ -575,7 +781,7 @@ def test_run_sh_serves_and_stops_cleanly(mode, tmp_path):
     reader.start()
     log = lambda: b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")  # noqa: E731
     children: list = []
-    redis_pidfile = var_dir / "run" / "redis.pid"
+    redis_pidfile = var_dir / "run" / f"redis-{redis_url.rsplit(':', 1)[1].split('/')[0]}.pid"  # scripts/redis.sh
     own_redis_pid = None
     try:
         deadline = time.monotonic() + 120

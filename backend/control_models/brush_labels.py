@@ -22,13 +22,15 @@ class BrushLabelsModel(ControlModel):
 
     @classmethod
     def read_mask(cls, value: dict, width: int, height: int) -> np.ndarray | None:
-        """The decoded RLE; None when there is none or it does not decode to this image size."""
+        """The decoded RLE; None when there is none. An RLE whose header does not declare this image's
+        size, or that does not decode, raises :class:`~backend.core.geometry.BrushMaskError` (a
+        ``ValueError``: the reader skips and counts the region) before anything is allocated."""
         rle = value.get("rle")
         return geometry.ls_brush_to_mask(rle, width, height) if rle else None
 
     @classmethod
     def read_box(cls, value: dict, width: int, height: int) -> np.ndarray | None:
-        """The mask's bounding box (None when empty or undecodable)."""
+        """The mask's bounding box (None when empty; an undecodable RLE raises like :meth:`read_mask`)."""
         mask = cls.read_mask(value, width, height)
         return None if mask is None else geometry.mask_to_xyxy(mask)
 

@@ -6,6 +6,7 @@ only walks the list, maps labels to the config's classes, and counts what it ski
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from backend.control_models.tags import BY_RESULT_TYPE
 from backend.core.detections import Detections
 from backend.core.geometry import box_iou
 from backend.core.label_config import ProjectConfig
+
+log = logging.getLogger(__name__)
 
 DUPLICATE_IOU = 0.9  # a box over another of the same class by more than this is a duplicate
 MIN_BOX_PIXELS = 1.0  # a box thinner than this (in original pixels) counts as zero-area
@@ -122,10 +125,12 @@ def parse_regions(
             if box is None:
                 skipped["zero_area"] += 1
                 continue
+            mask = model.read_mask(value, width, height) if with_masks else None
             if kind := model.conversion(value):
                 converted[kind] += 1
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError) as exc:  # a brush RLE over its image's size among them
             skipped["bad_region"] += 1
+            log.warning("skipping a %s region %s: %s", model.tag, str(region.get("id", ""))[:40], str(exc)[:200])
             continue
         box = np.asarray(box, dtype=float)
         if not np.all(np.isfinite(box)) or box[2] - box[0] < MIN_BOX_PIXELS or box[3] - box[1] < MIN_BOX_PIXELS:
@@ -136,7 +141,7 @@ def parse_regions(
         labels.append(label)
         scores.append(float(score) if isinstance(score, (int, float)) else default_score)
         sources.append(source_of(region) if source_of else "")
-        masks.append(model.read_mask(value, width, height) if with_masks else None)
+        masks.append(mask)
     boxes = np.array(xyxy, dtype=float).reshape(-1, 4)
     keep = _without_duplicates(boxes, labels, skipped) if dedupe else list(range(len(labels)))
     return ParsedRegions(

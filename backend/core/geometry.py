@@ -268,9 +268,40 @@ def coco_segmentation_to_mask(segmentation, width: int, height: int) -> np.ndarr
     return mask
 
 
-def ls_brush_to_mask(rle: Sequence[int], width: int, height: int) -> np.ndarray | None:
-    """A Label Studio BrushLabels ``rle`` to a boolean mask (None when it does not decode to this size)."""
-    flat = np.asarray(decode_rle(list(rle)), dtype=np.uint8)
-    if flat.size != width * height * 4:
-        return None
+class BrushMaskError(ValueError):
+    """A BrushLabels RLE that cannot be this image's mask (refused before anything is allocated)."""
+
+
+# The decoded mask of a brush region is width x height x 4 bytes (RGBA): the largest image the
+# loader accepts (IMAGE_MAX_PIXELS' default) bounds it, whatever size a region claims.
+MAX_BRUSH_PIXELS = 80_000_000
+
+
+def brush_rle_length(rle: Sequence[int]) -> int:
+    """The value count an LS brush RLE declares: its first 32 bits, big-endian (label_studio_sdk's
+    ``decode_rle`` reads the same header, then allocates that many bytes before decoding a bit)."""
+    if len(rle) < 4:
+        raise BrushMaskError("brush rle is shorter than its 4-byte header")
+    try:
+        return int.from_bytes(bytes(rle[:4]), "big")
+    except (TypeError, ValueError):
+        raise BrushMaskError("brush rle is not a list of bytes (0-255)") from None
+
+
+def ls_brush_to_mask(rle: Sequence[int], width: int, height: int, max_pixels: int = MAX_BRUSH_PIXELS) -> np.ndarray:
+    """A Label Studio BrushLabels ``rle`` to a boolean ``(height, width)`` mask.
+
+    The header is checked against the image before decoding: a 4 KB RLE may declare 4 G values, and
+    the SDK's decoder would allocate them. Raises :class:`BrushMaskError` (a ``ValueError``) when the
+    declared count is not ``width * height * 4``, the image is over ``max_pixels``, or the RLE is corrupt.
+    """
+    if width <= 0 or height <= 0 or width * height > max_pixels:
+        raise BrushMaskError(f"brush mask of a {width}x{height} image exceeds {max_pixels} pixels")
+    declared = brush_rle_length(rle)
+    if declared != width * height * 4:
+        raise BrushMaskError(f"brush rle declares {declared} values, a {width}x{height} RGBA mask has {width * height * 4}")
+    try:
+        flat = np.asarray(decode_rle(list(rle)), dtype=np.uint8)
+    except (IndexError, TypeError, ValueError) as exc:  # the SDK's reader on truncated or odd bits
+        raise BrushMaskError(f"brush rle does not decode: {type(exc).__name__}") from None
     return flat.reshape(height, width, 4)[:, :, 3] > 0

@@ -10,6 +10,13 @@ Training coordination, one set per project (:mod:`backend.core.queue`, :mod:`wor
     lsb:train:<p>:force     "1": a coalesced request asked for force=True
     lsb:train:<p>:events    annotation changes since the last training started
     lsb:train:<p>:last      JSON result of the last finished (or failed) training
+    lsb:train:<p>:labels_deleted   unix time of the last ANNOTATIONS_DELETED (flag on /train/status)
+
+Webhook and project lifecycle (:mod:`backend.web.webhook`, :mod:`backend.core.queue`, :mod:`worker.jobs.cleanup`)::
+
+    lsb:webhook:<p>:seen:<sha256>   "1" with a TTL: one delivery of an event already handled (dedupe)
+    lsb:prelabel:<p>:queued         hash task id (or "*" = all tasks) -> "<rq job id> <unix time>"
+    lsb:project:<p>:deleted         "<unix time> <cleanup job id>": PROJECT_DELETED seen, cleanup scheduled
 
 Models and their quality (:mod:`backend.core.registry`, :mod:`backend.serving.quality`)::
 
@@ -28,6 +35,8 @@ RQ's own keys (``rq:job:*``, ``rq:queue:*``) are RQ's business: read them throug
 
 from __future__ import annotations
 
+import re
+
 
 class Keys:
     """Key and channel templates; format them with the helpers below, never by hand."""
@@ -37,6 +46,10 @@ class Keys:
     TRAIN_FORCE = "lsb:train:{project}:force"
     TRAIN_EVENTS = "lsb:train:{project}:events"
     TRAIN_LAST = "lsb:train:{project}:last"
+    LABELS_DELETED = "lsb:train:{project}:labels_deleted"
+    WEBHOOK_SEEN = "lsb:webhook:{project}:seen:{digest}"
+    PRELABEL_QUEUED = "lsb:prelabel:{project}:queued"
+    PROJECT_DELETED = "lsb:project:{project}:deleted"
     MODEL_CURRENT = "lsb:model:{project}:current"
     QUALITY = "lsb:quality:{project}"
     MODELS_CHANNEL = "lsb:models"
@@ -52,18 +65,33 @@ class Keys:
     BREAKER_TRIAL = "{prefix}:trial"
 
     #: SCAN patterns of everything stored for one project (cleanup in tests and the bench).
-    PROJECT_PATTERNS = ("lsb:train:{project}:*", "lsb:model:{project}:*", "lsb:quality:{project}")
+    PROJECT_PATTERNS = ("lsb:train:{project}:*", "lsb:model:{project}:*", "lsb:quality:{project}",
+                        "lsb:webhook:{project}:*", "lsb:prelabel:{project}:*", "lsb:project:{project}:*")
 
+
+
+#: A Label Studio project id as it arrives: ``2`` (webhooks, API) or ``"2.1795306664"`` (id.created_ts,
+#: /setup and /predict). Leading zeros are allowed on input and dropped on output.
+_PROJECT_RE = re.compile(r"(\d{1,40})(?:\.\d{1,40})?")
+_MAX_DIGITS = 18  # a bigint; the id names folders and keys
 
 
 def project_key(project: str | int) -> str:
-    """Label Studio sends ``"2.1795306664"`` (id.created_ts) in /setup and /predict, ``2`` in webhooks."""
+    """The one normaliser of project ids: every key, lock, registry folder and job uses its answer.
+
+    Label Studio parses ids as integers, so ``"02"``, ``"002"``, ``2`` and ``"2.1795306664"`` are all
+    project 2 and all map to ``"2"``; keeping ``"02"`` would give the same project a second lock, key
+    set and model folder. Anything else (signs, spaces inside, floats, bools, non-ASCII digits, 0) is
+    refused with :class:`ValueError`.
+    """
+    if isinstance(project, bool) or not isinstance(project, str | int):
+        raise ValueError(f"not a Label Studio project id: {type(project).__name__} {str(project)[:40]!r}")
     text = str(project).strip()
-    head = text.split(".", 1)[0]
-    # ASCII digits only ("²".isdigit() is True), and no longer than a bigint: the id names folders and keys.
-    if not (head.isascii() and head.isdigit()) or len(head) > 18:
-        raise ValueError(f"not a Label Studio project id: {text[:40]!r}")
-    return head
+    match = _PROJECT_RE.fullmatch(text) if text.isascii() else None  # "²".isdigit() is True: ASCII only
+    canonical = str(int(match.group(1))) if match else ""
+    if not match or canonical == "0" or len(canonical) > _MAX_DIGITS:
+        raise ValueError(f"not a Label Studio project id (want 2 or \"2.<created_ts>\"): {text[:40]!r}")
+    return canonical
 
 
 def _for(template: str, project: str | int) -> str:
@@ -88,6 +116,22 @@ def train_events(project: str | int) -> str:
 
 def train_last(project: str | int) -> str:
     return _for(Keys.TRAIN_LAST, project)
+
+
+def labels_deleted(project: str | int) -> str:
+    return _for(Keys.LABELS_DELETED, project)
+
+
+def webhook_seen(project: str | int, digest: str) -> str:
+    return Keys.WEBHOOK_SEEN.format(project=project_key(project), digest=digest)
+
+
+def prelabel_queued(project: str | int) -> str:
+    return _for(Keys.PRELABEL_QUEUED, project)
+
+
+def project_deleted(project: str | int) -> str:
+    return _for(Keys.PROJECT_DELETED, project)
 
 
 def model_current(project: str | int) -> str:

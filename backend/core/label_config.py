@@ -25,6 +25,10 @@ MASK_CONTROLS = ("BrushLabels", "PolygonLabels")
 TAG_SHORT_NAMES = {tag.removesuffix("Labels").lower(): tag for tag in SUPPORTED_CONTROLS}
 
 
+CONFIG_CACHE_SIZE = 64  # parsed label configs kept per process, least recently used dropped first
+MAX_CACHED_CONFIG_CHARS = 64 * 1024  # real configs are a few KB; a larger one is parsed every time, never kept
+
+
 class UnsupportedConfig(ValueError):
     """The config has nothing this backend can predict; the message is shown to the user."""
 
@@ -71,7 +75,13 @@ class ProjectConfig:
 
     @classmethod
     def parse(cls, xml: str) -> ProjectConfig:
-        """Parse a label config; raise :class:`UnsupportedConfig` naming what is supported."""
+        """Parse a label config; raise :class:`UnsupportedConfig` naming what is supported.
+
+        Every /predict carries its config, so parses are cached: at most ``CONFIG_CACHE_SIZE`` configs
+        of at most ``MAX_CACHED_CONFIG_CHARS`` each (a larger one is parsed again on every call).
+        """
+        if isinstance(xml, str) and len(xml) > MAX_CACHED_CONFIG_CHARS:
+            return _parse(xml)
         return _parse_cached(xml)
 
     @property
@@ -139,8 +149,7 @@ def config_from_labels(labels: str | Sequence[str], tag: str = "rectangle") -> s
     return f'<View><Image name="image" value="$image"/><{control} name="label" toName="image">{"".join(parts)}</{control}></View>'
 
 
-@functools.lru_cache(maxsize=64)
-def _parse_cached(xml: str) -> ProjectConfig:
+def _parse(xml: str) -> ProjectConfig:
     if not xml or not xml.strip():
         raise UnsupportedConfig("empty label config")
     try:
@@ -190,3 +199,7 @@ def _parse_cached(xml: str) -> ProjectConfig:
     controls = [c for c in controls if c.to_name == image_name]
     image_key = images[image_name].value.lstrip("$")
     return ProjectConfig(tuple(controls), image_name, image_key, prompt_control)
+
+
+# Bounded by count and by entry size, so request data cannot grow a process: 64 configs of 64 KB.
+_parse_cached = functools.lru_cache(maxsize=CONFIG_CACHE_SIZE)(_parse)

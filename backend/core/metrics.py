@@ -36,6 +36,39 @@ HOTSWAPS = Counter("lsb_model_swaps_total", "Models loaded by hot-swap in this p
 WEBHOOKS = Counter("lsb_webhooks_total", "Webhook events by action and outcome", ["action", "outcome"])
 
 
+# --- label values ------------------------------------------------------------------------------
+# Every label value comes from a closed set written in code, never from request data: a label
+# value is a time series kept for the life of the process (and of its multiprocess files). Routes
+# are the URL rule's template (``/webhook/<token>``), never the path; a project id is never a label
+# of these counters (the scrape-time quality gauges name the projects that have a trained model).
+
+IMAGE_REASONS = frozenset({"forbidden_url", "not_found", "too_large", "timeout", "http_error", "not_an_image",
+                           "unsupported_format", "decode_error", "bomb", "error"})
+GEMINI_REASONS = frozenset({"not_configured", "budget", "circuit_open", "blocked", "timeout", "rate_limited",
+                            "server_error", "client_error", "bad_answer", "deadline", "error"})
+OTHER = "other"
+
+
+def failure_reason(reason: str) -> str:
+    """The ``reason`` label of :data:`PREDICTION_FAILURES` for a task's free-text reason.
+
+    Reasons read "image bomb: 9000x9000 exceeds ...", "gemini budget; no YOLO model" or "task data has
+    no 'img' image URL": the text after the code may quote request data (a URL, the config's image
+    key), so only the leading code is kept, and only when it is a known one.
+    """
+    code = str(reason).split(":")[0].split(";")[0].strip()
+    source, _, kind = code.partition(" ")
+    if source == "image":
+        return f"image {kind if kind in IMAGE_REASONS else OTHER}"
+    if source == "gemini":
+        return f"gemini {kind if kind in GEMINI_REASONS else OTHER}"
+    if code == "no YOLO model":
+        return code
+    if code.startswith("task data"):
+        return "no image url"
+    return OTHER
+
+
 class _CallbackCollector(Collector):
     """Gauges computed at scrape time (draft quality from the registry, current versions)."""
 

@@ -8,8 +8,17 @@ reader never sees a half-written version::
     MODEL_DIR/<project>/<version>/meta.json       parent, metrics, dataset hash, classes, times
     MODEL_DIR/<project>/current.json              the current version (survives a Redis flush)
 
-The current version lives in Redis (``lsb:model:<project>:current``) and every change is announced
-on the ``lsb:models`` channel, so every serving process on every host switches within a second.
+The disk pointer ``current.json`` is the record of which version serves: it is written first, durably,
+under the project's registry lock. Redis (``lsb:model:<project>:current``) holds a copy for the status
+routes and dashboards, and every change is announced on the ``lsb:models`` channel so every serving
+process on every host switches within a second. When the two disagree (Redis restored from an older
+snapshot, flushed, or a Redis write that failed after the disk write) the disk wins and
+:meth:`ModelRegistry.reconcile` rewrites Redis; the hot-swap poll calls it.
+
+Promotion, rollback and pruning of one project are serialised by a file lock on
+``MODEL_DIR/.locks/<project>.lock`` (:mod:`backend.core.file_lock`): a rollback never points at a
+version a prune is deleting, and :meth:`ModelRegistry.promote` with ``expected=`` is a compare-and-swap,
+so a training that started from v0002 does not promote over a rollback made while it ran.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 
 import redis as redis_lib
 
+from backend.core.file_lock import file_lock
 from backend.core.files import write_json_atomic
 from backend.core.keys import Keys, model_current, project_key
 
@@ -34,7 +44,22 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "model.pt"
 META = "meta.json"
+POINTER = "current.json"
+LOCKS = ".locks"  # MODEL_DIR/.locks/<project>.lock: outside the version folders, a plain file (NFS-safe)
+LOCK_TIMEOUT_S = 60.0
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
+#: ``promote(expected=ANY)``: promote whatever is current (rollbacks, operators).
+ANY = object()
+
+
+class PromotionConflict(RuntimeError):
+    """The current version changed since the caller read it (a rollback or another promotion)."""
+
+    def __init__(self, project: str, expected: str | None, actual: str | None, version: str):
+        self.project, self.expected, self.actual, self.version = project, expected, actual, version
+        super().__init__(f"project {project}: the current version changed from {expected or 'none'} to "
+                         f"{actual or 'none'} since this training started (a rollback or another promotion); "
+                         f"{version} is kept unpromoted")
 
 
 @dataclass
@@ -78,20 +103,63 @@ class ModelRegistry:
     # --- reading ---------------------------------------------------------------------------------
 
     def current_version(self, project: str | int) -> str | None:
-        """The promoted version name; Redis first, the on-disk pointer when Redis is away."""
+        """The promoted version name: the disk pointer (the record), Redis's copy only when there is none."""
         project = project_key(project)
-        if self.redis is not None:
-            try:
-                value = self.redis.get(model_current(project))
-                if value:
-                    return value.decode() if isinstance(value, bytes) else str(value)
-            except redis_lib.RedisError:
-                log.warning("redis unavailable; reading the current version from disk")
-        pointer = self.model_dir / project / "current.json"
+        return self._disk_current(project) or self._redis_current(project)
+
+    def _disk_current(self, project: str) -> str | None:
         try:
-            return json.loads(pointer.read_text())["version"]
-        except (OSError, ValueError, KeyError):
+            version = json.loads((self.model_dir / project / POINTER).read_text())["version"]
+        except (OSError, ValueError, KeyError, TypeError):
             return None
+        return version if isinstance(version, str) and _VERSION_RE.match(version) else None
+
+    def _redis_current(self, project: str) -> str | None:
+        try:
+            return self._redis_copy(project)
+        except redis_lib.RedisError:
+            log.warning("redis unavailable; the current version comes from the disk pointer only")
+            return None
+
+    def _redis_copy(self, project: str) -> str | None:
+        """Redis's copy of the pointer (raises RedisError)."""
+        value = self.redis.get(model_current(project)) if self.redis is not None else None
+        if not value:
+            return None
+        version = value.decode() if isinstance(value, bytes) else str(value)
+        return version if _VERSION_RE.match(version) else None
+
+    def reconcile(self, project: str | int) -> str | None:
+        """Make Redis's copy of the current version agree with the disk pointer; returns the current version.
+
+        The disk wins: it is written first and durably, so a Redis restored from an older snapshot, a
+        flushed Redis or a Redis write that failed after the disk write all leave Redis behind, never
+        ahead. Only when the disk has no pointer (MODEL_DIR restored without it) is Redis's version
+        adopted, and then only if that version exists on disk.
+        """
+        project = project_key(project)
+        disk = self._disk_current(project)
+        try:
+            cached = self._redis_copy(project)
+        except redis_lib.RedisError:
+            return disk  # Redis away: nothing to repair now, the next poll tries again (quietly: it polls often)
+        if disk == cached or self.redis is None or not (self.model_dir / project).is_dir():
+            return disk  # the common case: no lock, no write
+        with self._locked(project):
+            disk = self._disk_current(project)
+            try:
+                cached = self._redis_copy(project)
+            except redis_lib.RedisError:
+                return disk
+            if disk is None and cached is not None and self.get(project, cached) is not None:
+                log.warning("project %s: no current.json on disk, adopting Redis's %s", project, cached)
+                self._write_pointer(project, cached)
+                return cached
+            if disk is not None and disk != cached:
+                log.warning("project %s: Redis said %s, current.json says %s; the disk wins, Redis repaired",
+                            project, cached, disk)
+                self._set_redis(project, disk, announce=False)
+            return disk
 
     def get(self, project: str | int, version: str) -> VersionInfo | None:
         project = project_key(project)
@@ -120,7 +188,8 @@ class ModelRegistry:
     def projects(self) -> list[str]:
         if not self.model_dir.is_dir():
             return []
-        return sorted(p.name for p in self.model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        # only canonical names: a folder "02" written before ids were normalised is not a project of its own
+        return sorted(p.name for p in self.model_dir.iterdir() if p.is_dir() and _is_canonical(p.name))
 
     # --- writing (worker side) -------------------------------------------------------------------
 
@@ -170,40 +239,87 @@ class ModelRegistry:
             raise KeyError(f"no version {version} for project {project}")
         write_json_atomic(info.path / META, {**info.meta, **changes})
 
-    def promote(self, project: str | int, version: str) -> VersionInfo:
-        """Make ``version`` current everywhere: disk pointer, Redis key, pub/sub notice."""
+    def promote(self, project: str | int, version: str, expected: str | None | object = ANY) -> VersionInfo:
+        """Make ``version`` current everywhere: disk pointer, Redis copy, pub/sub notice.
+
+        ``expected``: compare-and-swap, promote only if the current version is still this one (``None``:
+        still no version), else raise :class:`PromotionConflict` and change nothing.
+        """
         project = project_key(project)
+        if self.get(project, version) is None:  # checked again under the lock; this one spares a folder
+            raise KeyError(f"no complete version {version} for project {project}")
+        with self._locked(project):
+            if expected is not ANY and (actual := self.current_version(project)) != expected:
+                raise PromotionConflict(project, expected if isinstance(expected, str) else None, actual, version)
+            return self._promote_locked(project, version)
+
+    def _promote_locked(self, project: str, version: str) -> VersionInfo:
         info = self.get(project, version)
         if info is None:
             raise KeyError(f"no complete version {version} for project {project}")
-        write_json_atomic(self.model_dir / project / "current.json", {"version": version, "promoted_at": time.time()})
-        if self.redis is not None:
-            self.redis.set(model_current(project), version)
-            self.redis.publish(Keys.MODELS_CHANNEL, json.dumps({"project": project, "version": version}))
+        self._write_pointer(project, version)
+        self._set_redis(project, version, announce=True)
         log.info("promoted project %s version %s", project, version)
         return info
 
+    def _write_pointer(self, project: str, version: str) -> None:
+        write_json_atomic(self.model_dir / project / POINTER, {"version": version, "promoted_at": time.time()})
+
+    def _set_redis(self, project: str, version: str, announce: bool) -> None:
+        """Copy the pointer to Redis (and announce it); a failure here is repaired by :meth:`reconcile`."""
+        if self.redis is None:
+            return
+        try:
+            self.redis.set(model_current(project), version)
+            if announce:
+                self.redis.publish(Keys.MODELS_CHANNEL, json.dumps({"project": project, "version": version}))
+        except redis_lib.RedisError as exc:
+            log.warning("project %s: %s is current on disk but Redis was not told (%s); the hot-swap poll "
+                        "reads the disk and repairs Redis", project, version, exc)
+
     def rollback(self, project: str | int, version: str | None = None) -> VersionInfo:
-        """Serve an earlier version: the named one, or the one before the current."""
+        """Serve an earlier version: the named one, or the one before the current (under the registry lock,
+        so a concurrent prune cannot delete it in between)."""
         project = project_key(project)
-        if version is None:
-            names = [v.version for v in self.versions(project)]
-            current = self.current_version(project)
-            earlier = names[: names.index(current)] if current in names else names[:-1]
-            if not earlier:
-                raise KeyError(f"project {project} has no version before {current}")
-            version = earlier[-1]
-        return self.promote(project, version)
+        if not (self.model_dir / project).is_dir():
+            raise KeyError(f"project {project} has no versions")
+        with self._locked(project):
+            if version is None:
+                names = [v.version for v in self.versions(project)]
+                current = self.current_version(project)
+                earlier = names[: names.index(current)] if current in names else names[:-1]
+                if not earlier:
+                    raise KeyError(f"project {project} has no version before {current}")
+                version = earlier[-1]
+            return self._promote_locked(project, version)
 
     def prune(self, project: str | int, keep: int) -> list[str]:
-        """Delete all but the newest ``keep`` versions, never the current one."""
+        """Delete all but the newest ``keep`` versions, never the current one (under the registry lock)."""
         project = project_key(project)
-        current = self.current_version(project)
-        infos = self.versions(project)
-        doomed = [v for v in infos[:-keep] if v.version != current] if keep > 0 else []
-        for info in doomed:
-            shutil.rmtree(info.path, ignore_errors=True)
+        if keep <= 0 or not (self.model_dir / project).is_dir():
+            return []
+        with self._locked(project):
+            current = self.current_version(project)
+            doomed = [v for v in self.versions(project)[:-keep] if v.version != current]
+            for info in doomed:  # renamed first, so no reader ever lists a half-deleted version
+                trash = info.path.with_name(f".deleting-{info.version}-{os.getpid()}")
+                os.rename(info.path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         return [v.version for v in doomed]
+
+    def lock_path(self, project: str | int) -> Path:
+        return self.model_dir / LOCKS / f"{project_key(project)}.lock"
+
+    def _locked(self, project: str):
+        """The project's registry lock (promote, rollback, prune, repairs): across threads, processes, hosts."""
+        return file_lock(self.lock_path(project), timeout=LOCK_TIMEOUT_S)
+
+
+def _is_canonical(name: str) -> bool:
+    try:
+        return project_key(name) == name
+    except ValueError:
+        return False
 
 
 def describe(info: VersionInfo | None) -> dict[str, Any] | None:

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         1.0,
         description="How often each process re-reads the current version (pub/sub is the fast path).",
     )
+    model_cache_size: int = Field(
+        8, ge=1,
+        description=("Projects a web process keeps models for (least recently asked dropped first, reloaded on "
+                     "the next request); as many label-config model_path checkpoints again."),
+    )
 
     # --- training -------------------------------------------------------------------------------
     yolo_base_model: str = Field(
@@ -140,6 +145,17 @@ class Settings(BaseSettings):
     )
     max_request_mb: int = Field(32, ge=1, description="Largest request body accepted, in MB.")
 
+    # --- webhooks and project lifecycle -----------------------------------------------------------
+    webhook_dedupe_ttl: int = Field(
+        3600, ge=0,
+        description="Seconds a webhook delivery is remembered so a duplicate does no work twice (0 = no dedupe).",
+    )
+    project_delete_grace_hours: float = Field(
+        24.0, ge=0,
+        description=("Hours after PROJECT_DELETED before the project's models, datasets and Redis keys are removed "
+                     "(0 = at once); cancelled if the project exists in Label Studio again."),
+    )
+
     # --- local open-vocabulary drafting (lsb detect --source owlvit) ---------------------------------
     owlvit_model: str = Field(
         "google/owlv2-base-patch16-ensemble",
@@ -155,10 +171,17 @@ class Settings(BaseSettings):
     # --- images ---------------------------------------------------------------------------------
     image_max_bytes: int = Field(40 * 1024 * 1024, description="Largest image download accepted.")
     image_max_pixels: int = Field(80_000_000, description="Largest decoded image (decompression-bomb guard).")
-    image_fetch_timeout: float = Field(15.0, description="Seconds for one image download.")
+    image_cache_max_mb: int = Field(
+        2048, ge=1, description="Disk space for cached Label Studio uploads (DATA_DIR/images); oldest used evicted first.",
+    )
+    image_fetch_timeout: float = Field(
+        15.0,
+        description="Wall-clock seconds for one image download: connect, redirects and body together.",
+    )
     image_allowed_hosts: str = Field(
         "",
-        description=("Comma list of extra hosts images may be fetched from ('*' = any public host). "
+        description=("Comma list of extra hosts images may be fetched from ('*' = any public host, "
+                     "'*.example.com' = its subdomains), checked on every redirect hop. "
                      "Label Studio's host is always allowed."),
     )
     image_allow_private: bool = Field(

@@ -2,7 +2,8 @@
 
 A background thread listens on the registry's pub/sub channel (the fast path) and re-reads the
 current version of every project this process serves every ``HOTSWAP_POLL_SECONDS`` (covers lost
-messages, Redis restarts, and hosts that share only ``MODEL_DIR``). A new version is loaded and
+messages, Redis restarts, and hosts that share only ``MODEL_DIR``); each poll also repairs Redis's copy
+of the current version from the disk pointer (:meth:`ModelRegistry.reconcile`). A new version is loaded and
 warmed up in that thread while the old model keeps serving; the swap is one reference assignment,
 so no request ever waits for or fails on a load.
 """
@@ -15,6 +16,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 import redis as redis_lib
@@ -51,16 +53,19 @@ class ModelHolder:
         self.settings = settings
         self.registry = registry
         self._redis_url = redis_url or settings.redis_url
+        # Per-project state, bounded: at most MODEL_CACHE_SIZE projects (least recently asked dropped
+        # first), so /setup or /predict for ever new project ids cannot grow the process.
+        self.max_models = max(1, int(settings.model_cache_size))
         self._models: dict[str, YoloDetector] = {}
         self._failed: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
-        self._load_locks: dict[str, threading.Lock] = {}
+        self._load_locks: OrderedDict[str, threading.Lock] = OrderedDict()  # the projects served, oldest first
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._fixed: YoloDetector | None = None
-        self._by_path: dict[Path, YoloDetector] = {}
+        self._by_path: OrderedDict[Path, YoloDetector] = OrderedDict()  # model_path checkpoints, LRU
         if settings.yolo_model:
             path = Path(settings.yolo_model)
             self._fixed = self._load(path, f"custom-{path.stem}")
@@ -72,7 +77,9 @@ class ModelHolder:
         if self._fixed is not None:
             return self._fixed
         key = project_key(project)
-        model = self._models.get(key)
+        with self._lock:
+            self._touch(key)
+            model = self._models.get(key)
         if model is None:
             self._ensure_started()
             model = self._sync(key)
@@ -99,10 +106,14 @@ class ModelHolder:
         path = self.resolve_model_path(raw)
         with self._lock:
             model = self._by_path.get(path)
+            if model is not None:
+                self._by_path.move_to_end(path)
         if model is None:
             model = self._load(path, self.path_version(path))
             with self._lock:
                 self._by_path[path] = model
+                while len(self._by_path) > self.max_models:
+                    self._by_path.popitem(last=False)
         return model
 
     def version(self, project: str | int) -> str | None:
@@ -110,18 +121,37 @@ class ModelHolder:
         if self._fixed is not None:
             return self._fixed.version
         key = project_key(project)
-        model = self._models.get(key)
+        with self._lock:
+            self._touch(key)
+            model = self._models.get(key)
         if model is not None:
             return model.version
         self._ensure_started()
-        with self._lock:
-            self._load_locks.setdefault(key, threading.Lock())
         self._wake.set()  # load it in the background so the coming /predict finds it ready
         version = self.registry.current_version(key)
         return version if version and self.registry.get(key, version) else None
 
     def loaded(self) -> dict[str, str]:
-        return {p: m.version for p, m in self._models.items()}
+        return {p: m.version for p, m in list(self._models.items())}
+
+    def _touch(self, project: str) -> threading.Lock:
+        """Mark ``project`` as just asked for (the caller holds ``_lock``); returns its load lock.
+
+        Beyond ``max_models`` projects the least recently asked one is forgotten: its model, its
+        failed versions and its watch entry. The next request for it loads it again.
+        """
+        lock = self._load_locks.get(project)
+        if lock is None:
+            lock = self._load_locks[project] = threading.Lock()
+        else:
+            self._load_locks.move_to_end(project)
+        while len(self._load_locks) > self.max_models:
+            old, _ = self._load_locks.popitem(last=False)
+            dropped = self._models.pop(old, None)
+            self._failed = {f for f in self._failed if f[0] != old}
+            if dropped is not None:
+                log.info("project %s: YOLO %s unloaded (MODEL_CACHE_SIZE=%d)", old, dropped.version, self.max_models)
+        return lock
 
     # --- loading -----------------------------------------------------------------------------------
 
@@ -137,10 +167,15 @@ class ModelHolder:
         return YoloDetector.load(path, version, exports, self.settings.yolo_device, self.settings.yolo_imgsz,
                                  self.settings.yolo_threads)
 
-    def _sync(self, project: str) -> YoloDetector | None:
-        """Load the registry's current version for ``project`` if this process has another."""
+    def _sync(self, project: str, watching: bool = False) -> YoloDetector | None:
+        """Load the registry's current version for ``project`` if this process has another.
+
+        The watcher (``watching``) leaves alone a project evicted meanwhile; a request brings it back.
+        """
         with self._lock:
-            load_lock = self._load_locks.setdefault(project, threading.Lock())
+            load_lock = self._load_locks.get(project) if watching else self._touch(project)
+        if load_lock is None:
+            return None
         with load_lock:
             info = self.registry.current(project)
             current = self._models.get(project)
@@ -157,7 +192,10 @@ class ModelHolder:
                 self._failed.add((project, info.version))
                 HOTSWAPS.labels("failed").inc()
                 return current
-            self._models[project] = model  # the swap: one reference assignment
+            with self._lock:
+                if project not in self._load_locks:  # evicted while loading: do not keep it
+                    return model
+                self._models[project] = model  # the swap: one reference assignment
             HOTSWAPS.labels("loaded").inc()
             log.info("project %s now serves YOLO %s (loaded in %.2fs, was %s)", project, info.version,
                      time.perf_counter() - started, current and current.version)
@@ -191,7 +229,8 @@ class ModelHolder:
         while not self._stop.is_set():
             for project in list(self._load_locks):
                 try:
-                    self._sync(project)
+                    self.registry.reconcile(project)  # disk pointer vs Redis copy: the disk wins
+                    self._sync(project, watching=True)
                 except Exception:
                     log.exception("hot-swap check failed for project %s", project)
             self._wake.wait(self.settings.hotswap_poll_seconds)

@@ -15,7 +15,7 @@ from backend.core.detections import Detections
 from backend.core.images import ImageLoader
 from backend.core.keys import project_key
 from backend.core.label_config import ProjectConfig
-from backend.core.metrics import PREDICTION_FAILURES, PREDICTIONS
+from backend.core.metrics import PREDICTION_FAILURES, PREDICTIONS, failure_reason
 from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings
 from backend.detectors.gemini.client import GeminiDetector
@@ -126,7 +126,7 @@ class Predictor:
     def _prediction(self, task_id, config: ProjectConfig, detections: Detections | None, reason: str,
                     state: ServingState) -> dict:
         if detections is None:
-            PREDICTION_FAILURES.labels(reason.split(":")[0].split(";")[0].strip() or "unknown").inc()
+            PREDICTION_FAILURES.labels(failure_reason(reason)).inc()
             log.warning("task %s: empty prediction (%s)", task_id, reason)
             return {"result": [], "score": 0.0, "model_version": state.model_version}
         regions: list[dict] = []

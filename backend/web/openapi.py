@@ -182,9 +182,11 @@ def _paths(settings: Settings) -> dict:
         "/health": {"get": {
             "operationId": "health", "tags": ["label-studio"], "security": [],
             "summary": "Liveness for Label Studio (never touches a model, Redis or a queue).",
-            "responses": {"200": {"description": "Up.", "content": _json({
+            "responses": {"200": {"description": "Up; status is 'warming' while the worker warms up.", "content": _json({
                 "type": "object", "required": ["status"],
-                "properties": {"status": {"type": "string", "enum": ["UP"]}, "model_class": {"type": "string"},
+                "properties": {"status": {"type": "string", "enum": ["UP", "warming"]},
+                               "warm_up": {"type": "string", "enum": ["off", "warming", "done", "failed"]},
+                               "model_class": {"type": "string"},
                                "gemini": {"type": "boolean"}, "routing": {"type": "string"}},
             })}},
         }},

@@ -14,7 +14,7 @@ from flask import Blueprint, jsonify, request
 from backend.core.label_config import ProjectConfig
 from backend.core.queue import enqueue_prelabel
 from backend.web.http import BadRequest, json_body, project_arg
-from backend.web.state import current_services, current_settings
+from backend.web.state import app_services, current_services, current_settings
 from backend.web.webhook import handle_event
 
 blueprint = Blueprint("protocol", __name__)
@@ -45,9 +45,15 @@ def interactive_query(params: Any, config: ProjectConfig) -> tuple[str | None, s
 
 @blueprint.get("/health")
 def health():
-    """Liveness for Label Studio: never touches a model, Redis or a queue."""
+    """Liveness for Label Studio: never touches a model, Redis or a queue.
+
+    ``status`` is "warming" while the worker's warm-up runs (gunicorn.conf.py), then "UP"; always 200,
+    since Label Studio's check wants only a 200 (and the worker does answer, just not yet at full speed).
+    """
     settings = current_settings()
-    return jsonify(status="UP", model_class="GeminiYoloBackend", gemini=settings.gemini_enabled, routing=settings.routing)
+    slot = app_services()
+    return jsonify(status="warming" if slot.warming else "UP", warm_up=slot.warm_up, model_class="GeminiYoloBackend",
+                   gemini=settings.gemini_enabled, routing=settings.routing)
 
 
 @blueprint.post("/setup")

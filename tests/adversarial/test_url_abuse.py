@@ -5,7 +5,8 @@ read a local file, reach the cloud metadata service or Redis, or hand Label Stud
 host. Each sits in a batch beside a good task (which is still served); each is refused with
 ``forbidden_url`` (or served without credentials, for an allowed foreign host); the target servers
 record nothing, no connection is even opened to a forbidden address, and no token appears in any
-foreign request or log.
+foreign request or log. Label Studio's token goes only to its media paths (never to ``/api/...``,
+however the path is spelled), and a server that drips its answer is cut at the per-image deadline.
 
 127.0.0.2 plays a public internet host (``ssrf.is_public`` is patched for it, as in
 tests/backend/core/images/test_ssrf.py, whose loader-level SSRF cases are not repeated here).
@@ -25,7 +26,7 @@ from flask import redirect
 from backend.core.images import loader as image_loader
 from tests import fake_gemini as fg
 from tests.adversarial import CAR_BOX, RED, assert_box, car_picture, encode, predict_body, task
-from tests.backend.core.images.helpers import FakeServer
+from tests.backend.core.images.helpers import DripServer, FakeServer
 from tests.fake_label_studio import FakeLabelStudio
 from tests.live import wait_for
 
@@ -78,11 +79,12 @@ def foreign():
 
 @pytest.fixture(scope="module")
 def ls():
-    """Fake Label Studio whose ``/go/<name>`` answers 302 to ``targets[name]`` (a hostile redirect)."""
+    """Fake Label Studio whose media path ``/data/upload/go/<name>`` answers 302 to ``targets[name]``
+    (a hostile redirect, with Label Studio's token on the first hop)."""
     fake = FakeLabelStudio()
     fake.targets = {}
 
-    @fake.app.get("/go/<name>")
+    @fake.app.get("/data/upload/go/<name>")
     def go(name):
         return redirect(fake.targets[name], code=302)
 
@@ -116,12 +118,25 @@ def local_root(tmp_path):
 
 
 @pytest.fixture
-def predict(app_factory, private_redis, ls, gemini, foreign, trap, local_root, caplog):
+def make_predict(app_factory, private_redis, ls, gemini, foreign, trap, local_root, caplog):
+    """``make_predict(**settings)`` -> ``predict(url, good=GOOD)``: a batch of the URL under test and
+    a good task, through the real app; returns the odd task's prediction and its log lines."""
     root, _ = local_root
-    handle = app_factory(private_redis.url, gemini=gemini, ls=ls, image_allowed_hosts="127.0.0.2",
-                         local_files_document_root=str(root))
     caplog.set_level(logging.DEBUG)
 
+    def make(**settings):
+        values = {"image_allowed_hosts": "127.0.0.2", "local_files_document_root": str(root), **settings}
+        return _predictor(app_factory(private_redis.url, gemini=gemini, ls=ls, **values), caplog)
+
+    return make
+
+
+@pytest.fixture
+def predict(make_predict):
+    return make_predict()
+
+
+def _predictor(handle, caplog):
     def run(url: str, good: str = GOOD) -> tuple[dict, str]:
         caplog.clear()
         response = handle.client.post("/predict", json=predict_body([task(BAD_ID, url), task(GOOD_ID, good)]))
@@ -161,8 +176,9 @@ def test_an_absolute_path_is_a_label_studio_path_never_a_local_file(predict, ls,
     real_open = os.open
     monkeypatch.setattr(image_loader.os, "open", lambda path, *a, **k: opened.append(os.fspath(path)) or real_open(path, *a, **k))
     before = len(ls.requests_log)
-    refused(*predict("/etc/passwd"), reason="not_found")
-    assert [r["path"] for r in ls.requests_log[before:] if r["path"] == "/etc/passwd"] == ["/etc/passwd"]
+    refused(*predict("/etc/passwd"), reason="http_error")  # not a media path: fetched without the token, 401
+    assert [(r["path"], r["authorization"]) for r in ls.requests_log[before:] if r["path"] == "/etc/passwd"] == \
+        [("/etc/passwd", None)]
     assert "/etc/passwd" not in opened
 
 
@@ -231,7 +247,7 @@ def test_a_redirect_to_a_private_address_is_not_followed(predict, ls, trap, priv
     trap.hits.clear()
     ls.targets[target] = {"trap": f"http://127.0.0.1:{trap.port}/car.png", "metadata": "http://169.254.169.254/latest/meta-data/",
                           "redis": f"http://127.0.0.1:{private_redis.port}/", "file": "file:///etc/passwd"}[target]
-    refused(*predict(f"/go/{target}"))
+    refused(*predict(f"/data/upload/go/{target}"))
     assert trap.hits == []
     assert {a[1] for a in connections} <= {ls.port}, connections  # only Label Studio itself was contacted
 
@@ -258,7 +274,7 @@ def test_label_studio_credentials_never_reach_another_host(predict, ls, foreign,
     odd, _ = predict(f"{foreign.url}/car.png")
     assert_box(odd["result"][0], CAR_BOX, 64, 48)
     # Label Studio redirecting to it: followed, credentials dropped at the hop
-    odd, _ = predict("/go/to-foreign")
+    odd, _ = predict("/data/upload/go/to-foreign")
     assert_box(odd["result"][0], CAR_BOX, 64, 48)
     # the foreign host sending us back to Label Studio: no credentials on the way back either
     before = len(ls.requests_log)
@@ -279,3 +295,51 @@ def test_label_studio_credentials_never_reach_another_host(predict, ls, foreign,
     recorded = repr(foreign.requests) + repr(trap.hits)
     assert all(token not in recorded for token in tokens)
     assert all(token not in caplog.text for token in tokens)
+
+
+# --- Label Studio's token only on its media paths; one deadline per image ---------------------------
+
+API_PATHS = ["/api/users", "/api/projects", "/api/current-user/whoami", "/data/upload/../../api/users",
+             "/data/upload/%2e%2e/%2e%2e/api/users", "/data/upload/%252e%252e/%252e%252e/api/users",
+             "/data/upload//..//api/users", "/data/upload/..;/..;/api/users", "/tasks/1/presign/../../../api/projects"]
+
+
+def test_label_studio_api_paths_are_fetched_without_the_token(predict, ls):
+    """Task data naming Label Studio's API (plainly or behind dot segments, encoded once or twice)
+    gets an anonymous GET, which Label Studio refuses: the token goes to media paths only."""
+    before = len(ls.requests_log)
+    for path in [*API_PATHS, f"{ls.url}/api/users"]:
+        odd, lines = predict(path)
+        assert odd["result"] == [] and ("http_error" in lines or "not_found" in lines), (path, lines)
+    gets = [r for r in ls.requests_log[before:] if r["method"] == "GET"]
+    media = [r for r in gets if r["path"] == GOOD]
+    others = [r for r in gets if r["path"] != GOOD]
+    assert media and all(r["authorization"] for r in media), "the good upload still gets the token"
+    assert len(others) == len(API_PATHS) + 1, others
+    assert [r for r in others if r["authorization"] is not None] == []
+
+
+def test_a_redirect_from_a_media_path_to_the_api_drops_the_token(predict, ls):
+    ls.targets["api"] = "/api/projects"
+    before = len(ls.requests_log)
+    refused(*predict("/data/upload/go/api"), reason="http_error")
+    hops = [(r["path"], r["authorization"] is not None) for r in ls.requests_log[before:]
+            if r["path"] in ("/data/upload/go/api", "/api/projects")]
+    assert hops == [("/data/upload/go/api", True), ("/api/projects", False)]
+
+
+def test_a_dripping_image_fails_its_task_at_the_deadline_and_the_rest_is_served(make_predict):
+    """1 byte / 0.2 s never trips a per-read timeout; the per-image deadline (1 s here) cuts it.
+    A bounded wait, not a timing assertion: the request must be answered long before the drip ends."""
+    drip = DripServer("127.0.0.2")
+    try:
+        predict = make_predict(image_fetch_timeout=1.0)
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: outcome.update(result=predict(f"{drip.url}/drip.png")), daemon=True)
+        thread.start()
+        thread.join(1.0 + 10.0)
+        assert not thread.is_alive(), "/predict waited on the dripping image past its deadline"
+        refused(*outcome["result"], reason="timeout")
+        assert drip.started.is_set() and drip.ended.wait(5), "the dripping connection was left open"
+    finally:
+        drip.close()

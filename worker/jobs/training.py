@@ -15,6 +15,12 @@ version meta (``draft_quality``) and to Redis ``lsb:quality:<p>`` for /metrics a
      "sources": {"gemini": {"precision", "recall", "map50", "n", "n_gt", "n_pred"}, "yolo": {...}},
      "model": {"version": "v0004", "map50", "map50_95", "precision", "recall"}}
 
+Races: the training promotes with a compare-and-swap on the version it started from; when a rollback
+(or any other promotion) changed the current version meanwhile, the candidate stays an unpromoted
+registry version (meta ``promotion``) and the result says ``"superseded"`` with the reason. When the
+running lock is lost (it expired: Redis flushed or restarted, a long outage), the job publishes
+nothing and queues the training again (``"requeued"``) instead of dropping it.
+
 Failures: Label Studio unreachable -> :class:`~backend.core.label_studio.LabelStudioUnavailable`, retried by
 RQ with back-off (``LSB_TRAIN_RETRY_INTERVALS``); every other error fails the job at once (no
 retry) with its message in ``job.meta["error"]`` and in ``lsb:train:<p>:last``.
@@ -38,12 +44,13 @@ from backend.core.label_config import ProjectConfig
 from backend.core.label_studio import LabelStudioUnavailable, fetch_project
 from backend.core.logs import configure_logging
 from backend.core.progress import report_progress, save_meta
-from backend.core.registry import ModelRegistry
+from backend.core.queue import request_training
+from backend.core.registry import ModelRegistry, PromotionConflict
 from backend.core.settings import get_settings
 from worker.training.dataset import NotEnoughData, build_dataset
 from worker.training.exporter import export_verified
 from worker.training.gate import draft_quality, evaluate_gate
-from worker.training.lock import requeue_marker, training_slot
+from worker.training.lock import LockLost, requeue_marker, training_slot
 from worker.training.trainer import train
 
 log = logging.getLogger(__name__)
@@ -138,6 +145,8 @@ def run_training(
         _set_progress(job, stage="fetching")
         snapshot = fetch_project(project, settings, client=client, label_config=label_config)
         config = ProjectConfig.parse(snapshot.label_config)
+        # The version this training starts from: it is fine-tuned, it is the gate's opponent, and the
+        # candidate is promoted only if it is still current then (compare-and-swap: a rollback wins).
         current = registry.current(project)
         t = lap("fetch", t)
 
@@ -162,6 +171,7 @@ def run_training(
             _store_last(redis, project, result)
             return result
 
+        slot.check()  # a lock lost while fetching (e.g. a Redis flush): requeue now, not after training
         _set_progress(job, stage="training", train=len(dataset.train_ids), val=len(dataset.val_ids))
         trained = train(dataset.data_yaml, settings, current_checkpoint=current.checkpoint if current else None,
                         **(train_overrides or {}))
@@ -194,12 +204,22 @@ def run_training(
         }
         version = current.version if current else None
         rejected_path = None
+        status = "promoted" if decision.promote else "rejected"
+        reason = decision.reason
+        candidate_version = None
         if decision.promote:
             info = registry.add_version(project, trained.checkpoint, meta, extra_files=exports)
-            registry.promote(project, info.version)
-            version = info.version
+            candidate_version = info.version
             Path(trained.checkpoint).unlink(missing_ok=True)
-            served_metrics = candidate_metrics
+            try:
+                registry.promote(project, info.version, expected=version)
+                version = info.version
+                served_metrics = candidate_metrics
+            except PromotionConflict as exc:  # kept as a registry version: `rollback --version` serves it
+                status, reason, version = "superseded", str(exc), exc.actual
+                registry.update_meta(project, info.version, promotion={"promoted": False, "reason": reason, "at": _now()})
+                served_metrics = None
+                log.warning("%s", reason)
         else:
             rejected_path = str(_keep_rejected(settings, project, Path(trained.checkpoint)))
             served_metrics = current_metrics
@@ -211,18 +231,20 @@ def run_training(
         pruned = registry.prune(project, int(settings.keep_versions))
         lap("publish", t)
 
-        _store_quality(redis, project, {
-            "project": project, "version": version, "updated_at": _now(), "val_tasks": len(dataset.val_ids),
-            "sources": quality,
-            "model": {"version": version, **(_metrics_summary(served_metrics) or {})} if served_metrics else None,
-        })
+        if status != "superseded":  # the draft quality of a model that does not serve would mislead ROUTING=auto
+            _store_quality(redis, project, {
+                "project": project, "version": version, "updated_at": _now(), "val_tasks": len(dataset.val_ids),
+                "sources": quality,
+                "model": {"version": version, **(_metrics_summary(served_metrics) or {})} if served_metrics else None,
+            })
         result = {
             **base,
-            "status": "promoted" if decision.promote else "rejected",
-            "promoted": decision.promote,
+            "status": status,
+            "promoted": status == "promoted",
             "version": version,
+            "candidate_version": candidate_version,
             "parent": current.version if current else None,
-            "reason": decision.reason,
+            "reason": reason,
             "candidate_metrics": candidate_metrics,
             "current_metrics": current_metrics,
             "ultralytics_metrics": trained.final_metrics,
@@ -239,7 +261,7 @@ def run_training(
         }
         _store_last(redis, project, result)
         _set_progress(job, stage="done", status=result["status"], version=version)
-        log.info("project %s: %s (%s)", project, result["status"], decision.reason)
+        log.info("project %s: %s (%s)", project, result["status"], reason)
         return result
 
 
@@ -252,6 +274,8 @@ def train_project(project: str, label_config: str | None = None, force: bool = F
     project = keys.project_key(project)
     try:
         return run_training(project, label_config, force, settings=settings, redis=redis, job=job)
+    except LockLost as exc:
+        return _requeue_after_lost_lock(job, redis, project, label_config, force, settings, exc)
     except LabelStudioUnavailable as exc:
         retrying = False
         if job is not None and job.retries_left:
@@ -269,6 +293,21 @@ def train_project(project: str, label_config: str | None = None, force: bool = F
             job.retries_left = 0  # only an unreachable Label Studio is worth retrying
         _fail(job, redis, project, f"{type(exc).__name__}: {exc}", False)
         raise
+
+
+def _requeue_after_lost_lock(job, redis, project: str, label_config, force: bool, settings, exc: LockLost) -> dict:
+    """The lock expired under us (a Redis flush or restart, a long outage): nothing was published, and the
+    work is still wanted, so queue it again (coalesced into a pending training if there is one)."""
+    force = bool(force or exc.force_requested)
+    queued = request_training(redis, project, label_config, force=force, settings=settings)
+    message = f"{exc}; requeued as {queued['job_id']} ({queued['status']})"
+    log.warning("training of project %s: %s", project, message)
+    result = {"project": project, "status": "requeued", "reason": message, "requeued": queued,
+              "job_id": job.id if job is not None else None, "finished_at": _now()}
+    if job is not None:
+        save_meta(job, progress={"stage": "requeued", "reason": message, "at": _now()})
+    _store_last(redis, project, result)
+    return result
 
 
 def _fail(job, redis, project: str, message: str, retrying: bool) -> None:

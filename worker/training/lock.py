@@ -6,7 +6,8 @@ SIGKILLed worker stops renewing and the lock expires after ``LSB_TRAIN_LOCK_TTL`
 30). A job that finds the lock held by another worker **waits** for it, polling, still marked
 pending (so further requests coalesce into it, see :mod:`backend.core.queue`), up to its RQ
 timeout. If the heartbeat ever fails to renew the lock, :meth:`TrainingSlot.check` raises
-:class:`LockLost` and the job aborts before publishing anything.
+:class:`LockLost` and the job aborts before publishing anything; :func:`worker.jobs.training.train_project`
+then queues the training again (a Redis flush or restart drops the lock, the work is still wanted).
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ def lock_ttl() -> float:
 
 
 class LockLost(RuntimeError):
-    """The running lock expired or was taken while training: nothing may be published."""
+    """The running lock expired or was taken while training: nothing may be published.
+
+    ``force_requested``: a coalesced force flag the lost run had collected (the requeued run keeps it).
+    """
+
+    force_requested: bool = False
 
 
 class TrainingSlot:
@@ -87,7 +93,9 @@ class TrainingSlot:
         """Raise :class:`LockLost` unless we still hold the lock (call before publishing)."""
         if self.lost.is_set() or text(self.redis.get(self.key)) != self.value:
             self.lost.set()
-            raise LockLost(f"the training lock of project {self.project} expired or was taken; result discarded")
+            lost = LockLost(f"the training lock of project {self.project} expired or was taken; result discarded")
+            lost.force_requested = self.force_requested
+            raise lost
 
     def release(self) -> None:
         self._stop.set()

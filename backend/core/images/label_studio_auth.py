@@ -1,16 +1,52 @@
-"""The ``Authorization`` header for Label Studio media, PAT refresh included.
+"""The ``Authorization`` header for Label Studio media, PAT refresh included, and where it may go.
 
-Credentials go only to the Label Studio origin; which requests get this header is decided by
-:mod:`backend.core.images.download` (only while a redirect chain that started on Label Studio stays
-there).
+The token opens Label Studio's whole API, and task data chooses the URLs we fetch, so it goes only
+to the paths where Label Studio serves media (:func:`is_media_path`): ``/data/upload/``,
+``/data/local-files/`` and ``/tasks/<id>/presign/``, on the Label Studio origin. Any other path on
+that host is fetched without it. :mod:`backend.core.images.download` applies the rule hop by hop.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
+from urllib.parse import unquote
 
 from backend.core.images.errors import ImageError
+
+_MEDIA = re.compile(r"/data/upload/[^/].*|/data/local-files(/.*)?|/tasks/[0-9]+/presign/?", re.DOTALL)
+_DOT_SEGMENTS = (".", "..")
+
+
+def is_media_path(path: str, base: str = "") -> bool:
+    """True if the URL path ``path`` is a Label Studio media path under its base path ``base``
+    (the path of LABEL_STUDIO_URL, "" at the root).
+
+    Matched after percent-decoding until stable, and only on canonical paths: a path with ``.`` or
+    ``..`` segments (also ``..;``, ``%2e%2e``, ``%252e``), empty segments (``//``), backslashes or
+    control characters never counts as media, whatever it would resolve to, because a proxy or
+    server in front of Label Studio may resolve it differently (``/data/upload/../../api/users``).
+    """
+    decoded = path
+    for _ in range(4):
+        step = unquote(decoded)
+        if step == decoded:
+            break
+        decoded = step
+    else:
+        return False  # still encoded after four rounds: no media URL is encoded that deep
+    if not decoded.startswith("/") or "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        return False
+    segments = decoded.split("/")[1:]
+    if any(not s for s in segments[:-1]) or any(s.split(";", 1)[0] in _DOT_SEGMENTS for s in segments):
+        return False
+    base = base.rstrip("/")
+    if base:
+        if not decoded.startswith(base + "/"):
+            return False
+        decoded = decoded[len(base):]
+    return _MEDIA.fullmatch(decoded) is not None
 
 
 class LabelStudioAuth:

@@ -6,7 +6,8 @@ URL resolution, by kind of URL:
 * ``/data/local-files/?d=`` is read under ``LOCAL_FILES_DOCUMENT_ROOT`` when configured, and only
   if the real path (symlinks resolved) stays inside it.
 * Cloud URIs (s3://, gs://, azure-blob://) are resolved by Label Studio's presign endpoint, which
-  holds the storage credentials; the signed URL it redirects to is fetched without ours.
+  holds the storage credentials; the signed URL it redirects to is fetched without ours, and only
+  if its host is allowed like any other (``IMAGE_ALLOWED_HOSTS``, e.g. ``*.amazonaws.com``).
 * Relative URLs are on Label Studio; its ``/data/upload/`` files are cached on disk.
 * Everything else is an http(s) download under the rules of :mod:`backend.core.images.download`.
 """
@@ -73,12 +74,13 @@ class ImageLoader:
         self._auth = LabelStudioAuth(self.ls_url, api_key, self.timeout) if api_key and self.ls_origin else None
         root = settings.local_files_document_root.strip()
         self.local_root = Path(root).resolve() if root else None
-        self._cache = UploadCache(Path(settings.data_dir) / "images", self.max_bytes) if cache else None
+        self._cache = (UploadCache(Path(settings.data_dir) / "images", self.max_bytes, settings.image_cache_max_mb * 1024 * 1024)
+                       if cache else None)
 
         self._session = guarded_session(address_guard(allow_private=self.allow_private, trusted_origin=self.ls_origin))
         self._downloader = Downloader(self._session, ls_origin=self.ls_origin, auth=self._auth,
                                       allowed_hosts=self.allowed_hosts, allow_any_host=self.allow_any_host,
-                                      timeout=self.timeout, max_bytes=self.max_bytes)
+                                      timeout=self.timeout, max_bytes=self.max_bytes, ls_base_path=self.ls_path)
 
     def close(self) -> None:
         self._session.close()

@@ -5,6 +5,7 @@ addresses"), and a check done before the request (resolve, check, then let urlli
 is defeated by DNS rebinding. So the connection class below resolves the host itself, checks every
 address, and connects to exactly the addresses it checked. Proxies (which would connect elsewhere)
 and cookies (which would carry one host's session to another) are switched off on the session.
+Every socket joins the wall-clock deadline of the fetch that uses it (:mod:`backend.core.images.deadline`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
+from backend.core.images.deadline import current_deadline
 from backend.core.images.errors import ImageError
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -101,15 +103,35 @@ class _GuardedConnectionMixin:
             if not self.guard(self.scheme, host, port, ipaddress.ip_address(address.split("%")[0])):
                 raise ImageError("forbidden_url", f"{host} resolves to a non-public address ({address})")
         last: Exception | None = None
+        fetch = current_deadline()
         for address in addresses:
+            if fetch is not None:  # several addresses must not multiply the fetch's deadline
+                if fetch.remaining() <= 0:
+                    break
+                if isinstance(self.timeout, (int, float)):  # type: ignore[attr-defined]
+                    self.timeout = min(self.timeout, fetch.remaining())  # type: ignore[attr-defined]
             self._dns_host = address  # type: ignore[attr-defined]
             try:
-                return super()._new_conn()  # type: ignore[misc]
+                sock = super()._new_conn()  # type: ignore[misc]
             except (NewConnectionError, ConnectTimeoutError) as exc:
                 last = exc
+                continue
             finally:
                 self._dns_host = name  # type: ignore[attr-defined]
-        raise last or NewConnectionError(self, f"no address for {host}")  # type: ignore[arg-type]
+            if fetch is not None:
+                fetch.watch(sock)  # TLS handshake and reads from here on end at the deadline
+                self._watched_by = fetch
+            return sock
+        raise last or ConnectTimeoutError(self, f"connecting to {host} outlived the fetch deadline")  # type: ignore[arg-type]
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        """A pooled keep-alive connection reused by another fetch joins that fetch's deadline."""
+        fetch = current_deadline()
+        sock = getattr(self, "sock", None)
+        if fetch is not None and sock is not None and getattr(self, "_watched_by", None) is not fetch:
+            fetch.watch(sock)
+            self._watched_by = fetch
+        return super().request(*args, **kwargs)  # type: ignore[misc]
 
 
 class _GuardedAdapter(HTTPAdapter):

@@ -4,28 +4,53 @@ Spend is accumulated per UTC day with ``INCRBYFLOAT`` on one Redis key, so all p
 hosts see the same total and the budget stops them together. Without Redis (or while it is
 down) the tally is kept in this process only: the budget then holds per process, which is the
 best that can be done and is logged once.
+
+A Redis flush (or a restore from an older snapshot) would reset the day's spend and with it the
+budget, so every recorded call is also added to a ledger on disk, one small JSON file per day under
+``MODEL_DIR/.spend/`` (shared storage, like the models), under a file lock. When the day's Redis key
+is missing, it is restored from the ledger before anything is added, so the budget survives.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
 
 from backend.core import keys
 from backend.core.connection import OutageLog
+from backend.core.file_lock import LockTimeout, file_lock
+from backend.core.files import write_json_atomic
 from backend.core.metrics import GEMINI_COST, GEMINI_TOKENS
 from backend.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DAY_KEY_TTL = 3 * 24 * 3600  # keep yesterday's total around for dashboards, then expire
+LEDGER_DAYS = 7  # ledger files older than this are deleted when a new day starts
+LEDGER_LOCK_S = 5.0
+
+#: Add to the day's total; a missing key (flushed Redis) first takes the ledger's total, which already
+#: counts this call, so it is set to that instead of incremented.
+_ADD_SPEND = """
+local value
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[2])
+else
+  value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return value
+"""
 
 
 @dataclass(frozen=True)
@@ -64,6 +89,46 @@ def _utc_day(now: float) -> str:
     return dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d")
 
 
+class SpendLedger:
+    """The day's spend on disk, one JSON file per UTC day, added to under a file lock (every process and
+    host that shares the folder). It outlives Redis: a flushed day key is restored from it."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self._outage = OutageLog(log, "cost: the spend ledger on disk is not writable; a Redis flush would reset the budget",
+                                 "cost: the spend ledger on disk is writable again")
+
+    def path(self, day: str) -> Path:
+        return self.folder / f"{day}.json"
+
+    def total(self, day: str) -> float:
+        try:
+            return float(json.loads(self.path(day).read_text())["usd"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
+    def add(self, day: str, usd: float) -> float | None:
+        """Add ``usd`` to the day's total; returns the new total, or None when the disk refused."""
+        try:
+            with file_lock(self.folder / ".lock", timeout=LEDGER_LOCK_S):
+                new_day = not self.path(day).exists()
+                total = self.total(day) + usd
+                write_json_atomic(self.path(day), {"day": day, "usd": total, "updated_at": time.time()}, indent=None)
+                if new_day:
+                    self._forget_old(day)
+            self._outage.up()
+            return total
+        except (OSError, LockTimeout) as exc:
+            self._outage.down(exc)
+            return None
+
+    def _forget_old(self, today: str) -> None:
+        cutoff = (dt.date.fromisoformat(today) - dt.timedelta(days=LEDGER_DAYS)).isoformat()
+        for old in self.folder.glob("*.json"):
+            if old.stem < cutoff:
+                old.unlink(missing_ok=True)
+
+
 class CostTracker:
     """Counts tokens and spend by model; answers whether today's budget is used up. Thread-safe."""
 
@@ -73,7 +138,10 @@ class CostTracker:
         redis: redis_lib.Redis | None = None,
         prefix: str = keys.gemini_spend(),
         clock: Callable[[], float] | None = None,
+        ledger: SpendLedger | None = None,
     ) -> None:
+        """``ledger``: where the spend is also kept on disk; by default ``MODEL_DIR/.spend/<prefix>/``
+        when there is a Redis to restore (without Redis there is nothing a ledger would restore)."""
         self.price_in = settings.gemini_price_input_per_m
         self.price_out = settings.gemini_price_output_per_m
         self.budget = settings.gemini_daily_budget_usd
@@ -81,6 +149,9 @@ class CostTracker:
         self._prefix = prefix
         self._clock = clock or time.time
         self._local: dict[str, float] = {}
+        if ledger is None and redis is not None:
+            ledger = SpendLedger(Path(settings.model_dir) / ".spend" / re.sub(r"[^A-Za-z0-9_.-]", "_", prefix))
+        self.ledger = ledger
         self._lock = threading.Lock()
         self._outage = OutageLog(log, "cost: Redis unavailable, the budget is tracked per process until it returns",
                                  "cost: Redis is back, spend is shared again")
@@ -101,27 +172,33 @@ class CostTracker:
         GEMINI_COST.labels(model=model).inc(cost)
         if cost <= 0:
             return cost
-        key = self.day_key()
+        day = _utc_day(self._clock())
+        key = self.day_key(day)
         with self._lock:
             self._local[key] = self._local.get(key, 0.0) + cost
+        on_disk = self.ledger.add(day, cost) if self.ledger is not None else None
         if self._redis is not None:
             try:
-                pipe = self._redis.pipeline()
-                pipe.incrbyfloat(key, cost)
-                pipe.expire(key, DAY_KEY_TTL)
-                pipe.execute()
+                # a missing day key (Redis flushed) starts from the ledger's total, which includes this call
+                self._redis.eval(_ADD_SPEND, 1, key, repr(cost), repr(max(on_disk or 0.0, cost)), DAY_KEY_TTL)
                 self._outage.up()
             except redis_lib.RedisError as exc:
                 self._outage.down(exc)
         return cost
 
     def spent_today(self) -> float:
-        """USD spent today (UTC): the shared Redis total, else this process's own."""
-        key = self.day_key()
+        """USD spent today (UTC): the shared Redis total (restored from the ledger if Redis lost it),
+        else this process's own."""
+        day = _utc_day(self._clock())
+        key = self.day_key(day)
         if self._redis is not None:
             try:
                 value = self._redis.get(key)
                 self._outage.up()
+                if value is None and self.ledger is not None and (on_disk := self.ledger.total(day)) > 0:
+                    log.warning("cost: today's spend was missing in Redis (flushed?); restored $%.4f from the ledger", on_disk)
+                    self._redis.set(key, repr(on_disk), ex=DAY_KEY_TTL, nx=True)
+                    value = self._redis.get(key)
                 return float(value or 0.0)
             except redis_lib.RedisError as exc:
                 self._outage.down(exc)

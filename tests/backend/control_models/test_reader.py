@@ -8,7 +8,7 @@ from label_studio_sdk.converter.brush import mask2rle
 from backend.control_models.reader import labels_in_regions, parse_regions, region_width_height
 from backend.core.geometry import xyxy_to_ls
 from backend.core.label_config import ProjectConfig
-from tests.synthetic import Box, label_config, ls_region
+from tests.synthetic import Box, crafted_brush_rle, label_config, ls_region
 
 CLASSES = ("Car", "Person")
 CONFIG = ProjectConfig.parse(label_config(CLASSES))
@@ -61,8 +61,27 @@ def test_malformed_and_shapeless_regions_are_counted():
     ]
     parsed = parse_regions(result, CONFIG, (w, h))
     assert len(parsed) == 0 and parsed.xyxy.shape == (0, 4)
-    assert parsed.skipped == {"bad_region": 2, "unknown_label": 1, "zero_area": 3, "other_control": 1}
+    # The brush of another size is refused by its RLE header (bad_region), the empty RLE has no shape.
+    assert parsed.skipped == {"bad_region": 3, "unknown_label": 1, "zero_area": 2, "other_control": 1}
     assert parsed.converted == {}
+
+
+def test_a_brush_rle_over_its_image_fails_that_region_only(caplog):
+    """A 4 KB RLE declaring 4 G values is skipped, counted and logged; the other regions are read."""
+    w, h = 64, 48
+    config = ProjectConfig.parse(label_config(CLASSES, tag="BrushLabels").replace(
+        "</View>", '<RectangleLabels name="box" toName="image"><Label value="Car"/></RectangleLabels></View>'))
+    mask = np.zeros((h, w), dtype=bool)
+    mask[10:30, 20:50] = True
+    bomb = {"id": "bomb", "type": "brushlabels", "from_name": "label",
+            "value": {"format": "rle", "rle": crafted_brush_rle(2**32 - 1), "brushlabels": ["Car"]}}
+    good = {"type": "brushlabels", "from_name": "label", "value": brush_value(mask, "Person")}
+    box = ls_region(Box("Car", (1, 1, 20, 20)), w, h, from_name="box")
+    for with_masks in (False, True):
+        caplog.clear()
+        parsed = parse_regions([bomb, good, box], config, (w, h), with_masks=with_masks)
+        assert parsed.labels == ["Person", "Car"] and parsed.skipped == {"bad_region": 1}
+        assert "region bomb" in caplog.text and "declares 4294967295 values" in caplog.text
 
 
 def test_size_falls_back_to_the_regions_own():

@@ -7,12 +7,15 @@ need no extra dependency.
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
+from label_studio_sdk.converter.brush import mask2rle
 from label_studio_sdk.converter.utils import convert_annotation_to_yolo_obb
 
 from backend.core import geometry
+from tests.synthetic import crafted_brush_rle
 
 W, H = 640, 480  # non-square on purpose: x and y must never be mixed up
 
@@ -420,3 +423,49 @@ class TestMasksAndPolygons:
             assert geometry.mask_to_xyxy(mask).tolist() == [x0, y0, x1 + 1, y1 + 1]
             poly = geometry.mask_to_polygon(mask)
             assert np.array_equal(geometry.polygon_to_mask(poly, 64, 64), mask)
+
+
+class TestBrushRle:
+    """Label Studio brush RLE: the header is checked against the image before the SDK decodes anything."""
+
+    def test_round_trip_and_header(self):
+        mask = np.zeros((30, 40), dtype=bool)
+        mask[5:20, 10:30] = True
+        rle = mask2rle(mask.astype(np.uint8) * 255)
+        assert geometry.brush_rle_length(rle) == 40 * 30 * 4
+        assert np.array_equal(geometry.ls_brush_to_mask(rle, 40, 30), mask)
+
+    def test_a_4kb_rle_declaring_4g_values_is_refused_without_allocating(self):
+        rle = crafted_brush_rle(2**32 - 1)
+        assert len(rle) == 4096 and geometry.brush_rle_length(rle) == 2**32 - 1
+        tracemalloc.start()
+        try:
+            with pytest.raises(geometry.BrushMaskError, match="declares 4294967295 values"):
+                geometry.ls_brush_to_mask(rle, W, H)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # The SDK's decoder would first allocate the declared 4 GB, then fill ~80 MB of it.
+        assert peak < 2 * 1024 * 1024, f"{peak} bytes traced"
+
+    def test_a_region_claiming_a_huge_image_is_refused_too(self):
+        # Header and claimed size agree (16384 x 16384 x 4 = 2**30), but no loadable image is that large.
+        rle = crafted_brush_rle(16384 * 16384 * 4)
+        tracemalloc.start()
+        try:
+            with pytest.raises(geometry.BrushMaskError, match="exceeds"):
+                geometry.ls_brush_to_mask(rle, 16384, 16384)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 2 * 1024 * 1024, f"{peak} bytes traced"
+
+    @pytest.mark.parametrize("rle", [[], [0, 0, 1], [256, 0, 0, 0, 0], ["a", "b", "c", "d"], "abcdefgh"])
+    def test_malformed_headers_are_refused(self, rle):
+        with pytest.raises(geometry.BrushMaskError):
+            geometry.ls_brush_to_mask(rle, 4, 4)
+
+    def test_a_truncated_body_is_refused(self):
+        rle = crafted_brush_rle(400 * 300 * 4, size_bytes=12)  # the right header, one run: 65,536 of 480,000 values
+        with pytest.raises(geometry.BrushMaskError, match="does not decode"):
+            geometry.ls_brush_to_mask(rle, 400, 300)

@@ -16,6 +16,17 @@ def test_project_key():
             keys.project_key(bad)
 
 
+def test_project_key_is_canonical_decimal():
+    """Label Studio reads ids as integers: "02", "002", 2 and "02.1795306664" are one project, one key."""
+    for same in ("2", "02", "002", 2, " 2 ", "02.1795306664", "0000000000000000000002"):
+        assert keys.project_key(same) == "2", same
+    assert keys.train_running("02") == keys.train_running(2) == "lsb:train:2:running"
+    assert keys.project_key("10") == "10" and keys.project_key("010.5") == "10"
+    for bad in ("0", "00", "-2", "+2", "2.", ".2", "2.5.1", "2.x", "2a", "0x2", "2 3", "٢", "1_000", None, True, 2.0, [2]):
+        with pytest.raises(ValueError, match="not a Label Studio project id"):
+            keys.project_key(bad)
+
+
 def test_project_keys_are_the_stored_strings():
     assert keys.train_pending("3.17") == "lsb:train:3:pending"
     assert keys.train_running(3) == "lsb:train:3:running"

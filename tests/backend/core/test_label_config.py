@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from backend.core import label_config
 from backend.core.label_config import (
     TAG_SHORT_NAMES,
     ControlSpec,
@@ -372,3 +373,19 @@ def test_repository_label_config_if_present():
     for label in config.labels:
         for predicted in label.predicted_values:
             assert config.match_label(predicted) is not None
+
+
+def test_parsed_configs_are_bounded_by_count_and_size():
+    """Every /predict carries a config: 10,000 distinct ones keep at most CONFIG_CACHE_SIZE, none over the size cap."""
+    cache = label_config._parse_cached
+    cache.cache_clear()
+    for i in range(10_000):
+        parsed = ProjectConfig.parse(config_from_labels(["Car", f"label-{i}"]))
+        assert parsed.class_names == ["Car", f"label-{i}"]
+        assert cache.cache_info().currsize <= label_config.CONFIG_CACHE_SIZE
+    before = cache.cache_info()
+    huge = config_from_labels("Car=" + "a very long hint " * 5000)
+    assert len(huge) > label_config.MAX_CACHED_CONFIG_CHARS
+    assert ProjectConfig.parse(huge).labels[0].hint.startswith("a very long hint")
+    assert ProjectConfig.parse(huge) == ProjectConfig.parse(huge)
+    assert cache.cache_info() == before, "a config over MAX_CACHED_CONFIG_CHARS is parsed but never kept"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from backend.detectors.yolo import MAX_DET
 from backend.evaluation.metrics import SIZES, best_ious, coco_eval, detection_metrics, evaluate
 from backend.evaluation.report import write_report
 from backend.evaluation.truth import TruthError, load_truth
-from tests.synthetic import label_config, ls_result, make_images, perturb
+from tests.synthetic import Box, crafted_brush_rle, label_config, ls_result, make_images, perturb
 
 CLASSES = ["Car", "Person", "Sign"]
 
@@ -73,7 +74,8 @@ def test_geometry_coco_polygon_rle_round_trips():
     assert np.array_equal(geometry.coco_segmentation_to_mask([geometry.polygon_to_coco(pts)], 40, 30),
                           geometry.polygon_to_mask(pts, 40, 30))
     assert np.array_equal(geometry.ls_brush_to_mask(mask2rle(mask.astype(np.uint8) * 255), 40, 30), mask)
-    assert geometry.ls_brush_to_mask(mask2rle(mask.astype(np.uint8) * 255), 41, 30) is None
+    with pytest.raises(geometry.BrushMaskError, match="declares"):
+        geometry.ls_brush_to_mask(mask2rle(mask.astype(np.uint8) * 255), 41, 30)
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -265,6 +267,27 @@ def test_load_yolo_boxes_and_polygons(tmp_path):
     assert np.allclose(seg.xyxy[0], [20, 10, 100, 50]) and seg.masks is not None and seg.masks[0].sum() > 3000
     with pytest.raises(TruthError):
         load_truth(root, split="test")
+
+
+def test_label_studio_truth_refuses_a_brush_rle_bomb(tmp_path):
+    """An export region whose RLE declares 4 G values is skipped before the SDK allocates them."""
+    bomb = {"from_name": "label", "to_name": "image", "type": "brushlabels", "original_width": 640, "original_height": 480,
+            "value": {"format": "rle", "rle": crafted_brush_rle(2**32 - 1), "brushlabels": ["Car"]}}
+    box = ls_result([Box("Person", (10, 20, 110, 220))], 640, 480, from_name="box")[0]
+    tasks = [{"id": 1, "data": {"image": "https://example.com/a.png"},
+              "annotations": [{"id": 11, "result": [bomb, box], "was_cancelled": False}]}]
+    (tmp_path / "export.json").write_text(json.dumps(tasks))
+    xml = label_config(CLASSES, tag="BrushLabels")
+    rect = label_config(CLASSES)
+    xml = xml.replace("</View>", rect[rect.index("<RectangleLabels"):].replace('name="label"', 'name="box"'))
+    tracemalloc.start()
+    try:
+        truth = load_truth(tmp_path / "export.json", label_config=xml)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert truth.images[0].truth.labels == ["Person"]
+    assert peak < 64 * 1024 * 1024, f"{peak} bytes traced"
 
 
 def test_load_label_studio_export(tmp_path):

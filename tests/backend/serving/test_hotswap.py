@@ -96,3 +96,42 @@ def test_stop_ends_the_watcher_threads(holder_and_registry, checkpoints, project
     holder.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
 
+
+
+def test_per_project_state_is_bounded_for_10000_project_ids(tmp_path, redis_url, checkpoints):
+    settings = Settings(model_dir=tmp_path / "models", redis_url=redis_url, hotswap_poll_seconds=0.2, model_cache_size=3)
+    registry = ModelRegistry(settings.model_dir, redis.Redis.from_url(redis_url))
+    holder = ModelHolder(settings, registry)
+    base = 700000 + uuid.uuid4().int % 99999 * 20000
+    served = str(base)
+    registry.promote(served, registry.add_version(served, checkpoints[0], {"classes": ["Car", "Person"]}).version)
+    try:
+        first = holder.get(served)
+        assert first is not None and holder.loaded() == {served: "v0001"}
+        for i in range(1, 10_001):  # /setup for ever new project ids
+            assert holder.version(str(base + i)) is None
+            if i % 1000 == 0:
+                assert len(holder._load_locks) <= 3 and len(holder._models) <= 3
+        assert len(holder._load_locks) <= 3 and len(holder._models) <= 3 and len(holder._failed) <= 3
+        assert served not in holder.loaded(), "the least recently asked project was dropped"
+        again = holder.get(served)  # and is loaded again when it is asked for
+        assert again is not None and again.version == "v0001" and holder.loaded()[served] == "v0001"
+    finally:
+        holder.stop()
+
+
+def test_model_path_checkpoints_are_a_bounded_lru(tmp_path, redis_url, checkpoints):
+    settings = Settings(model_dir=tmp_path / "models", redis_url=redis_url, model_cache_size=2)
+    settings.model_dir.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (settings.model_dir / f"{name}.pt").write_bytes(checkpoints[0].read_bytes())
+    holder = ModelHolder(settings, ModelRegistry(settings.model_dir, redis.Redis.from_url(redis_url)))
+    try:
+        a = holder.for_path("a.pt")
+        holder.for_path("b.pt")
+        assert holder.for_path("a.pt") is a  # a hit: a is now the most recently used
+        holder.for_path("c.pt")
+        assert sorted(p.name for p in holder._by_path) == ["a.pt", "c.pt"]
+        assert holder.for_path("a.pt") is a
+    finally:
+        holder.stop()

@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
+from backend.core.registry import ModelRegistry
 from tests import fake_gemini as fg
 from tests.backend.web.test_app import FIXTURES, UPLOAD, red_car_image
 from tests.fake_label_studio import FakeLabelStudio
 from tests.live import base_env, gunicorn, wait_for
+from tests.models import make_checkpoint
 
 SLOW_GEMINI_SECONDS = 4.0
 
@@ -83,3 +86,27 @@ def test_logs_carry_no_secret(slow_server):
     text = Path(log_path).read_text()
     assert fg.DEFAULT_KEY not in text
     assert secrets["ls"] not in text
+
+
+def test_the_worker_warms_up_before_the_first_setup(tmp_path, redis_url):
+    """post_worker_init builds the services and loads the current model: the first /setup builds nothing."""
+    project = str(500000 + int(time.time() * 1000) % 99999)
+    registry = ModelRegistry(tmp_path / "models", redis.Redis.from_url(redis_url))
+    checkpoint = make_checkpoint(tmp_path / "m.pt", ["Car"])
+    registry.promote(project, registry.add_version(project, checkpoint, {"classes": ["Car"]}).version)
+    log_path = tmp_path / "gunicorn.log"
+    env = base_env(REDIS_URL=redis_url, MODEL_DIR=tmp_path / "models", DATA_DIR=tmp_path / "data")
+    schema = FIXTURES[1]["body"]["schema"]
+    with gunicorn(env, log_path, workers=1, threads=4) as url:
+        health = wait_for(lambda: (h := requests.get(f"{url}/health", timeout=1).json())["status"] == "UP" and h,
+                          timeout=60, message="the warm-up to finish", on_timeout=lambda: log_path.read_text()[-3000:])
+        assert health["warm_up"] == "done"
+        before = log_path.read_text()
+        assert "services built in" in before and "by thread lsb-warm-up" in before
+        assert f"project {project} now serves YOLO v0001" in before and "warm-up done" in before
+        setup = requests.post(f"{url}/setup", json={"project": project, "schema": schema}, timeout=3)
+        assert setup.status_code == 200 and setup.json()["model_version"].endswith("yolo:v0001")
+        wait_for(lambda: "POST /setup" in log_path.read_text(), timeout=10, message="the /setup access line")
+    text = log_path.read_text()
+    # Built once, by the warm-up thread; the model was loaded once, before the request.
+    assert text.count("services built in") == 1 and text.count(f"project {project} now serves YOLO") == 1

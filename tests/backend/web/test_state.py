@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from backend.core.settings import Settings
 from backend.serving.services import build
+from backend.web import state
 from backend.web.app import create_app
-from backend.web.state import EXTENSION, AppServices, app_services
+from backend.web.state import EXTENSION, WARM_UP_THREAD, AppServices, app_services, start_warm_up
 
 
 @pytest.fixture
@@ -38,5 +41,33 @@ def test_services_are_built_on_first_use_once_and_per_app(settings):
     built = slot.get()
     assert app.test_client().get("/versions").status_code == 200 and slot.get() is built
     assert not app_services(other).built  # no process-wide cache shared between apps
+    built.models.stop()
+    built.loader.close()
+
+
+def test_health_says_warming_until_the_warm_up_is_done(settings, monkeypatch):
+    release = threading.Event()
+
+    def held_build(s):  # the real build, held back until the test has seen "warming"
+        assert release.wait(10)
+        return build(s)
+
+    monkeypatch.setattr(state, "build", held_build)
+    app = create_app(settings)
+    client = app.test_client()
+    assert client.get("/health").json["status"] == "UP" and client.get("/health").json["warm_up"] == "off"
+    thread = start_warm_up(app)
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json["status"] == "warming" and health.json["warm_up"] == "warming"
+    release.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json["status"] == "UP" and health.json["warm_up"] == "done"
+    slot = app_services(app)
+    assert slot.built and slot.built_by == WARM_UP_THREAD
+    built = slot.get()
+    assert client.post("/setup", json={"project": 1, "schema": state.WARM_UP_CONFIG}).status_code == 200
+    assert slot.get() is built and slot.built_by == WARM_UP_THREAD  # the request found them built
     built.models.stop()
     built.loader.close()

@@ -409,7 +409,7 @@ def test_push_in_process_is_resumable_and_valid(env, capsys, monkeypatch):
             calls.append((project, tasks))
             return Queue(f"test-lsb-push-{project}", connection=redis, is_async=False).enqueue(queued_prelabel, project).id
 
-        monkeypatch.setattr("backend.core.queue.enqueue_prelabel", enqueue)
+        monkeypatch.setattr("worker.cli.push.enqueue_prelabel", enqueue)
         code, out, _ = lsb(capsys, "push", "--project", pid, "--queue", "--wait")
         assert code == 0 and calls == [(str(pid), None)]
         assert out["queued"] and out["status"] == "finished" and out["result"] == {"project": str(pid), "stored": 0}

@@ -17,7 +17,7 @@ from backend.core.label_studio import (
     LabelStudioUnavailable,
     fetch_project,
 )
-from tests.synthetic import label_config, ls_region, ls_result, make_images
+from tests.synthetic import crafted_brush_rle, label_config, ls_region, ls_result, make_images
 from tests.worker_fixtures import CLASSES, make_settings, populate
 from worker.training.dataset import NotEnoughData, build_dataset, dataset_hash, load_dataset, split_tasks
 
@@ -156,6 +156,23 @@ def test_build_dataset_needs_two_usable_tasks(fake_ls, tmp_path):
     with pytest.raises(NotEnoughData):
         build_dataset(str(pid), fetch_project(pid, settings).tasks, CONFIG, settings)
     assert not [p for p in (tmp_path / "data" / "datasets" / str(pid)).iterdir() if p.name.startswith(".staging")]
+
+
+def test_a_brush_rle_bomb_fails_its_region_not_the_dataset(fake_ls, tmp_path):
+    """A mask whose RLE header declares 4 G values is skipped and counted; its task keeps its boxes."""
+    pid, images, ids = populate(fake_ls, n=4)
+    config = ProjectConfig.parse(label_config(CLASSES).replace(
+        "</View>", f'<BrushLabels name="brush" toName="image"><Label value="{CLASSES[0]}"/></BrushLabels></View>'))
+    im = images[0]
+    bomb = {"id": "bomb", "from_name": "brush", "to_name": "image", "type": "brushlabels", "original_width": im.width,
+            "original_height": im.height, "value": {"format": "rle", "rle": crafted_brush_rle(2**32 - 1),
+                                                    "brushlabels": [CLASSES[0]]}}
+    bombed = fake_ls.add_task(pid, im.encode(), result=[*ls_result(im.boxes, im.width, im.height), bomb])
+    settings = make_settings(tmp_path, fake_ls)
+    ds = build_dataset(str(pid), fetch_project(pid, settings).tasks, config, settings)
+    assert ds.counts["images"] == 5 and ds.counts["skipped_regions"] == {"bad_region": 1}
+    item = next(i for i in ds.items if i.task_id == bombed)
+    assert item.labels == [b.label for b in im.boxes]
 
 
 def test_large_images_are_downscaled_with_labels_intact(fake_ls, tmp_path):

@@ -115,6 +115,51 @@ class FakeServer:
             pass
 
 
+class DripServer:
+    """A real HTTP server on ``host`` that answers one byte every ``interval`` seconds, forever
+    as far as a fetch is concerned (hours in total). ``mode``: "body" (a Content-Length it never
+    reaches), "no_length" (a body ended only by closing) or "headers" (the headers never end).
+    ``started`` is set when a request arrives, ``ended`` when the client hung up on the drip."""
+
+    def __init__(self, host: str = "127.0.0.1", interval: float = 0.2) -> None:
+        self.mode = "body"
+        self.interval = interval
+        self.started, self.ended, self.stop = threading.Event(), threading.Event(), threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.started.set()
+                try:
+                    if server.mode == "headers":
+                        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\nX-Drip: ")
+                    else:
+                        self.send_response(200)
+                        self.send_header("Content-Type", "image/png")
+                        if server.mode == "body":
+                            self.send_header("Content-Length", "60000")
+                        self.end_headers()
+                    for _ in range(60_000):  # under http.client's 64 KB header line limit
+                        if server.stop.wait(server.interval):
+                            return
+                        self.wfile.write(b"a")
+                except OSError:
+                    server.ended.set()
+
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kwargs)

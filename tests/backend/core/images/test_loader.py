@@ -20,7 +20,10 @@ def test_presign_cloud_uri(make_loader, ls, foreign, connections):
     foreign.files["/bucket/key.png"] = (encode(red_blue()), "image/png")
     ls.auth = set()
     ls.presign_location = lambda uri: f"{foreign.url}/bucket/key.png?X-Amz-Signature=deadbeef"
-    loader = make_loader(label_studio_api_key=PAT, image_allowed_hosts="")
+    refusing = make_loader(label_studio_api_key=PAT, image_allowed_hosts="")  # the storage host must be allowed
+    assert reason_of(refusing, "s3://bucket/key.png", task_id=7) == "forbidden_url" and foreign.requests == []
+    ls.presigned.clear()
+    loader = make_loader(label_studio_api_key=PAT, image_allowed_hosts="127.0.0.2")
     assert loader.load("s3://bucket/key.png", task_id=7).width == 40
     assert ls.presigned == ["s3://bucket/key.png"]
     assert any(p.startswith("/tasks/7/presign/?fileuri=") for _, p, _ in ls.requests)
