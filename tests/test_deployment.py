@@ -248,16 +248,27 @@ def test_env_example_names_are_known_and_load():
     unknown = names - setting_names - compose_vars - run_knobs
     assert not unknown, unknown
     entries = env_example()
-    for key in ("GEMINI_API_KEY", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+    for key in ("GEMINI_API_KEY", "LABEL_STUDIO_API_KEY"):
         assert entries[key] == "", f"{key} must be empty in the template"
-    assert entries["WEBHOOK_SECRET"], "WEBHOOK_SECRET needs a placeholder"
-    # The file is sourced by run.sh (bash) and must give valid settings.
-    code = "from backend.core.settings import Settings; Settings()"
-    result = subprocess.run(
-        ["bash", "-c", f'set -euo pipefail; set -a; . ./.env.example; set +a; exec "{sys.executable}" -c "{code}"'],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+    for key in ("WEBHOOK_SECRET", "BASIC_AUTH_PASS"):  # placeholders the backend refuses to start with
+        assert entries[key].startswith("replace-with-"), f"{key} needs a placeholder"
+    assert entries["BASIC_AUTH_USER"], "Label Studio authenticates to /setup and /predict with Basic auth only"
+
+    # The file is sourced by run.sh (bash): as is, the settings refuse both placeholders by name; with
+    # the secrets filled in, it gives valid settings.
+    def load(fill_in: str) -> subprocess.CompletedProcess:
+        code = "from backend.core.settings import Settings; Settings()"
+        return subprocess.run(
+            ["bash", "-c", f'set -euo pipefail; set -a; . ./.env.example; {fill_in} set +a; exec "{sys.executable}" -c "{code}"'],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+
+    refused = load("")
+    assert refused.returncode != 0
+    for key in ("WEBHOOK_SECRET", "BASIC_AUTH_PASS"):
+        assert f"{key} is still the placeholder from .env.example" in refused.stderr, refused.stderr
+    filled = load("WEBHOOK_SECRET=hook-0123456789abcdef; BASIC_AUTH_PASS=pass-0123456789abcdef;")
+    assert filled.returncode == 0, filled.stderr
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------------
@@ -271,8 +282,7 @@ def test_dockerfile_runs_what_run_sh_runs():
     services = compose()["services"]
     assert services["backend"].get("command", cmd) == cmd
 
-    worker_cmd = services["worker"]["command"]
-    worker_cmd = shlex.split(worker_cmd) if isinstance(worker_cmd, str) else worker_cmd
+    worker_cmd = _compose_command(services["worker"], {**env_example(), "LSB_QUEUE_PREFIX": ""})
     assert worker_cmd[:2] == ["rq", "worker"]
     assert worker_cmd[worker_cmd.index("--url") + 1] == services["worker"]["environment"]["REDIS_URL"]
     run_args = run_sh_command("rq")
@@ -396,7 +406,7 @@ def test_make_run_and_make_test_start_redis_with_the_same_script():
     result = subprocess.run(["make", "-n", "-o", ".venv/.requirements.stamp", "redis"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "bash scripts/redis.sh 'redis://127.0.0.1:6379/15'" in result.stdout
+    assert f"bash scripts/redis.sh '{TEST_REDIS_URL}'" in result.stdout
 
 
 def _tool_dir(tmp_path: Path, *, without: tuple[str, ...] = (), fake: dict[str, str] | None = None) -> Path:
@@ -405,13 +415,14 @@ def _tool_dir(tmp_path: Path, *, without: tuple[str, ...] = (), fake: dict[str, 
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("bash", "cat", "dirname", "id", "ln", "mkdir", "rm", "sleep", "sed", "grep", "python3", "redis-server"):
-        real = shutil.which(tool)
-        if real and tool not in without:
-            (bin_dir / tool).symlink_to(real)
-    for name, body in (fake or {}).items():
+    fake = fake or {}
+    for name, body in fake.items():  # written first, as new files: never through a link to the real tool
         (bin_dir / name).write_text("#!/bin/sh\n" + body)
         (bin_dir / name).chmod(0o755)
+    for tool in ("bash", "cat", "dirname", "id", "ln", "mkdir", "rm", "sleep", "sed", "grep", "python3", "redis-server"):
+        real = shutil.which(tool)
+        if real and tool not in without and tool not in fake:
+            (bin_dir / tool).symlink_to(real)
     return bin_dir
 
 
@@ -503,7 +514,7 @@ def test_bootstrap_installs_only_what_is_missing(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         install = [line for line in calls.read_text().splitlines() if "install" in line]
         assert install and install[0].split()[-2:] == ["make", "redis-server"], install
-    (bin_dir / "id").unlink()
+    (bin_dir / "id").unlink()  # the link to the real id goes; a new file takes its name
     (bin_dir / "id").write_text("#!/bin/sh\necho 1000\n")
     (bin_dir / "id").chmod(0o755)
     result = subprocess.run([str(bin_dir / "bash"), str(BOOTSTRAP_SH)], cwd=ROOT, capture_output=True, text=True,
