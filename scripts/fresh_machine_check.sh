@@ -92,6 +92,9 @@ copy_pip_user_config() {   # into the new HOME $1
     mkdir -p "$1/.config/pip"
     cp "$PIP_USER_CONFIG" "$1/.config/pip/pip.conf"
 }
+pip_cert_files() {   # the CA bundle pip is told to trust (this machine's, which may hold a proxy's CA)
+    cat /etc/pip.conf /etc/xdg/pip/pip.conf "$PIP_USER_CONFIG" 2>/dev/null | sed -n 's#^ *cert *= *\(/[^ ]*\).*#\1#p' | sort -u
+}
 pip_local_folders() {   # local index and find-links folders named by pip's configuration files
     cat /etc/pip.conf /etc/xdg/pip/pip.conf "$PIP_USER_CONFIG" 2>/dev/null \
         | grep -oE '(file://)?/[^ ]+' | sed -e 's#^file://##' -e 's#/simple/*$##' | grep -v '^/etc/' | sort -u
@@ -131,7 +134,7 @@ cp /etc/resolv.conf "$FS/etc/resolv.conf"
 # This machine's pip configuration and the local package folders it points at.
 mkdir -p "$FS/root"
 copy_pip_user_config "$FS/root"
-for path in /etc/pip.conf /etc/xdg/pip $(pip_local_folders); do
+for path in /etc/pip.conf /etc/xdg/pip $(pip_local_folders) $(pip_cert_files); do
     [[ -e "$path" ]] || continue
     mkdir -p "$FS$(dirname "$path")"
     if [[ -d "$path" ]]; then mkdir -p "$FS$path"; mount --bind "$path" "$FS$path"; else cp "$path" "$FS$path"; fi
