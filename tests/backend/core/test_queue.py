@@ -364,3 +364,29 @@ def test_prelabel_hash_is_pruned_of_ended_jobs(redis15, project_id, qprefix, pre
     Job.fetch(first["job_id"], connection=redis15).set_status(JobStatus.FINISHED, pipeline=None)
     wq.request_prelabel(redis15, project_id, tasks=_tasks(4))  # 4 fields > 3: the finished job's are dropped
     assert sorted(redis15.hkeys(keys.prelabel_queued(project_id))) == [b"4"]
+
+
+class _RaceAfterRead:
+    """A client whose first HMGET lets a competing request run to the end before the caller goes on."""
+
+    def __init__(self, inner, competitor):
+        self._inner, self._competitor = inner, competitor
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def hmget(self, *args, **kwargs):
+        out = self._inner.hmget(*args, **kwargs)
+        if self._competitor is not None:
+            competitor, self._competitor = self._competitor, None
+            competitor()
+        return out
+
+
+def test_prelabel_claim_is_compare_and_set(redis15, project_id, qprefix, prelabel_keys):
+    """Both requests read the tasks as free; only the one that claims first queues them (deterministic race)."""
+    results = []
+    competitor = lambda: results.append(wq.request_prelabel(redis15, project_id, tasks=_tasks(1, 2, 3)))  # noqa: E731
+    late = wq.request_prelabel(_RaceAfterRead(redis15, competitor), project_id, tasks=_tasks(1, 2, 3))
+    assert results[0]["status"] == "queued" and late["status"] == "coalesced" and late["job_id"] == results[0]["job_id"]
+    assert len(_prelabel_jobs(redis15, qprefix)) == 1
