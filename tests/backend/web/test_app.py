@@ -19,6 +19,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image, ImageDraw
 from rq import Queue
 
+from backend.core import keys
 from backend.core.settings import Settings
 from backend.detectors.gemini.client import GeminiDetector
 from backend.serving.services import build
@@ -91,6 +92,8 @@ def client_for(tmp_path, redis_url, fake_ls):
         services.models.stop()
     for name in ("training", "prelabel"):
         Queue(name, connection=redis.Redis.from_url(redis_url)).empty()
+    client = redis.Redis.from_url(redis_url)  # the recorded project's dedupe and pre-labeling state (backend.web.webhook)
+    client.delete(keys.prelabel_queued(2), *client.scan_iter(keys.webhook_seen(2, "*")))
 
 
 def replay(client, request: dict, headers: dict | None = None):
