@@ -46,6 +46,8 @@ IMAGE_REASONS = frozenset({"forbidden_url", "not_found", "too_large", "timeout",
                            "unsupported_format", "decode_error", "bomb", "error"})
 GEMINI_REASONS = frozenset({"not_configured", "budget", "circuit_open", "blocked", "timeout", "rate_limited",
                             "server_error", "client_error", "bad_answer", "deadline", "error"})
+#: Tasks the request itself got wrong (backend.serving.predictor.task_image): empty prediction, others served.
+TASK_REASONS = frozenset({"not_an_object", "no_data", "data_not_an_object", "image_not_a_string"})
 OTHER = "other"
 
 
@@ -64,6 +66,8 @@ def failure_reason(reason: str) -> str:
         return f"gemini {kind if kind in GEMINI_REASONS else OTHER}"
     if code == "no YOLO model":
         return code
+    if source == "task" and kind in TASK_REASONS:
+        return f"task {kind}"
     if code.startswith("task data"):
         return "no image url"
     return OTHER

@@ -140,8 +140,28 @@ class Settings(BaseSettings):
     prelabel_batch: int = Field(16, ge=1, description="Tasks predicted per batch by the pre-labeling job.")
     predict_max_tasks: int = Field(
         256, ge=1,
-        description=("Larger /predict batches are answered 413 and drafted by a background pre-labeling job instead "
-                     "(LS waits only 100 s)."),
+        description=("Larger /predict batches are answered 413 and drafted by a background pre-labeling job instead, "
+                     "whatever the latency estimate (bounds one request's work and memory)."),
+    )
+    predict_timeout: float = Field(
+        100.0, gt=0,
+        description="Seconds Label Studio waits for /predict (its ML_TIMEOUT_PREDICT): set both together.",
+    )
+    predict_inline_share: float = Field(
+        0.5, gt=0, le=1,
+        description=("A /predict batch is answered inline only when its estimated time (measured per-task latency, "
+                     "GEMINI_CONCURRENCY calls at once) is within this share of PREDICT_TIMEOUT; else it is answered "
+                     "413 and drafted by the background job (README, Memory and time bounds)."),
+    )
+    predict_deadline_share: float = Field(
+        0.8, gt=0, le=1,
+        description=("An inline /predict still running at this share of PREDICT_TIMEOUT is abandoned: answered 504 "
+                     "(Label Studio stores nothing) and handed whole to the background job."),
+    )
+    predict_max_pixels: int = Field(
+        240_000_000, ge=1,
+        description=("Decoded image pixels one /predict (or job batch) holds at once; a load waits for room "
+                     "(one image is always admitted). Each load reserves IMAGE_MAX_PIXELS until decoded."),
     )
     max_request_mb: int = Field(32, ge=1, description="Largest request body accepted, in MB.")
 

@@ -19,10 +19,35 @@ from backend.core.metrics import PREDICTION_FAILURES, PREDICTIONS, failure_reaso
 from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings
 from backend.detectors.gemini.client import GeminiDetector
+from backend.serving.budget import LatencyModel, Plan, plan
 from backend.serving.hotswap import ModelHolder
-from backend.serving.routing import Router
+from backend.serving.routing import Router, TaskOutcome
 
 log = logging.getLogger(__name__)
+
+#: Seconds per task YOLO is assumed to take until this process measured it (pessimistic for CPU).
+YOLO_PRIOR_S = 0.25
+
+
+def _task_id(task) -> int | None:
+    return task.get("id") if isinstance(task, dict) else None
+
+
+def task_image(task, image_key: str) -> tuple[str, str]:
+    """The task's image URL, or "" and why the task cannot be drafted (reason codes: metrics.TASK_REASONS)."""
+    if not isinstance(task, dict):
+        return "", f"task not_an_object: a task is a {type(task).__name__}"
+    data = task.get("data")
+    if data is None:
+        return "", "task no_data: the task has no 'data' object"
+    if not isinstance(data, dict):
+        return "", f"task data_not_an_object: 'data' is a {type(data).__name__}"
+    value = data.get(image_key)
+    if value is not None and not isinstance(value, str):
+        return "", f"task image_not_a_string: the image value is a {type(value).__name__}"
+    if not value or not value.strip():
+        return "", f"task data has no '{image_key}' image URL"
+    return value, ""
 
 
 @dataclass(frozen=True)
@@ -53,7 +78,8 @@ class Predictor:
         self.registry = registry
         self.models = models
         self.gemini = gemini
-        self.router = Router(settings, loader, gemini)
+        self.latency = LatencyModel(settings.gemini_task_deadline, YOLO_PRIOR_S)
+        self.router = Router(settings, loader, gemini, self.latency)
 
     def close(self) -> None:
         """Release the HTTP clients (image loader, Gemini) of a short-lived predictor, such as a job's."""
@@ -79,38 +105,56 @@ class Predictor:
     def model_version(self, project: str | int, config: ProjectConfig | None = None) -> str:
         return self.state(project, config).model_version
 
-    def predict(self, tasks: list[dict], config: ProjectConfig, project: str | int, query: str | None = None,
-                query_label: str | None = None) -> list[dict]:
-        """One prediction dict ``{result, score, model_version}`` per task, same order.
-
-        ``query`` is an annotator's free-text request (interactive mode); its boxes are labelled
-        ``query_label``.
-        """
-        return [prediction for prediction, _ in self.predict_detailed(tasks, config, project, query, query_label)]
-
-    def predict_detailed(self, tasks: list[dict], config: ProjectConfig, project: str | int,
-                         query: str | None = None, query_label: str | None = None) -> list[tuple[dict, str]]:
-        """Like :meth:`predict`, with the reason a task got an empty prediction ("" when it was served).
-
-        The pre-labeling job stores a real "nothing found" but not a failure, so it can retry those.
-        """
-        key = project_key(project)
+    def _yolo_for(self, key: str, config: ProjectConfig | None):
         path = self._model_path(config)
         yolo = self.models.for_path(path) if path else self.models.get(key)
         yolo_info = self.registry.get(key, yolo.version) if yolo is not None and not path else None
+        return yolo, yolo_info
+
+    def plan(self, n: int, config: ProjectConfig, project: str | int) -> Plan:
+        """Answer ``n`` tasks inline, or draft them in the background (see backend.serving.budget)."""
+        yolo, yolo_info = self._yolo_for(project_key(project), config)
+        order = [s for s in self.router.order(yolo, yolo_info)
+                 if (s == "gemini" and self.gemini is not None) or (s == "yolo" and yolo is not None)]
+        if not order:  # nothing to run: every task gets an empty prediction at once
+            return Plan(True, 0.0, self.settings.predict_timeout * self.settings.predict_inline_share)
+        return plan(n, order, self.latency, self.settings.gemini_concurrency, self.settings.predict_timeout,
+                    self.settings.predict_inline_share)
+
+    def predict(self, tasks: list, config: ProjectConfig, project: str | int, query: str | None = None,
+                query_label: str | None = None, deadline: float | None = None) -> list[dict]:
+        """One prediction dict ``{result, score, model_version}`` per task, same order.
+
+        ``query`` is an annotator's free-text request (interactive mode); its boxes are labelled
+        ``query_label``. Past ``deadline`` (``time.monotonic()``) it raises :class:`Abandoned`.
+        """
+        return [prediction for prediction, _ in self.predict_detailed(tasks, config, project, query, query_label, deadline)]
+
+    def predict_detailed(self, tasks: list, config: ProjectConfig, project: str | int,
+                         query: str | None = None, query_label: str | None = None,
+                         deadline: float | None = None) -> list[tuple[dict, str]]:
+        """Like :meth:`predict`, with the reason a task got an empty prediction ("" when it was served).
+
+        The pre-labeling job stores a real "nothing found" but not a failure, so it can retry those. A
+        task the request got wrong (not an object, no ``data``, no image URL string) is not routed: its
+        prediction is empty and carries ``reason`` (a code of a fixed set), and the others are served.
+        """
+        key = project_key(project)
+        yolo, yolo_info = self._yolo_for(key, config)
         state = ServingState(key, yolo.version if yolo else None, self._gemini_model())
-        urls = []
-        for task in tasks:
-            value = (task.get("data") or {}).get(config.image_key)
-            urls.append((value if isinstance(value, str) else "", task.get("id")))
-        outcomes = self.router.run(urls, config, yolo, yolo_info, query)
+        checked = [task_image(task, config.image_key) for task in tasks]
+        routed = [i for i, (_, problem) in enumerate(checked) if not problem]
+        outcomes = dict(zip(routed, self.router.run([(checked[i][0], _task_id(tasks[i])) for i in routed], config, yolo,
+                                                    yolo_info, query, deadline=deadline)))
         predictions = []
-        for task, (url, _), outcome in zip(tasks, urls, outcomes):
-            if not url:
-                outcome.detections, outcome.reason = None, f"task data has no '{config.image_key}' image URL"
+        for i, task in enumerate(tasks):
+            problem = checked[i][1]
+            outcome = outcomes.get(i) or TaskOutcome(reason=problem)
             if outcome.detections is not None and query_label:
                 outcome.detections = replace(outcome.detections, labels=[query_label] * len(outcome.detections))
-            prediction = self._prediction(task.get("id"), config, outcome.detections, outcome.reason, state)
+            prediction = self._prediction(_task_id(task), config, outcome.detections, outcome.reason, state)
+            if problem:
+                prediction["reason"] = failure_reason(problem)  # Label Studio keeps only result/score/model_version
             predictions.append((prediction, "" if outcome.detections is not None else outcome.reason))
         return predictions
 

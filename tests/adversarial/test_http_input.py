@@ -6,6 +6,7 @@ Regression cases for bugs this suite found are marked "was a 500".
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import threading
@@ -15,7 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from rq import Queue
 
-from tests.adversarial import CONFIG, PROJECT, predict_body, task
+from backend.core.metrics import PREDICTION_FAILURES
+from tests import fake_gemini as fg
+from tests.adversarial import CAR_BOX, CONFIG, PROJECT, RED, assert_box, car_picture, encode, predict_body, task
 
 NO_IMAGE_CONFIG = ('<View><Text name="text" value="$text"/><RectangleLabels name="label" toName="text">'
                    '<Label value="Car"/></RectangleLabels></View>')
@@ -93,10 +96,6 @@ GOOD_TASKS = [task(1, "/data/upload/7/a.png")]
     ({"tasks": {"id": 1}, "label_config": CONFIG, "project": PROJECT}, "tasks"),
     ({"tasks": "1,2,3", "label_config": CONFIG, "project": PROJECT}, "tasks"),
     ({"tasks": 3, "label_config": CONFIG, "project": PROJECT}, "tasks"),
-    ({"tasks": [1, 2], "label_config": CONFIG, "project": PROJECT}, "task"),
-    ({"tasks": [None], "label_config": CONFIG, "project": PROJECT}, "task"),
-    ({"tasks": [{"data": "x"}], "label_config": CONFIG, "project": PROJECT}, "data"),
-    ({"tasks": [{"data": [1]}], "label_config": CONFIG, "project": PROJECT}, "data"),
     ({"tasks": GOOD_TASKS, "project": PROJECT}, "label_config"),
     ({"tasks": GOOD_TASKS, "label_config": 5, "project": PROJECT}, "label_config"),
     ({"tasks": GOOD_TASKS, "label_config": ["<View/>"], "project": PROJECT}, "label_config"),
@@ -113,6 +112,56 @@ GOOD_TASKS = [task(1, "/data/upload/7/a.png")]
 def test_wrong_types_and_missing_fields_on_predict(handle, redis_db, body, needle):
     rejected(handle.client.post("/predict", json=body), 400, needle)
     assert queued_jobs(redis_db) == {"training": [], "prelabel": []}
+
+
+ODD_TASKS = [  # (task, the reason code its empty prediction carries)
+    (1, "task not_an_object"),
+    (None, "task not_an_object"),
+    ("task", "task not_an_object"),
+    ([{"id": 3}], "task not_an_object"),
+    ({"id": 4}, "task no_data"),
+    ({"id": 5, "data": None}, "task no_data"),
+    ({"id": 6, "data": "x"}, "task data_not_an_object"),
+    ({"id": 7, "data": [1]}, "task data_not_an_object"),
+    ({"id": 8, "data": {"image": 5}}, "task image_not_a_string"),
+    ({"id": 9, "data": {"image": {"url": "/data/upload/7/a.png"}}}, "task image_not_a_string"),
+    ({"id": 10, "data": {"image": None}}, "no image url"),
+    ({"id": 11, "data": {"other": "/data/upload/7/a.png"}}, "no image url"),
+]
+
+
+def test_odd_tasks_get_an_empty_prediction_with_a_reason_and_the_rest_are_served(handle, redis_db, caplog):
+    """Was a 400 for the whole batch: one odd task cost every task its draft."""
+    def failures(reason: str) -> float:
+        return PREDICTION_FAILURES.labels(reason)._value.get()
+
+    good = task(1, "data:image/png;base64,bm90IGFuIGltYWdl")  # a string URL: routed (and failing on its own)
+    tasks = [good] + [t for t, _ in ODD_TASKS] + [task(2, "/data/upload/7/b.png")]
+    before = {reason: failures(reason) for _, reason in ODD_TASKS}
+    response = handle.client.post("/predict", json=predict_body(tasks))
+    assert response.status_code == 200, response.get_data()[:300]
+    results = response.json["results"]
+    assert len(results) == len(tasks)
+    for (odd, reason), prediction in zip(ODD_TASKS, results[1:-1]):
+        assert prediction == {"result": [], "score": 0.0, "model_version": "no-model", "reason": reason}, odd
+    assert "reason" not in results[0] and "reason" not in results[-1]  # routed: failed on their image, not their shape
+    counted = {reason: failures(reason) - before[reason] for reason in before}
+    assert counted == {reason: sum(r == reason for _, r in ODD_TASKS) for reason in before}
+    assert queued_jobs(redis_db) == {"training": [], "prelabel": []}
+
+
+def test_odd_tasks_beside_a_good_one_do_not_cost_it_its_draft(app_factory, private_redis, redis_db):
+    url = "data:image/png;base64," + base64.b64encode(encode(car_picture())).decode()
+    with fg.FakeGemini(responder=fg.Oracle(colors={"Car": RED})) as gemini:
+        handle = app_factory(private_redis.url, gemini=gemini)
+        tasks = [t for t, _ in ODD_TASKS[:6]] + [task(1, url)]
+        response = handle.client.post("/predict", json=predict_body(tasks))
+    assert response.status_code == 200, response.get_data()[:300]
+    *odd, good = response.json["results"]
+    assert [p["reason"] for p in odd] == [r for _, r in ODD_TASKS[:6]]
+    (region,) = good["result"]
+    assert_box(region, CAR_BOX, 64, 48)
+    assert len(gemini.calls) == 1, "only the good task reaches Gemini"
 
 
 @pytest.mark.parametrize("body,needle", [

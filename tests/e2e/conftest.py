@@ -712,6 +712,7 @@ def backend(base_model, label_studio, ls_token, gemini, redis_url, tmp_path_fact
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": ls_token,
         "GEMINI_API_KEY": gemini.server.api_key, "GEMINI_BASE_URL": gemini.server.base_url,
         "GEMINI_TIMEOUT": "5", "GEMINI_TASK_DEADLINE": "4", "GEMINI_CACHE_TTL": "3600",
+        "GEMINI_CONCURRENCY": "4",  # test_retrieve_many: a few hundred tasks outgrow LS's wait at a slow Gemini
         "BASIC_AUTH_USER": user, "BASIC_AUTH_PASS": password, "WEBHOOK_SECRET": secret,
         # tiny retraining, started by "Start Training" only (not by the annotation count)
         "YOLO_BASE_MODEL": str(base_model.path), "TRAIN_EPOCHS": "3", "TRAIN_IMGSZ": "96", "TRAIN_BATCH": "8",

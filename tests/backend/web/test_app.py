@@ -85,7 +85,9 @@ def client_for(tmp_path, redis_url, fake_ls):
             services.predictor.router.gemini = services.gemini
         app = create_app(settings, services)
         made.append(services)
-        return app.test_client()
+        client = app.test_client()
+        client.services = services  # for the tests that read or prime the predictor's state
+        return client
 
     yield make
     for services in made:
@@ -253,7 +255,6 @@ def test_non_json_body_is_a_400_with_a_message(client_for, path):
 @pytest.mark.parametrize("body,needle", [
     ({"label_config": "<View/>"}, "tasks"),
     ({"tasks": "x", "label_config": "<View/>"}, "tasks"),
-    ({"tasks": [1, 2], "label_config": "<View/>"}, "task"),
     ({"tasks": [{"data": {}}]}, "label_config"),
     ({"tasks": [{"data": {"image": "x"}}], "label_config": "not xml", "project": "1.1"}, "XML"),
 ])
@@ -261,6 +262,22 @@ def test_malformed_predict_bodies(client_for, body, needle):
     response = client_for(None).post("/predict", json=body)
     assert response.status_code == 400
     assert needle.lower() in response.json["message"].lower()
+
+
+def test_one_odd_task_gets_an_empty_prediction_and_the_batch_is_served(client_for, gemini):
+    """Was a 400 for the whole batch (Label Studio then stores nothing for any task)."""
+    client = client_for(gemini)
+    body = copy.deepcopy(FIXTURES[6]["body"])
+    good = body["tasks"][0]
+    body["tasks"] = [{"id": 1, "data": None}, good, "not a task", {"id": 3, "data": {"image": ["a", "b"]}}]
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    first, served, second, third = response.json["results"]
+    version = setup_version(client)
+    assert first == {"result": [], "score": 0.0, "model_version": version, "reason": "task no_data"}
+    assert second["reason"] == "task not_an_object" and third["reason"] == "task image_not_a_string"
+    assert served["result"][0]["value"]["rectanglelabels"] == ["Car"] and "reason" not in served
+    assert validate(served, body["label_config"]) == []
 
 
 def test_setup_rejects_a_config_it_cannot_serve_and_names_what_it_supports(client_for):
@@ -285,6 +302,47 @@ def test_too_many_tasks_are_drafted_in_the_background(client_for, redis_url):
     assert response.status_code == 413
     assert "PREDICT_MAX_TASKS" in response.json["message"]
     assert Queue("prelabel", connection=redis.Redis.from_url(redis_url)).count >= 1
+
+
+def prelabel_jobs(redis_url: str) -> list:
+    queue = Queue("prelabel", connection=redis.Redis.from_url(redis_url))
+    return [queue.fetch_job(job_id) for job_id in queue.job_ids]
+
+
+def test_a_batch_too_slow_for_label_studio_is_drafted_in_the_background(client_for, redis_url, gemini):
+    """Was: any batch up to PREDICT_MAX_TASKS inline; 200 tasks at 8 s a call outlived Label Studio's 100 s."""
+    client = client_for(gemini, gemini_concurrency=16)
+    gemini.clear()
+    client.services.predictor.latency.observe("gemini", 8.0)  # what this process measured
+    body = copy.deepcopy(FIXTURES[6]["body"])
+    body["tasks"] = [dict(body["tasks"][0], id=i) for i in range(2000, 2200)]
+    response = client.post("/predict", json=body)
+    assert response.status_code == 413, response.json
+    assert response.json["error"] == "too_slow_inline" and "104 s" in response.json["message"]
+    (job,) = prelabel_jobs(redis_url)
+    assert [t["id"] for t in job.args[1]] == list(range(2000, 2200)) and gemini.calls == []
+    # the same process, the same latency: 16 tasks (one wave, 8 s) fit the 50 s budget and are answered
+    body["tasks"] = body["tasks"][:16]
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200 and len(response.json["results"]) == 16
+
+
+def test_an_inline_batch_past_its_deadline_is_answered_504_and_handed_to_the_job(client_for, redis_url, gemini):
+    """Label Studio stores nothing for a non-200 answer: the job drafts every task, none twice."""
+    client = client_for(gemini, gemini_task_deadline=10, gemini_timeout=10, predict_timeout=20,
+                        predict_inline_share=1.0, predict_deadline_share=0.05)  # deadline 1 s
+    gemini.clear()
+    oracle, gemini.responder = gemini.responder, lambda request: fg.delayed(fg.ok("[]"), 3.0)
+    try:
+        body = copy.deepcopy(FIXTURES[6]["body"])
+        body["tasks"] = [dict(body["tasks"][0], id=i) for i in range(1000, 1003)] + [{"id": 1099, "data": None}]
+        response = client.post("/predict", json=body)
+    finally:
+        gemini.responder = oracle
+    assert response.status_code == 504, response.json
+    assert response.json["error"] == "deadline"
+    (job,) = prelabel_jobs(redis_url)
+    assert [t["id"] for t in job.args[1]] == [1000, 1001, 1002, 1099]
 
 
 # --- auth -----------------------------------------------------------------------------------------
