@@ -217,6 +217,7 @@ def test_compose_rq_dashboard_reads_our_rq_version():
     assert "image" not in dashboard or not dashboard["image"].startswith("eoranged/"), "eoranged/rq-dashboard predates rq 2"
     inline = dashboard["build"]["dockerfile_inline"]
     assert "rq-dashboard==0.9.0" in inline and "-c /tmp/requirements.txt" in inline
+    assert "six==" in inline, "rq_dashboard.web imports six, which rq-dashboard 0.9.0 does not declare"
     assert "COPY requirements.txt /tmp/requirements.txt" in inline
     pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M))
     assert pins["rq"].split(".")[0] == "3", "the assertion in the dashboard's build expects rq 3"
