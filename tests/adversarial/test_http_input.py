@@ -279,13 +279,23 @@ def test_a_chunked_body_under_the_limit_is_served(handle):
 # --- webhooks --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("action", ["PROJECT_UPDATED", "SOMETHING_NEW", "annotation_created", "START_TRAINING ",
-                                    "ANNOTATION_CREATED\x00", "ÄNNOTATION", "x" * 10_000, "PROJECT_DELETED"])
+                                    "ANNOTATION_CREATED\x00", "ÄNNOTATION", "x" * 10_000])
 def test_unknown_actions_are_answered_200_and_ignored(handle, redis_db, action):
     response = handle.client.post("/webhook", json={"action": action, "project": {"id": 7}, "annotation": {"id": 1}})
     assert response.status_code == 200
     assert response.json == {"status": "ignored", "action": action}
     assert queued_jobs(redis_db) == {"training": [], "prelabel": []}
     assert not list(redis_db.scan_iter("lsb:train:*"))
+
+
+def test_project_deleted_schedules_a_cleanup_and_queues_nothing(handle, redis_db):
+    """Was ignored (models, datasets and keys of a deleted project stayed forever): README, project lifecycle."""
+    response = handle.client.post("/webhook", json={"action": "PROJECT_DELETED", "project": {"id": 7}})
+    assert response.status_code == 200 and response.json["status"] == "deleted"
+    assert response.json["cleanup_in_hours"] == handle.settings.project_delete_grace_hours > 0
+    assert queued_jobs(redis_db) == {"training": [], "prelabel": []}  # scheduled for later, not queued
+    again = handle.client.post("/webhook", json={"action": "PROJECT_DELETED", "project": 7})
+    assert again.json["status"] == "already_deleted" and again.json["cleanup_job"] == response.json["cleanup_job"]
 
 
 @pytest.mark.parametrize("event,needle", [
