@@ -88,6 +88,7 @@ def test_logs_carry_no_secret(slow_server):
     assert secrets["ls"] not in text
 
 
+@pytest.mark.slow  # a gunicorn start and a model load: about 30 s on a busy 2-core machine
 def test_the_worker_warms_up_before_the_first_setup(tmp_path, redis_url):
     """post_worker_init builds the services and loads the current model: the first /setup builds nothing."""
     project = str(500000 + int(time.time() * 1000) % 99999)
