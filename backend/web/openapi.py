@@ -141,7 +141,8 @@ _SCHEMAS: dict[str, dict] = {
         "properties": {
             "action": {"type": "string", "minLength": 1,
                        "description": "ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED, ANNOTATIONS_DELETED, "
-                                      "START_TRAINING, TASKS_CREATED; anything else is answered 200 and ignored."},
+                                      "START_TRAINING, TASKS_CREATED, PROJECT_DELETED, PROJECT_CREATED; anything else is "
+                                      "answered 200 and ignored. A repeated delivery is answered {\"status\": \"duplicate\"}."},
             "project": {"anyOf": [_ref("ProjectId"), {"type": "object", "additionalProperties": True}]},
             "annotation": {"type": "object", "additionalProperties": True},
             "tasks": {"type": "array", "items": {"type": "object", "additionalProperties": True}},
