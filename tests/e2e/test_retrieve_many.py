@@ -10,7 +10,8 @@ Scale: the fake Gemini answers in 1.5 s and the backend runs GEMINI_CONCURRENCY=
 so 40 tasks are answered inline (10 waves, about 15 s) and 200 tasks (50 waves, about 75 s, above the
 50 s budget) go to the job; the issue's case (200 tasks at 8 s a call, 16 at once: 104 s) has the same
 shape and is unit-tested (tests/backend/serving/test_budget.py). The size is bounded by the job's
-drafting time on this 2-core machine (200 tasks take about 80 s at 4 calls in flight).
+drafting time on this 2-core machine (measured: 40 inline in 26 s, the 413 in 1.6 s, the job drafted
+the 200 in 147 s at 4 calls in flight; the whole module takes about 4 minutes).
 """
 
 from __future__ import annotations
