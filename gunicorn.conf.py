@@ -37,10 +37,25 @@ accesslog = "-"
 # The path only (%(U)s), never the request line (%(r)s) or the query string (%(q)s): the webhook
 # may carry its shared secret as ?token=. No referrer either, for the same reason.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms "%(a)s"'
+# The path and the user agent are the caller's: the logger replaces every configured secret (also percent-
+# encoded) with *** in access and error lines, so /webhook/<secret> logs /webhook/*** (backend/core/logs.py).
+logger_class = "backend.core.logs.GunicornLogger"
+# This folder on sys.path, so logger_class imports whatever folder gunicorn is started from.
+pythonpath = os.path.dirname(os.path.abspath(__file__))
 
 
 def on_starting(server) -> None:
-    """Create the Prometheus multiprocess folder if it is configured but missing."""
+    """Refuse to start with invalid settings (e.g. the .env.example placeholder secret) before any worker
+    forks: a worker failing to load the app is only respawned, forever. Then create the Prometheus
+    multiprocess folder if it is configured but missing."""
+    from pydantic import ValidationError  # here, not at the top: gunicorn reads this file before `pythonpath`
+
+    from backend.core.settings import Settings  # applies, so `backend` imports only from the hooks
+
+    try:
+        Settings()
+    except ValidationError as exc:
+        raise RuntimeError(f"invalid configuration, not starting:\n{exc}") from None  # gunicorn prints it, exits 1
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path:
         os.makedirs(path, exist_ok=True)

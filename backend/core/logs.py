@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+from urllib.parse import quote
+
+from gunicorn import glogging
+from pydantic import ValidationError
 
 from backend.core.settings import Settings
 
@@ -48,6 +53,44 @@ def secrets_of(settings: Settings) -> list[str]:
         settings.basic_auth_pass.get_secret_value(),
         settings.webhook_secret.get_secret_value(),
     ]
+
+
+#: Where the secrets come from when the settings do not load (gunicorn's master starts before they are checked).
+SECRET_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "WEBHOOK_SECRET")
+
+
+def secrets_from_environment() -> list[str]:
+    """Every configured secret, as the settings read it and as the environment spells it."""
+    found = [os.environ.get(name, "") for name in SECRET_VARIABLES]
+    try:
+        found += secrets_of(Settings())
+    except ValidationError:  # e.g. the .env.example placeholder: the app refuses to start, the master still logs
+        pass
+    return found
+
+
+def spellings(secrets: list[str]) -> list[str]:
+    """Each secret as it can appear in a request line: as is, percent-encoded, and as WSGI's latin-1 PATH_INFO."""
+    out = []
+    for secret in filter(None, secrets):
+        out += [secret, quote(secret, safe=""), quote(secret), secret.encode().decode("latin-1")]
+    return list(dict.fromkeys(out))
+
+
+class GunicornLogger(glogging.Logger):
+    """gunicorn's logger with :class:`RedactSecrets` on its error and access logs (``logger_class`` in gunicorn.conf.py).
+
+    The access line holds what the caller chose (path, user agent): a request to ``/webhook/<secret>``
+    would print the secret, since the path is logged and the secret may arrive as a path segment by
+    mistake. The error log repeats malformed request lines. ``setup`` runs again on a reload (HUP).
+    """
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        redactor = RedactSecrets(spellings(secrets_from_environment()))
+        for logger in (self.error_log, self.access_log):
+            logger.filters = [f for f in logger.filters if not isinstance(f, RedactSecrets)]
+            logger.addFilter(redactor)
 
 
 def configure_logging(settings: Settings) -> None:

@@ -22,13 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def _warn_about_open_routes(settings: Settings) -> None:
-    if not settings.webhook_secret.get_secret_value() and not settings.basic_auth_enabled:
-        log.warning("WEBHOOK_SECRET and BASIC_AUTH_* are unset: /webhook and the training routes are open to anyone "
-                    "who can reach this port")
+    if not auth.credentials_configured(settings):
+        log.warning("WEBHOOK_SECRET and BASIC_AUTH_* are unset: every route is open to anyone who can reach this port "
+                    "(predictions spend Gemini money, trainings and pre-labeling run on request)")
     elif not settings.basic_auth_enabled:
-        log.warning("WEBHOOK_SECRET is set but BASIC_AUTH_* is not: Label Studio's 'Start Training' button sends only "
-                    "Basic auth and will be refused; set BASIC_AUTH_USER/BASIC_AUTH_PASS (and enter them in Label Studio), "
-                    "or train with POST /train?project=ID&token=<secret>")
+        log.warning("WEBHOOK_SECRET is set but BASIC_AUTH_* is not: every route but /health and /openapi.json needs the "
+                    "secret, and Label Studio sends only Basic auth to /setup, /predict, /versions and 'Start Training', "
+                    "so it cannot connect; set BASIC_AUTH_USER/BASIC_AUTH_PASS and enter them in Label Studio")
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:

@@ -1,9 +1,13 @@
-"""Who may call what: HTTP Basic on every route but /health, a shared secret on /webhook.
+"""Who may call what: with any credential configured, every route but /health and /openapi.json needs one.
 
-Label Studio sends Basic auth (when set on the ML backend) on /setup, /predict and the
-START_TRAINING webhook, but never on project event webhooks; those carry the shared secret as
-an ``X-Webhook-Secret`` header (set on the LS webhook with PATCH /api/webhooks/{id}) or as a
-``?token=`` in the webhook URL. Comparisons are constant-time.
+Two credentials, each optional: HTTP Basic auth (``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``) and the shared
+``WEBHOOK_SECRET``, given as an ``X-Webhook-Secret`` header or a ``?token=`` query parameter. A request
+passes when it carries any configured one; with neither configured every route is open (a warning is
+logged at start). Label Studio sends only Basic auth, on /setup, /predict, /versions and the
+START_TRAINING webhook, and drops a ``?token=`` written into the model URL (it joins route names onto
+the URL); its event webhooks carry no Basic auth, so they carry the secret (header set on the webhook
+with PATCH /api/webhooks/{id}, or ``?token=`` in the webhook URL, which it keeps). See
+docs/label-studio.md#authentication. Comparisons are constant-time.
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ from backend.web.state import current_settings
 
 WEBHOOK_HEADER = "X-Webhook-Secret"
 OPEN_ROUTES = {"/health", "/openapi.json"}
+# Label Studio's event webhooks cannot answer a Basic challenge: their 401 has no WWW-Authenticate.
 WEBHOOK_ROUTES = {"/webhook"}
-# Routes that change state accept the webhook secret as well as Basic auth, so they are never open
-# when only WEBHOOK_SECRET is configured.
-STATE_ROUTES = {"/webhook", "/train", "/prelabel", "/models/rollback"}
 
 
 def _equal(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def credentials_configured(settings: Settings) -> bool:
+    """True when Basic auth or the webhook secret is set: then every route but the open ones is closed."""
+    return settings.basic_auth_enabled or bool(settings.webhook_secret.get_secret_value())
 
 
 def basic_auth_ok(request: Request, settings: Settings) -> bool:
@@ -39,30 +46,24 @@ def basic_auth_ok(request: Request, settings: Settings) -> bool:
     return user_ok and pass_ok
 
 
-def webhook_ok(request: Request, settings: Settings) -> bool:
-    """True when the webhook secret matches (header or URL token), or Basic auth matches.
+def credentials_ok(request: Request, settings: Settings) -> bool:
+    """True when no credential is configured, or the request carries one that is (the secret, else Basic).
 
-    With neither a secret nor Basic auth configured the route is open (a warning is logged at start).
+    The secret is compared first (a missing one as ""), then Basic auth only if configured and sent.
     """
+    if not credentials_configured(settings):
+        return True
     secret = settings.webhook_secret.get_secret_value()
     if secret:
         given = request.headers.get(WEBHOOK_HEADER) or request.args.get("token") or ""
         if _equal(given, secret):
             return True
-        return settings.basic_auth_enabled and request.authorization is not None and basic_auth_ok(request, settings)
-    return basic_auth_ok(request, settings)
+    return settings.basic_auth_enabled and request.authorization is not None and basic_auth_ok(request, settings)
 
 
 def require_credentials() -> Response | None:
-    """``before_request`` hook: a 401 unless the route is open or the request carries its credentials.
-
-    Label Studio's webhooks cannot answer a Basic challenge, so ``/webhook`` gets no ``WWW-Authenticate``.
-    """
-    if request.path in OPEN_ROUTES:
-        return None
-    settings = current_settings()
-    ok = webhook_ok(request, settings) if request.path in STATE_ROUTES else basic_auth_ok(request, settings)
-    if ok:
+    """``before_request`` hook: a 401 unless the route is open or the request carries a configured credential."""
+    if request.path in OPEN_ROUTES or credentials_ok(request, current_settings()):
         return None
     response = jsonify(error="unauthorized", message="missing or wrong credentials")
     response.status_code = 401

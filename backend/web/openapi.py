@@ -166,7 +166,7 @@ _SCHEMAS: dict[str, dict] = {
 }
 
 
-# Routes that change state take the webhook secret as well as Basic auth (backend.web.app.STATE_ROUTES).
+# Every protected route takes the webhook secret as well as Basic auth (backend.web.auth.credentials_ok).
 _SECRET_OR_BASIC = [{"webhookSecret": []}, {"webhookToken": []}, {"basicAuth": []}]
 
 
@@ -323,13 +323,13 @@ def build_spec(settings: Settings) -> dict:
             "version": API_VERSION,
             "description": (
                 "Label Studio's ML backend protocol (/health, /setup, /predict, /webhook, /versions) plus training, "
-                "model and metrics routes. Every route but /health and /openapi.json needs HTTP Basic auth when "
-                "BASIC_AUTH_USER/BASIC_AUTH_PASS are set; the routes that change state (/webhook, /train, /prelabel, "
-                "/models/rollback) also take the WEBHOOK_SECRET (header X-Webhook-Secret or ?token=) and are never "
-                "open while one is set. Every error is JSON: {\"error\": code, \"message\": text}."
+                "model and metrics routes. When BASIC_AUTH_USER/BASIC_AUTH_PASS or WEBHOOK_SECRET is set, every route but "
+                "/health and /openapi.json needs one of the configured credentials: HTTP Basic auth, or the secret as "
+                "header X-Webhook-Secret or ?token=. With neither set every route is open. "
+                "Every error is JSON: {\"error\": code, \"message\": text}."
             ),
         },
-        "security": [{"basicAuth": []}],
+        "security": _SECRET_OR_BASIC,
         "tags": [{"name": n} for n in ("label-studio", "training", "models", "operations", "meta")],
         "paths": _paths(settings),
         "components": {

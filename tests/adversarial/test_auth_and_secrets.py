@@ -1,14 +1,19 @@
-"""Who may call what, and no secret in any log.
+"""Who may call what, what a caller can spend, and no secret in any log.
 
-- Basic auth (BASIC_AUTH_USER / BASIC_AUTH_PASS) guards every route of the OpenAPI description except
-  the open ones (/health, /openapi.json); the routes that change state (/webhook, /train, /prelabel,
-  /models/rollback) take the shared secret (header X-Webhook-Secret or ?token=) or Basic auth.
-  Malformed credentials are a 401, never a 500.
+- With any credential configured (Basic auth: BASIC_AUTH_USER / BASIC_AUTH_PASS, or the shared secret
+  WEBHOOK_SECRET: header X-Webhook-Secret or ?token=), every route of the OpenAPI description except the
+  open ones (/health, /openapi.json) needs one of them; the shipped configuration (only the secret) closes
+  /predict, /setup, /models, /versions, /metrics and /train/status too. The .env.example placeholder is
+  refused at start. Malformed credentials are a 401, never a 500.
+- Spend is bounded by default: a daily Gemini budget (GEMINI_DAILY_BUDGET_USD, 5 USD) and prompt text from
+  label hints and the interactive query cut at PROMPT_MAX_CHARS.
 - Comparisons are constant-time: every check goes through ``hmac.compare_digest``, and the user and
   the password are both compared even when the user is already wrong (no early exit to time).
 - The real deployment (gunicorn + an ``rq worker``) with every secret set, driven through all routes,
   including failing ones (a Gemini key the API refuses, Label Studio going down mid-way, jobs failing
-  in the worker): the captured output of both processes contains none of the secrets.
+  in the worker), and secrets sent where they do not belong (a /webhook/<secret> path segment, percent-
+  encoded, the user agent, a malformed request line): the captured output of both processes, gunicorn's
+  access log included, contains none of the secrets.
 (Unit cases of backend.web.auth and backend.core.logs are in tests/backend/web/test_auth.py and tests/backend/core/test_logs.py.)
 """
 
@@ -16,7 +21,13 @@ from __future__ import annotations
 
 import base64
 import hmac
+import http.client
+import os
+import signal
+import socket
+import subprocess
 import time
+from urllib.parse import quote, urlsplit
 
 import pytest
 import requests
@@ -24,12 +35,11 @@ from rq.job import Job
 
 from backend.core.settings import Settings
 from backend.web import auth
-from backend.web.auth import STATE_ROUTES
 from backend.web.openapi import build_spec
 from tests import fake_gemini as fg
 from tests.adversarial import CONFIG, PROJECT, car_picture, encode, predict_body, task
 from tests.fake_label_studio import FakeLabelStudio
-from tests.live import base_env, gunicorn, rq_worker, wait_for
+from tests.live import BIN, ROOT, base_env, free_port, gunicorn, rq_worker, wait_for
 
 USER, PASSWORD, HOOK = "ls-backend", "basic-pass-Zq8#x1!9", "hook-secret-7Hc2kP0w"
 
@@ -153,10 +163,113 @@ def test_every_check_is_constant_time_and_compares_user_and_password(guarded, mo
                                   (basic(USER, "guess"), [(USER.encode(), USER.encode()), (b"guess", PASSWORD.encode())])):
             calls.clear()
             assert guarded.client.open(path, method=method.upper(), headers=headers).status_code == 401
-            if path in STATE_ROUTES:  # the secret first (missing: compared as ""), then Basic auth
-                assert calls[0] == (b"", HOOK.encode()) and calls[1:] == expected, calls
-            else:
-                assert calls == expected, (path, calls)
+            # the secret first (missing: compared as ""), then Basic auth, on every protected route
+            assert calls[0] == (b"", HOOK.encode()) and calls[1:] == expected, (path, calls)
+
+
+# --- the shipped configuration: only WEBHOOK_SECRET ----------------------------------------------------
+
+@pytest.fixture
+def secret_only(app_factory, private_redis):
+    """What .env.example gives once its placeholder is replaced: a secret, no Basic auth."""
+    private_redis.client().flushall()
+    handle = app_factory(private_redis.url, basic_auth_user="", basic_auth_pass="", webhook_secret=HOOK)
+    yield handle
+    private_redis.client().flushall()
+
+
+def test_with_only_the_secret_every_route_but_the_open_ones_needs_it(secret_only):
+    """Before: /predict, /setup, /models, /versions, /metrics and /train/status answered anyone."""
+    client = secret_only.client
+    closed = []
+    for path, method, is_open in operations(secret_only.settings):
+        for name, headers in BAD_CREDENTIALS.items():
+            response = client.open(path, method=method.upper(), headers=headers, json={}, query_string={"project": "7"})
+            if is_open:
+                assert response.status_code == 200, (path, name)
+                continue
+            assert response.status_code == 401, (path, method, name, response.status_code)
+            closed.append(path)
+        if not is_open:
+            for kwargs in ({"headers": {"X-Webhook-Secret": HOOK}}, {"query_string": {"token": HOOK, "project": "7"}}):
+                kwargs.setdefault("query_string", {"project": "7"})
+                response = client.open(path, method=method.upper(), json={"project": 7}, **kwargs)
+                assert response.status_code not in (401, 403) and response.status_code < 500, (path, kwargs)
+    assert {"/predict", "/setup", "/models", "/versions", "/metrics", "/train/status"} <= set(closed)
+
+
+def test_the_env_example_placeholder_is_refused_at_start(tmp_path, private_redis):
+    """gunicorn as deployed, with .env.example's WEBHOOK_SECRET: it exits naming the placeholder."""
+    port = free_port()
+    env = base_env(REDIS_URL=private_redis.url, MODEL_DIR=tmp_path / "models", DATA_DIR=tmp_path / "data",
+                   WEBHOOK_SECRET="replace-with-a-long-random-string", PORT=port, WORKERS=1, THREADS=2,
+                   BIND=f"127.0.0.1:{port}")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "backend.web.wsgi:app"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode != 0, output[-3000:]
+    assert "WEBHOOK_SECRET is still the placeholder from .env.example" in output, output[-3000:]
+
+
+# --- spend with the shipped defaults -------------------------------------------------------------------
+
+HINTED = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+          '<Label value="Car" hint="' + "h" * 5000 + '"/><Label value="Person"/></RectangleLabels></View>')
+
+
+@pytest.fixture
+def spender(app_factory, private_redis):
+    """The app with Basic auth, a fake Gemini and Label Studio serving three different pictures; no budget override."""
+    private_redis.client().flushall()
+    ls, gemini = FakeLabelStudio().start(), fg.FakeGemini().start()
+    for i in range(3):
+        ls.files[f"/data/upload/7/car{i}.png"] = encode(car_picture(size=(64 + i, 48)))
+    handle = app_factory(private_redis.url, gemini=gemini, ls=ls, basic_auth_user=USER, basic_auth_pass=PASSWORD)
+    try:
+        yield handle, gemini
+    finally:
+        ls.stop()
+        gemini.stop()
+        private_redis.client().flushall()
+
+
+def _generate_calls(gemini) -> list:
+    return [call for call in gemini.calls if call.is_generate]
+
+
+def test_a_daily_gemini_budget_is_on_by_default(spender):
+    """Before: GEMINI_DAILY_BUDGET_USD defaulted to 0 (no budget), so Gemini was called whatever the day's spend."""
+    handle, gemini = spender
+    assert handle.settings.gemini_daily_budget_usd == 5.0
+    gemini.script(fg.boxes([], output_tokens=3_000_000))  # 7.50 USD at the default output price
+    for i in range(3):
+        response = handle.client.post("/predict", json=predict_body([task(i, f"/data/upload/7/car{i}.png")]),
+                                      headers=GOOD_AUTH)
+        assert response.status_code == 200 and len(response.json["results"]) == 1
+    assert len(_generate_calls(gemini)) == 1, "the budget is spent after the first call: Gemini is skipped"
+
+
+def test_prompt_text_from_hints_and_the_interactive_query_is_capped(spender):
+    """Before: a 5000-character hint and query went to Gemini whole, and every variant made a new cache key."""
+    handle, gemini = spender
+    limit = handle.settings.prompt_max_chars
+    assert limit == 500
+    for tail in ("x" * 5000, "x" * 5000 + "y" * 100):  # the two queries differ only after the cap
+        body = predict_body([task(1, "/data/upload/7/car0.png")], config=HINTED)
+        body["params"] = {"context": {"result": [{"type": "textarea", "value": {"text": ["find the red car " + tail]}}]}}
+        response = handle.client.post("/predict", json=body, headers=GOOD_AUTH)
+        assert response.status_code == 200 and len(response.json["results"]) == 1
+    calls = _generate_calls(gemini)
+    assert len(calls) == 1, "the second query is the first cut at PROMPT_MAX_CHARS: an answer-cache hit"
+    prompt = calls[0].prompt
+    assert "h" * limit in prompt and "h" * (limit + 1) not in prompt
+    assert ("find the red car " + "x" * (limit - 17)) in prompt and "x" * (limit - 16) not in prompt
 
 
 # --- the real deployment: no secret in any log ------------------------------------------------------
@@ -257,10 +370,27 @@ def test_no_secret_reaches_the_logs_of_gunicorn_or_the_worker(deployment):
     chunked = s.post(f"{url}/predict", data=chunks, timeout=30, headers={**GOOD_AUTH, "Content-Type": "application/json"})
     assert chunked.status_code == 413 and chunked.json()["error"] == "request_entity_too_large"
 
+    # secrets where they do not belong (before: gunicorn's access line printed /webhook/<secret>): as a path
+    # segment, percent-encoded, in the user agent, and in a request line gunicorn rejects (its error log)
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    hook_escaped = "".join(f"%{byte:02X}" for byte in HOOK.encode())
+    for method, path, headers in (("POST", f"/webhook/{HOOK}", {}), ("GET", f"/webhook/{hook_escaped}", hook),
+                                  ("POST", f"/predict/{quote(PASSWORD, safe='')}", GOOD_AUTH),
+                                  ("GET", "/health", {"User-Agent": f"probe {SECRETS['GEMINI_API_KEY']}"})):
+        connection = http.client.HTTPConnection(host, port, timeout=5)  # sends the path byte for byte
+        connection.request(method, path, headers=headers)
+        assert connection.getresponse().status in (200, 401, 404, 405), path
+        connection.close()
+    with socket.create_connection((host, port), timeout=5) as raw:
+        raw.sendall(f"GET /webhook/{HOOK}?token={HOOK} HTTP/1.1 junk\r\nHost: x\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 400")
+
     # the captured output of both processes: evidence it is the right output, and no secret in it
     time.sleep(1.0)  # access lines and the worker's last records are flushed
     texts = {name: path.read_text(errors="replace") for name, path in logs.items()}
     assert "POST /predict" in texts["gunicorn"] and "POST /webhook" in texts["gunicorn"]
+    assert '"POST /webhook/*** HTTP/1.1" 401' in texts["gunicorn"] and '"GET /webhook/*** HTTP/1.1" 404' in texts["gunicorn"]
+    assert '"POST /predict/*** HTTP/1.1" 404' in texts["gunicorn"] and '"probe ***"' in texts["gunicorn"]
     assert "gemini" in texts["gunicorn"].lower() and "client_error" in texts["gunicorn"]
     assert "prelabel" in texts["worker"] and "training" in texts["worker"]
     secrets = {**SECRETS, "LABEL_STUDIO_API_KEY": ls.pat, "basic-header": GOOD_AUTH["Authorization"].split()[1]}

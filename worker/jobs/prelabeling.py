@@ -28,6 +28,8 @@ from backend.serving.predictor import Predictor
 from backend.serving.services import build_predictor
 
 log = logging.getLogger(__name__)
+#: Seconds to wait before listing the project's tasks again while ids of the request are missing from it.
+RELIST_DELAYS = (1.0, 2.0, 4.0)
 
 
 def label_studio(settings: Settings):
@@ -49,6 +51,40 @@ def all_tasks(ls, project: int) -> list[dict]:
         data = task.data if isinstance(task.data, dict) else {}
         tasks.append({"id": task.id, "data": data})
     return tasks
+
+
+def project_task_ids(ls, project: int) -> set[int]:
+    """Ids of the project's tasks, from the task list (never ``GET /api/tasks/<id>``: it makes Label Studio call /predict)."""
+    return {int(task.id) for task in ls.tasks.list(project=project)}
+
+
+def _task_id(task: dict) -> int | None:
+    try:
+        return int(task["id"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def own_tasks(ls, project: int, tasks: list[dict]) -> tuple[list[dict], int]:
+    """The ``tasks`` that belong to ``project`` in Label Studio, and how many did not.
+
+    Task ids come from the request (a webhook payload, /predict's overflow, ``lsb push``); the API token can
+    usually write to other projects too, so a draft is stored only on a task the project's own list holds.
+    Label Studio may send TASKS_CREATED before its import commits (a re-import runs in one transaction),
+    so missing ids are looked for again after each of ``RELIST_DELAYS``.
+    """
+    wanted = {_task_id(task) for task in tasks} - {None}
+    ids = project_task_ids(ls, project)
+    for delay in RELIST_DELAYS:
+        if wanted <= ids:
+            break
+        time.sleep(delay)
+        ids = project_task_ids(ls, project)
+    own = [task for task in tasks if _task_id(task) in ids]
+    if len(own) < len(tasks):
+        log.warning("pre-labeling project %s: %d of %d tasks are not in the project; skipped", project,
+                    len(tasks) - len(own), len(tasks))
+    return own, len(tasks) - len(own)
 
 
 def prelabel_tasks(project: str, tasks: list[dict] | None = None, label_config: str | None = None) -> dict:
@@ -79,8 +115,11 @@ def _prelabel(settings: Settings, predictor: Predictor, pid: int, tasks: list[di
     if label_config is None:
         label_config = ls.projects.get(pid).label_config
     config = ProjectConfig.parse(label_config)
+    foreign = 0
     if tasks is None:
         tasks = all_tasks(ls, pid)
+    else:
+        tasks, foreign = own_tasks(ls, pid, tasks)
 
     held = _existing_versions(ls, pid)
     started = time.monotonic()
@@ -108,6 +147,6 @@ def _prelabel(settings: Settings, predictor: Predictor, pid: int, tasks: list[di
         if wait > 0 and start + settings.prelabel_batch < len(tasks):
             time.sleep(wait)  # stay under GEMINI_RPM for long imports
     result = {"project": str(pid), "tasks": len(tasks), "stored": stored, "skipped": skipped, "failed": failed,
-              "failure_reasons": reasons, "seconds": round(time.monotonic() - started, 2)}
+              "not_in_project": foreign, "failure_reasons": reasons, "seconds": round(time.monotonic() - started, 2)}
     log.info("pre-labeled project %s: %s", pid, result)
     return result

@@ -132,9 +132,15 @@ def thinking_off_supported(model: str) -> bool:
     return "2.5-flash" in model.lower()
 
 
-def _label_lines(config: ProjectConfig) -> str:
+def clip(text: str, max_chars: int | None) -> str:
+    """``text`` cut to ``max_chars`` characters (PROMPT_MAX_CHARS; None = as is): request data sets hints and
+    queries, and every character is paid for and makes a new cache key."""
+    return text if max_chars is None or len(text) <= max_chars else text[:max_chars].rstrip()
+
+
+def _label_lines(config: ProjectConfig, max_chars: int | None = None) -> str:
     return "\n".join(
-        f"- {label.value}: {label.hint}" if label.hint and label.hint != label.value else f"- {label.value}"
+        f"- {label.value}: {clip(label.hint, max_chars)}" if label.hint and label.hint != label.value else f"- {label.value}"
         for label in config.labels
     )
 
@@ -150,8 +156,11 @@ def best_label(config: ProjectConfig, query: str) -> str:
     return config.labels[0].value
 
 
-def build_prompt(config: ProjectConfig, query: str | None, max_objects: int, masks: bool) -> tuple[str, str]:
-    """``(system_instruction, user_prompt)`` after Google's detection recipe (docs/gemini.md#prompt-recipe)."""
+def build_prompt(config: ProjectConfig, query: str | None, max_objects: int, masks: bool,
+                 max_chars: int | None = None) -> tuple[str, str]:
+    """``(system_instruction, user_prompt)`` after Google's detection recipe (docs/gemini.md#prompt-recipe).
+
+    Each hint and the query are cut to ``max_chars`` characters."""
     keys = '"box_2d", "mask" and "label"' if masks else '"box_2d" and "label"'
     system = (
         "You detect objects in images for a labeling tool. Answer with a JSON array only: no code "
@@ -162,10 +171,10 @@ def build_prompt(config: ProjectConfig, query: str | None, max_objects: int, mas
     )
     if masks:
         system += " \"mask\" is the segmentation mask of the object inside its box."
-    labels = _label_lines(config)
+    labels = _label_lines(config, max_chars)
     if query:
         prompt = (
-            f"Find: {query.strip()}\n"
+            f"Find: {clip(query.strip(), max_chars)}\n"
             f"Label each object found with the best fitting name from this list (name: description):\n{labels}\n"
             f"If none fits, use \"{best_label(config, query)}\"."
         )
@@ -229,8 +238,12 @@ class GeminiDetector:
             raise GeminiUnavailable("not_configured", self._why_off)
         started = time.monotonic()
         query = (query or "").strip() or None
+        limit = self.settings.prompt_max_chars
+        if query and len(query) > limit:
+            log.info("gemini: interactive query of %d characters cut to PROMPT_MAX_CHARS=%d", len(query), limit)
+            query = clip(query, limit)
         masks = config.wants_masks
-        system, prompt = build_prompt(config, query, self.settings.gemini_max_objects, masks)
+        system, prompt = build_prompt(config, query, self.settings.gemini_max_objects, masks, limit)
         key = self.cache.key(image_sha256, f"{system}\n\n{prompt}", self.model, self._answer_params(masks))
         fallback = best_label(config, query) if query else None
 

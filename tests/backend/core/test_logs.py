@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from datetime import timedelta
 
 import pytest
+from gunicorn.config import Config
 
-from backend.core.logs import RedactSecrets, configure_logging, secrets_of
+from backend.core.logs import GunicornLogger, RedactSecrets, configure_logging, secrets_of, spellings
 from backend.core.settings import Settings
 
 GEMINI_KEY = "AIzaFAKE-gemini-key-0123456789"
@@ -245,3 +247,37 @@ class TestConfigureLogging:
         assert clean_root.handlers
         assert all(len(redactors(h)) == 1 for h in clean_root.handlers)
         assert not any(type(h) is logging.StreamHandler and h.stream is sys.stderr for h in clean_root.handlers)
+
+
+# --- gunicorn's logger (gunicorn.conf.py logger_class) -------------------------------------------------
+
+class TestGunicornLogger:
+    """Unit cases; tests/adversarial/test_auth_and_secrets.py drives a real gunicorn."""
+
+    def access_line(self, monkeypatch, path: str, user_agent: str = "curl") -> str:
+        monkeypatch.setenv("WEBHOOK_SECRET", HOOK_SECRET)
+        monkeypatch.setenv("GEMINI_API_KEY", GEMINI_KEY)
+        cfg = Config()
+        cfg.set("accesslog", "-")
+        cfg.set("access_log_format", '"%(m)s %(U)s %(H)s" %(s)s "%(a)s"')
+        logger = GunicornLogger(cfg)
+        stream = io.StringIO()
+        for handler in logger.access_log.handlers:
+            if getattr(handler, "_gunicorn", False):  # gunicorn's own handler, not pytest's capture
+                handler.setStream(stream)
+        environ = {"REQUEST_METHOD": "POST", "RAW_URI": path, "PATH_INFO": path, "QUERY_STRING": "",
+                   "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_USER_AGENT": user_agent, "REMOTE_ADDR": "127.0.0.1"}
+        response = type("Response", (), {"status": "404 NOT FOUND", "sent": 0, "headers": []})()
+        logger.access(response, type("Request", (), {"headers": []})(), environ, timedelta(milliseconds=3))
+        return stream.getvalue()
+
+    def test_a_secret_in_the_path_or_the_user_agent_is_redacted(self, monkeypatch):
+        """Before: the access line printed /webhook/<secret> (the path is logged, the query string is not)."""
+        line = self.access_line(monkeypatch, f"/webhook/{HOOK_SECRET}", user_agent=f"agent {GEMINI_KEY}")
+        assert line.strip() == '"POST /webhook/*** HTTP/1.1" 404 "agent ***"'
+
+    def test_a_clean_line_is_untouched(self, monkeypatch):
+        assert self.access_line(monkeypatch, "/predict").strip() == '"POST /predict HTTP/1.1" 404 "curl"'
+
+    def test_spellings_cover_percent_encoding_and_latin1(self):
+        assert spellings(["a b/ü", ""]) == ["a b/ü", "a%20b%2F%C3%BC", "a%20b/%C3%BC", "a b/Ã¼"]

@@ -14,6 +14,8 @@ from tests.worker_fixtures import cleanup_queues, make_settings, populate, setti
 
 pytestmark = pytest.mark.slow
 SECRET = "loop-secret-1234"
+# With WEBHOOK_SECRET set every route but /health needs a credential (backend.web.auth).
+HOOK = {"X-Webhook-Secret": SECRET}
 
 
 def gunicorn_workers(url: str) -> set[int]:
@@ -37,7 +39,7 @@ def versions_seen(url: str, config: str, n: int = 12) -> set[str]:
     seen = set()
     for _ in range(n):
         seen.add(requests.post(f"{url}/setup", json={"project": f"{PROJECT}.1", "schema": config},
-                               timeout=3).json()["model_version"])
+                               headers=HOOK, timeout=3).json()["model_version"])
     return seen
 
 
@@ -61,7 +63,7 @@ def test_webhook_trains_promotes_and_every_worker_swaps_without_restart(tmp_path
             assert len(workers_before) >= 2
             assert versions_seen(url, config) == {"no-model"}
             empty = requests.post(f"{url}/predict", json={"tasks": [task], "label_config": config, "project": f"{pid}.1"},
-                                  timeout=30).json()
+                                  headers=HOOK, timeout=30).json()
             assert empty["results"] == [{"result": [], "score": 0.0, "model_version": "no-model"}]
 
             # Label Studio's "Start Training" arrives as a webhook.
@@ -70,11 +72,11 @@ def test_webhook_trains_promotes_and_every_worker_swaps_without_restart(tmp_path
             assert response.status_code == 201, response.text
             assert wait_for(lambda: versions_seen(url, config) == {"yolo:v0001"}, timeout=400, interval=1.0), (
                 (tmp_path / "worker.log").read_text()[-3000:])
-            status = requests.get(f"{url}/train/status", params={"project": pid}, timeout=2).json()
+            status = requests.get(f"{url}/train/status", params={"project": pid}, headers=HOOK, timeout=2).json()
             assert status["current_version"] == "v0001"
 
             prediction = requests.post(f"{url}/predict", json={"tasks": [task], "label_config": config, "project": f"{pid}.1"},
-                                       timeout=30).json()["results"][0]
+                                       headers=HOOK, timeout=30).json()["results"][0]
             assert prediction["model_version"] == "yolo:v0001"
             assert prediction["result"], "the trained model proposes boxes at threshold 0.001"
             assert {r["meta"]["source"] for r in prediction["result"]} == {"yolo"}
@@ -84,7 +86,7 @@ def test_webhook_trains_promotes_and_every_worker_swaps_without_restart(tmp_path
             assert wait_for(lambda: versions_seen(url, config) == {"yolo:v0002"}, timeout=400, interval=1.0), (
                 (tmp_path / "worker.log").read_text()[-3000:])
             assert gunicorn_workers(url) == workers_before, "the serving processes were never restarted"
-            metrics = requests.get(f"{url}/metrics", timeout=5).text
+            metrics = requests.get(f"{url}/metrics", headers=HOOK, timeout=5).text
             assert 'lsb_model_swaps_total{outcome="loaded"}' in metrics
     finally:
         cleanup_queues(redis15, prefix)

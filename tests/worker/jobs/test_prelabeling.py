@@ -12,6 +12,7 @@ from backend.core.settings import get_settings
 from tests import fake_gemini as fg
 from tests.fake_label_studio import FakeLabelStudio
 from tests.synthetic import label_config, make_images
+from worker.jobs import prelabeling
 from worker.jobs.prelabeling import prelabel_tasks
 
 CLASSES = ("Car", "Person")
@@ -73,3 +74,40 @@ def test_the_job_starts_no_hot_swap_watcher_thread(project):
     result = prelabel_tasks(str(pid), None, None)
     assert result["stored"] == 4
     assert {t for t in threading.enumerate() if t.name in watchers} == before
+
+
+def test_only_tasks_of_the_project_get_a_draft(project, monkeypatch):
+    """Before: the job stored a draft on every task id it was given, in whatever project the token could reach."""
+    monkeypatch.setattr(prelabeling, "RELIST_DELAYS", (0.01, 0.01))
+    listings = []
+    real_listing = prelabeling.project_task_ids
+    monkeypatch.setattr(prelabeling, "project_task_ids", lambda ls, pid: listings.append(pid) or real_listing(ls, pid))
+    ls, _, pid, ids, images = project
+    other = ls.add_project(label_config(CLASSES))
+    foreign = ls.add_task(other, images[0].encode())
+    tasks = [{"id": ids[0], "data": ls.tasks[ids[0]]["data"]},
+             {"id": foreign, "data": ls.tasks[foreign]["data"]},   # another project's task
+             {"id": 10**9, "data": ls.tasks[ids[1]]["data"]},      # no such task
+             {"id": "not-an-id", "data": {}}, {"data": {}}]        # malformed ids
+    result = prelabel_tasks(str(pid), tasks, ls.projects[pid]["label_config"])
+    assert result["stored"] == 1 and result["tasks"] == 1 and result["not_in_project"] == 4
+    assert len(ls.tasks[ids[0]]["predictions"]) == 1
+    assert ls.tasks[foreign]["predictions"] == []
+    assert listings == [pid, pid, pid], "missing ids are looked for again after each delay"
+
+
+def test_a_task_label_studio_has_not_committed_yet_is_found_on_a_later_listing(project, monkeypatch):
+    """TASKS_CREATED can arrive before Label Studio's import commits: the job lists the project again."""
+    monkeypatch.setattr(prelabeling, "RELIST_DELAYS", (0.01, 0.01))
+    ls, _, pid, ids, _ = project
+    ls.tasks[ids[0]]["project"] = -1  # not visible in the project's list yet
+    real_listing = prelabeling.project_task_ids
+
+    def listing(client, project_id):
+        found = real_listing(client, project_id)
+        ls.tasks[ids[0]]["project"] = pid  # "committed" right after the first listing
+        return found
+
+    monkeypatch.setattr(prelabeling, "project_task_ids", listing)
+    result = prelabel_tasks(str(pid), [{"id": ids[0], "data": ls.tasks[ids[0]]["data"]}], ls.projects[pid]["label_config"])
+    assert result["stored"] == 1 and result["not_in_project"] == 0
