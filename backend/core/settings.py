@@ -10,10 +10,13 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.core.ultralytics_env import EXPORT_FORMATS
+
+#: How the placeholders of .env.example begin; a secret that still starts so is refused at start.
+PLACEHOLDER_PREFIX = "replace-with-"
 
 
 class Settings(BaseSettings):
@@ -37,12 +40,15 @@ class Settings(BaseSettings):
     # --- auth -----------------------------------------------------------------------------------
     basic_auth_user: str = Field(
         "",
-        description="If set with BASIC_AUTH_PASS, HTTP Basic auth on every route except /health and /metrics.",
+        description=("If set with BASIC_AUTH_PASS, HTTP Basic auth; with it or WEBHOOK_SECRET set, every route except "
+                     "/health and /openapi.json needs one of them (README, Routes)."),
     )
     basic_auth_pass: SecretStr = Field(SecretStr(""), description="Password for BASIC_AUTH_USER.")
     webhook_secret: SecretStr = Field(
         SecretStr(""),
-        description="Shared secret for /webhook: header X-Webhook-Secret or ?token=. Empty = open (logged as a warning).",
+        description=("Shared secret (header X-Webhook-Secret or ?token=) for Label Studio's event webhooks; opens every "
+                     "route Basic auth opens. The .env.example placeholder is refused. Both empty = every route open "
+                     "(logged as a warning)."),
     )
 
     # --- Gemini ---------------------------------------------------------------------------------
@@ -74,8 +80,13 @@ class Settings(BaseSettings):
     gemini_price_input_per_m: float = Field(0.30, description="USD per 1M input tokens (cost estimate).")
     gemini_price_output_per_m: float = Field(2.50, description="USD per 1M output tokens, thinking included.")
     gemini_daily_budget_usd: float = Field(
-        0.0, ge=0,
-        description="Skip Gemini for the rest of the UTC day once spent. 0 = no budget.",
+        5.0, ge=0,
+        description="Skip Gemini for the rest of the UTC day once this many USD are spent (YOLO serves). 0 = no budget.",
+    )
+    prompt_max_chars: int = Field(
+        500, ge=1,
+        description=("Longest free text put into a Gemini prompt: each label's hint and the interactive query "
+                     "(params.context) are cut to this many characters."),
     )
     gemini_breaker_failures: int = Field(5, ge=1, description="Consecutive failed tasks that open the circuit breaker.")
     gemini_breaker_cooldown: float = Field(60.0, description="Seconds the breaker stays open before Gemini is tried again.")
@@ -212,6 +223,15 @@ class Settings(BaseSettings):
         "",
         description="Read /data/local-files/?d= paths directly under this root (LS LOCAL_FILES_DOCUMENT_ROOT).",
     )
+
+    @field_validator("webhook_secret", "basic_auth_pass")
+    @classmethod
+    def _not_a_placeholder(cls, value: SecretStr, info) -> SecretStr:
+        """A copied .env.example must not ship a secret everyone knows: refuse to start instead."""
+        if value.get_secret_value().strip().startswith(PLACEHOLDER_PREFIX):
+            raise ValueError(f"{info.field_name.upper()} is still the placeholder from .env.example; set a long random "
+                             "value: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        return value
 
     @property
     def gemini_enabled(self) -> bool:
