@@ -101,10 +101,11 @@ LOCK_NEW := $(LOCK_VENV)/bin/python -c 'import re, sys; name = lambda line: re.s
 	sys.stdout.writelines(sorted((line for line in sys.stdin if name(line) not in pinned), key=str.lower))'
 # Never pinned: the GUI OpenCV that Ultralytics asks for (libGL; it shares cv2/ with the headless one
 # label-studio-sdk needs, which Ultralytics runs on just as well). make install uses --no-deps.
-LOCK_DROP := opencv-python|opencv-contrib-python
+# pip and wheel are the installer's own (setuptools is pinned: torch requires it at run time).
+LOCK_DROP := opencv-python|opencv-contrib-python|pip|wheel
 define lock_step
 	$(LOCK_VENV)/bin/python -m pip install --progress-bar off -r $(1:.txt=.in) $(foreach f,$(2),-c $(f).pins)
-	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -vE '^($(LOCK_DROP))==' | $(LOCK_NEW) $(foreach f,$(2),$(f).pins) > $(1).pins
+	$(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -vE '^($(LOCK_DROP))==' | $(LOCK_NEW) $(foreach f,$(2),$(f).pins) > $(1).pins
 	{ sed -n '/^\(#\|-r \)/!q;p' $(1) 2>/dev/null || true; cat $(1).pins; } > $(1).new
 endef
 
