@@ -31,12 +31,13 @@ GOOD_ID, BAD_ID = 1, 666
 
 @pytest.fixture(scope="module")
 def ls():
-    """Fake Label Studio with two extra routes: ``/raw/<name>`` serves ``raw[name] = (bytes, content
-    type)`` as is (HTML pages, SVG...), behind the same auth as uploads."""
+    """Fake Label Studio with an extra route: ``/data/upload/raw/<name>`` serves ``raw[name] = (bytes,
+    content type)`` as is (HTML pages, SVG...). It sits under the upload path because the loader sends
+    Label Studio's token only to media paths."""
     fake = FakeLabelStudio()
     fake.raw = {}
 
-    @fake.app.get("/raw/<name>")
+    @fake.app.get("/data/upload/raw/<name>")
     def raw(name):
         data, content_type = fake.raw[name]
         return Response(data, content_type=content_type)
@@ -102,7 +103,7 @@ def upload(ls: FakeLabelStudio, name: str, data: bytes) -> str:
 
 def raw(ls: FakeLabelStudio, name: str, data: bytes, content_type: str) -> str:
     ls.raw[name] = (data, content_type)
-    return f"/raw/{name}"
+    return f"/data/upload/raw/{name}"
 
 
 # --- images that must fail alone ---------------------------------------------------------------------
