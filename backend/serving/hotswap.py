@@ -179,7 +179,15 @@ class ModelHolder:
         with load_lock:
             info = self.registry.current(project)
             current = self._models.get(project)
-            if info is None or (current is not None and current.version == info.version):
+            if info is None:
+                if current is not None:  # the project lost its current version (deleted and cleaned up)
+                    with self._lock:
+                        self._models.pop(project, None)
+                    HOTSWAPS.labels("unloaded").inc()
+                    log.info("project %s has no current version any more: stopped serving YOLO %s", project,
+                             current.version)
+                return None
+            if current is not None and current.version == info.version:
                 return current
             if (project, info.version) in self._failed:
                 return current

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 
 import pytest
 import redis
 
+from backend.core.keys import model_current
 from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings
 from backend.serving.hotswap import ModelHolder
@@ -135,3 +137,15 @@ def test_model_path_checkpoints_are_a_bounded_lru(tmp_path, redis_url, checkpoin
         assert holder.for_path("a.pt") is a
     finally:
         holder.stop()
+
+
+def test_a_project_whose_versions_are_removed_stops_being_served(holder_and_registry, checkpoints, project):
+    """After a deleted project's cleanup removes its models, no process keeps serving the loaded one."""
+    holder, registry = holder_and_registry
+    v1 = registry.add_version(project, checkpoints[0], {"classes": ["Car", "Person"]})
+    registry.promote(project, v1.version)
+    assert holder.get(project).version == "v0001"
+    shutil.rmtree(registry.model_dir / project)  # what worker.jobs.cleanup does after the grace period
+    registry.redis.delete(model_current(project))
+    assert wait_for(lambda: project not in holder.loaded())  # the watcher drops it without a request
+    assert holder.get(project) is None and holder.version(project) is None
