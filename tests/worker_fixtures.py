@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -295,6 +296,15 @@ def job_status(client: redis_lib.Redis, job_id: str) -> str | None:
 def cleanup_queues(client: redis_lib.Redis, prefix: str) -> None:
     for k in client.scan_iter(f"rq:*{prefix}*"):
         client.delete(k)
+
+
+@pytest.fixture
+def qprefix(monkeypatch, redis15):
+    """A queue prefix (``LSB_QUEUE_PREFIX``) only this test uses; its queues are removed after."""
+    prefix = f"t{uuid.uuid4().hex[:8]}-"
+    monkeypatch.setenv("LSB_QUEUE_PREFIX", prefix)
+    yield prefix
+    cleanup_queues(redis15, prefix)
 
 
 # --- a cheap training job that follows the real protocol ------------------------------------------

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from backend.core import keys
 from backend.core import queue as wq
 from backend.core.registry import ModelRegistry
-from tests.worker_fixtures import cleanup_queues, make_settings
+from tests.worker_fixtures import make_settings
 from worker.training import lock
-
-
-@pytest.fixture
-def qprefix(monkeypatch, redis15):
-    prefix = f"t{uuid.uuid4().hex[:8]}-"
-    monkeypatch.setenv("LSB_QUEUE_PREFIX", prefix)
-    yield prefix
-    cleanup_queues(redis15, prefix)
 
 
 def test_02_and_2_share_one_lock(redis15, project_id):

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -20,15 +19,7 @@ from backend.core.connection import connect
 from backend.core.registry import ModelRegistry
 from tests.live import wait_for
 from tests.paths import TEST_REDIS_URL
-from tests.worker_fixtures import ROOT, RQWorker, cleanup_queues, good_model, job_status, make_settings, populate, settings_env
-
-
-@pytest.fixture
-def qprefix(monkeypatch, redis15):
-    prefix = f"t{uuid.uuid4().hex[:8]}-"
-    monkeypatch.setenv("LSB_QUEUE_PREFIX", prefix)
-    yield prefix
-    cleanup_queues(redis15, prefix)
+from tests.worker_fixtures import ROOT, RQWorker, good_model, job_status, make_settings, populate, settings_env
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,7 +17,7 @@ from backend.core import keys, lifecycle
 from backend.core import queue as wq
 from backend.web.webhook import BadEvent, handle_event
 from tests.paths import RECORDED_REQUESTS
-from tests.worker_fixtures import cleanup_queues, make_settings
+from tests.worker_fixtures import make_settings
 
 RECORDED = [r["body"] for r in json.loads(RECORDED_REQUESTS.read_text())["requests"] if r["path"] == "/webhook"]
 
@@ -31,14 +30,6 @@ def recorded(action: str, project: int) -> dict:
         if isinstance(nested, dict) and "project" in nested:
             nested["project"] = project
     return body
-
-
-@pytest.fixture
-def qprefix(monkeypatch, redis15):
-    prefix = f"t{uuid.uuid4().hex[:8]}-"
-    monkeypatch.setenv("LSB_QUEUE_PREFIX", prefix)
-    yield prefix
-    cleanup_queues(redis15, prefix)
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ Label Studio cannot say."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from backend.core import keys, lifecycle
@@ -14,16 +12,8 @@ from backend.core.label_studio import LabelStudioUnavailable
 from backend.web.webhook import handle_event
 from tests.live import wait_for
 from tests.synthetic import label_config
-from tests.worker_fixtures import RQWorker, cleanup_queues, job_status, make_settings, settings_env
+from tests.worker_fixtures import RQWorker, job_status, make_settings, settings_env
 from worker.jobs.cleanup import run_cleanup
-
-
-@pytest.fixture
-def qprefix(monkeypatch, redis15):
-    prefix = f"t{uuid.uuid4().hex[:8]}-"
-    monkeypatch.setenv("LSB_QUEUE_PREFIX", prefix)
-    yield prefix
-    cleanup_queues(redis15, prefix)
 
 
 @pytest.fixture

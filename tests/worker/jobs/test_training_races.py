@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-import uuid
 
-import pytest
 from rq.job import Job
 
 from backend.core import keys
 from backend.core.registry import ModelRegistry
 from tests.models import make_checkpoint
-from tests.worker_fixtures import cleanup_queues, make_settings, populate
+from tests.worker_fixtures import make_settings, populate
 from worker.jobs import training as training_mod
 from worker.jobs.training import run_training, train_project
-
-
-@pytest.fixture
-def qprefix(monkeypatch, redis15):
-    prefix = f"t{uuid.uuid4().hex[:8]}-"
-    monkeypatch.setenv("LSB_QUEUE_PREFIX", prefix)
-    yield prefix
-    cleanup_queues(redis15, prefix)
 
 
 def test_a_rollback_during_a_training_is_not_promoted_over(fake_ls, tmp_path, redis15, project_id, monkeypatch):
