@@ -96,8 +96,10 @@ class Router:
             FALLBACKS.labels("not_configured").inc()
             return None, "gemini not_configured"
         started = time.perf_counter()
+        cached = False
         try:
             detections = self.gemini.detect(image.image, image.sha256, config, query)
+            cached = bool(detections.meta.get("cached"))
         except GeminiUnavailable as exc:
             FALLBACKS.labels(exc.reason).inc()
             log.info("gemini did not serve a task: %s (%s)", exc.reason, exc.message)
@@ -107,7 +109,10 @@ class Router:
             log.exception("gemini failed unexpectedly")
             return None, f"gemini error: {type(exc).__name__}"
         finally:
-            if self.latency is not None:  # failures too: a slow failing Gemini is what the estimate must see
+            # Failures count too (a slow failing Gemini is what the estimate must see); a cache hit does not:
+            # it made no call, and its milliseconds would tell the inline-or-background decision that
+            # Gemini is fast, so a later batch of uncached tasks would be answered inline and time out.
+            if self.latency is not None and not cached:
                 self.latency.observe("gemini", time.perf_counter() - started)
         DETECT_SECONDS.labels("gemini").observe(time.perf_counter() - started)
         return detections, ""

@@ -7,6 +7,7 @@ import gc
 import io
 import threading
 import tracemalloc
+import uuid
 import weakref
 
 import numpy as np
@@ -80,6 +81,31 @@ def test_the_router_measures_gemini_calls_including_slow_ones():
             gemini.close()
     assert outcome.detections.source == "gemini"
     assert latency.measured["gemini"] and 0.4 <= latency.snapshot()[0] < 5
+
+
+def test_cache_hits_are_not_measured_as_gemini_latency(redis_client):
+    """A batch answered from the Gemini cache says nothing of Gemini's latency: measuring its milliseconds
+    once made a 200-task Retrieve look fast enough to answer inline, and it ran into the deadline."""
+    with fg.FakeGemini() as server:
+        server.responder = lambda request: fg.delayed(fg.ok('[{"box_2d": [0, 0, 500, 500], "label": "Car"}]'), 0.4)
+        settings = Settings(gemini_api_key=fg.DEFAULT_KEY, gemini_base_url=server.base_url, gemini_task_deadline=5,
+                            gemini_breaker_failures=1000)
+        prefix = f"test:budget:{uuid.uuid4().hex}"
+        gemini = GeminiDetector(settings, redis_client, prefix=prefix)
+        loader = ImageLoader(settings, cache=False)
+        url = data_url(64, seed=2)
+        try:
+            called, hit = LatencyModel(gemini_prior_s=5.0), LatencyModel(gemini_prior_s=5.0)
+            Router(settings, loader, gemini, called).run([(url, 1)], CONFIG, None)
+            (outcome,) = Router(settings, loader, gemini, hit).run([(url, 1)], CONFIG, None)
+        finally:
+            loader.close()
+            gemini.close()
+            for key in redis_client.scan_iter(f"{prefix}*"):
+                redis_client.delete(key)
+    assert len(server.calls) == 1 and outcome.detections.meta.get("cached")
+    assert called.measured["gemini"] and 0.4 <= called.snapshot()[0] < 5
+    assert not hit.measured["gemini"] and hit.snapshot()[0] == 5.0  # still the pessimistic prior
 
 
 # --- the pixel budget ---------------------------------------------------------------------------------
