@@ -69,6 +69,8 @@ LS_PASSWORD = "e2e-only-Passw0rd"  # a throwaway Label Studio on a loopback port
 CLASSES = ("Person with helmet", "Person without helmet", "Helmet")
 LOG_TAIL_CHARS = 8000
 
+#: Log lines left out of a failing report: the tests' own polling, which would push out what explains it.
+LOG_NOISE = re.compile(r'"GET /api/(predictions|tasks|ml)/?\?[^"]*" 200 |"GET /(health|train/status)[^"]*" 200 ')
 #: name -> log file; their tails are attached to failing reports.
 LOGS: dict[str, Path] = {}
 #: step -> seconds; printed in the terminal summary.
@@ -146,7 +148,9 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.failed:
         for name, path in list(LOGS.items()):
-            report.sections.append((f"{name} log (last {LOG_TAIL_CHARS} characters of {path})", tail(path)))
+            text = "\n".join(line for line in tail(path, 20 * LOG_TAIL_CHARS).splitlines() if not LOG_NOISE.search(line))
+            report.sections.append((f"{name} log (last {LOG_TAIL_CHARS} characters of {path}, polling left out)",
+                                    text[-LOG_TAIL_CHARS:]))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -602,6 +606,15 @@ class Backend:
         if agent is not None:
             lines = [line for line in lines if agent in line]
         return lines
+
+    def story(self, project: int | None = None) -> str:
+        """What the backend did with events and jobs (webhooks, pre-labeling, training, errors): a timeout's explanation."""
+        wanted = re.compile(r'"POST /(webhook|predict)|pre-label|prelabel|not in the project|training|Traceback|Error|'
+                            r'ERROR|WARNING|failed')
+        lines = [line for line in self.log().splitlines() if wanted.search(line)]
+        if project is not None:
+            lines = [line for line in lines if "project" not in line or str(project) in line]
+        return "backend log, events and jobs (last 60):\n" + "\n".join(lines[-60:])
 
     # processes
     def service_pids(self) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class Flow:
         def describe() -> str:
             current = self.predictions()
             missing = [t for t in task_ids if not current.get(t)]
-            return f"tasks without a prediction: {missing}"
+            return f"tasks without a prediction: {missing}\n{self.backend.story(self.project)}"
         return describe
 
     def retrieve(self, task_ids) -> dict:

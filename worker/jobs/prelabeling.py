@@ -29,7 +29,10 @@ from backend.serving.services import build_predictor
 
 log = logging.getLogger(__name__)
 #: Seconds to wait before listing the project's tasks again while ids of the request are missing from it.
-RELIST_DELAYS = (1.0, 2.0, 4.0)
+#: Label Studio 1.23 sends TASKS_CREATED inside the import's transaction (data_import/functions.py),
+#: before it updates the project's counters and commits, so the ids may be invisible for a while on a
+#: loaded host. 7 s in all was the old window; about 30 s now, then the ids count as foreign.
+RELIST_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def label_studio(settings: Settings):
@@ -82,8 +85,9 @@ def own_tasks(ls, project: int, tasks: list[dict]) -> tuple[list[dict], int]:
         ids = project_task_ids(ls, project)
     own = [task for task in tasks if _task_id(task) in ids]
     if len(own) < len(tasks):
-        log.warning("pre-labeling project %s: %d of %d tasks are not in the project; skipped", project,
-                    len(tasks) - len(own), len(tasks))
+        missing = sorted(wanted - ids)
+        log.warning("pre-labeling project %s: %d of %d tasks are not in the project after %.0f s; skipped: %s",
+                    project, len(tasks) - len(own), len(tasks), sum(RELIST_DELAYS), missing[:20])
     return own, len(tasks) - len(own)
 
 
