@@ -12,7 +12,7 @@ Training coordination, one set per project (:mod:`backend.core.queue`, :mod:`wor
     lsb:train:<p>:last      JSON result of the last finished (or failed) training
     lsb:train:<p>:labels_deleted   unix time of the last ANNOTATIONS_DELETED (flag on /train/status)
 
-Webhook and project lifecycle (:mod:`backend.web.webhook`, :mod:`backend.core.queue`, :mod:`worker.jobs.cleanup`)::
+Webhook and project lifecycle (:mod:`backend.web.webhook`, :mod:`backend.core.prelabel_queue`, :mod:`worker.jobs.cleanup`)::
 
     lsb:webhook:<p>:seen:<sha256>   "1" with a TTL: one delivery of an event already handled (dedupe)
     lsb:prelabel:<p>:queued         hash task id (or "*" = all tasks) -> "<rq job id> <unix time>"

@@ -32,11 +32,11 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from backend.core import keys
+from backend.core.prelabel_queue import prelabel_job_ids
 from backend.core.queue import (
     RESULT_TTL_S,
     TRAINING_QUEUE,
     delete_if_equal,
-    prelabel_job_ids,
     queue_name,
     text,
 )

@@ -1,4 +1,6 @@
-"""The enqueue/status API the web uses: training requests with coalescing, pre-labeling, status.
+"""The enqueue/status API the web uses: queue names, job state, training requests with coalescing, status.
+
+Pre-labeling requests (per-task claims) are in :mod:`backend.core.prelabel_queue`.
 
 Light imports only (every web request path imports this). Queues: ``training`` and ``prelabel``
 (``LSB_QUEUE_PREFIX`` is prepended, e.g. for tests). Start workers with the scheduler so retries
@@ -49,7 +51,7 @@ PENDING_TTL_S = 7 * 24 * 3600
 RESULT_TTL_S = 7 * 24 * 3600
 ENQUEUE_GRACE_S = 10.0
 STALE_HEARTBEAT_S = 150.0
-_LIVE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.STARTED, JobStatus.CREATED}
+LIVE_STATUSES = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.STARTED, JobStatus.CREATED}
 
 _DELETE_IF_EQUAL = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end
@@ -109,14 +111,16 @@ def pending_names(redis: redis_lib.Redis, project: str | int, job_id: str) -> bo
 
 # --- job state through rq's public API -------------------------------------------------------------
 
-def _fetch(redis: redis_lib.Redis, job_id: str) -> Job | None:
+def fetch_job(redis: redis_lib.Redis, job_id: str) -> Job | None:
+    """The RQ job, or None when Redis no longer holds it."""
     try:
         return Job.fetch(job_id, connection=redis)
     except NoSuchJobError:
         return None
 
 
-def _age_s(stamp: datetime | None) -> float | None:
+def age_s(stamp: datetime | None) -> float | None:
+    """Seconds since an RQ timestamp (naive = UTC), None for no timestamp."""
     if stamp is None:
         return None
     if stamp.tzinfo is None:  # rq stores UTC without an offset
@@ -130,7 +134,7 @@ def _pending(redis: redis_lib.Redis, project: str) -> tuple[str | None, str | No
     if not raw:
         return None, None, "none", None
     job_id, _, stamp = raw.partition(" ")
-    job = _fetch(redis, job_id)
+    job = fetch_job(redis, job_id)
     if job is None:
         try:
             young = time.time() - float(stamp) < ENQUEUE_GRACE_S
@@ -138,10 +142,10 @@ def _pending(redis: redis_lib.Redis, project: str) -> tuple[str | None, str | No
             young = False
         return raw, job_id, "live" if young else "stale", None
     status = job.get_status(refresh=False)
-    if status not in _LIVE:
+    if status not in LIVE_STATUSES:
         return raw, job_id, "stale", job
     if status == JobStatus.STARTED:
-        age = _age_s(job.last_heartbeat or job.started_at)
+        age = age_s(job.last_heartbeat or job.started_at)
         if age is not None and age > STALE_HEARTBEAT_S:
             return raw, job_id, "stale", job  # its worker died; RQ will call it abandoned later
     return raw, job_id, "live", job
@@ -298,156 +302,8 @@ def training_status(redis: redis_lib.Redis, project: str | int, settings=None) -
             running = {}
         job_id = running.get("job_id")
         out["running"] = {k: running.get(k) for k in ("job_id", "host", "pid", "since")}
-        if job_id and (job := _fetch(redis, job_id)) is not None:
+        if job_id and (job := fetch_job(redis, job_id)) is not None:
             out["progress"] = (job.meta or {}).get("progress")
     if out["current_version"] is None and settings is not None:
         out["current_version"] = ModelRegistry(settings.model_dir, None).current_version(project)
     return out
-
-
-# --- pre-labeling ---------------------------------------------------------------------------------
-#
-# Coalescing, like trainings: ``lsb:prelabel:<p>:queued`` maps each task id queued for drafting (and
-# "*" for a whole-project run) to "<job id> <time>". A request drafts only the tasks no *live* job
-# holds: queued, scheduled for a retry, or started with a heartbeat (a started job has its task list
-# in its arguments, so it will draft them). A whole-project run covers later requests only while it is
-# still queued (once started it may have listed the tasks already). Entries of finished, failed or
-# missing jobs are stale and taken over; the hash expires PENDING_TTL_S after the last request and is
-# pruned of stale entries when it grows past PRELABEL_PRUNE_AT fields.
-
-ALL_TASKS = "*"
-PRELABEL_PRUNE_AT = 20_000
-_WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED}
-
-#: Claim hash fields whose value is still what the caller saw ("" = absent); returns the claimed fields.
-_CLAIM_FIELDS = """
-local claimed = {}
-for i = 3, #ARGV, 2 do
-  local current = redis.call('HGET', KEYS[1], ARGV[i])
-  if (not current and ARGV[i + 1] == '') or current == ARGV[i + 1] then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
-    claimed[#claimed + 1] = ARGV[i]
-  end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return claimed
-"""
-#: Delete hash fields that still hold ARGV[1].
-_RELEASE_FIELDS = """
-local n = 0
-for i = 2, #ARGV do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then n = n + redis.call('HDEL', KEYS[1], ARGV[i]) end
-end
-return n
-"""
-
-
-def _marker_live(redis: redis_lib.Redis, raw: str | None, whole_project: bool, jobs: dict[str, Job | None]) -> bool:
-    """Is the job a ``lsb:prelabel`` entry names still going to draft its tasks?"""
-    if not raw:
-        return False
-    job_id, _, stamp = raw.partition(" ")
-    if job_id not in jobs:
-        jobs[job_id] = _fetch(redis, job_id)
-    job = jobs[job_id]
-    if job is None:
-        try:
-            return time.time() - float(stamp) < ENQUEUE_GRACE_S  # being enqueued right now
-        except ValueError:
-            return False
-    status = job.get_status(refresh=False)
-    if whole_project:
-        return status in _WAITING
-    if status == JobStatus.STARTED:
-        age = _age_s(job.last_heartbeat or job.started_at)
-        return age is None or age <= STALE_HEARTBEAT_S
-    return status in _LIVE
-
-
-def _task_field(task: dict) -> str | None:
-    tid = task.get("id")
-    if isinstance(tid, bool) or not isinstance(tid, int | str) or not str(tid).isdigit():
-        return None  # no usable id: never coalesced
-    return str(int(tid))
-
-
-def request_prelabel(redis: redis_lib.Redis, project: str | int, tasks: list[dict] | None = None,
-                     label_config: str | None = None, settings: Any = None) -> dict:
-    """Queue a pre-labeling job for the tasks no live job holds yet.
-
-    ``tasks=None`` means every task of the project lacking a current draft. Returns ``{"status":
-    "queued" | "coalesced", "job_id", "project", "tasks", "coalesced"}``: ``job_id`` is the new job, or
-    (when nothing was left to queue) the live job that already holds the tasks; ``"refused"`` (no job) for
-    a project marked deleted.
-    """
-    project = keys.project_key(project)
-    if redis.exists(keys.project_deleted(project)):  # PROJECT_DELETED seen: see backend.core.lifecycle
-        return {"status": "refused", "job_id": None, "project": project, "tasks": 0, "coalesced": 0}
-    hkey = keys.prelabel_queued(project)
-    fields = [ALL_TASKS] if tasks is None else [f for f in dict.fromkeys(_task_field(t) for t in tasks) if f]
-    jobs: dict[str, Job | None] = {}
-    seen = [text(v) for v in redis.hmget(hkey, fields)] if fields else []
-    if tasks is not None:  # a queued whole-project run covers these tasks too
-        whole = text(redis.hget(hkey, ALL_TASKS))
-        if _marker_live(redis, whole, True, jobs):
-            return {"status": "coalesced", "job_id": whole.partition(" ")[0], "project": project, "tasks": 0,
-                    "coalesced": len(tasks)}
-    free = [(f, raw) for f, raw in zip(fields, seen, strict=True) if not _marker_live(redis, raw, f == ALL_TASKS, jobs)]
-    job_id = f"prelabel-{project}-{uuid.uuid4().hex[:12]}"
-    value = pending_marker(job_id)
-    args = [value, PENDING_TTL_S] + [x for f, raw in free for x in (f, raw or "")]
-    claimed = {text(f) for f in redis.eval(_CLAIM_FIELDS, 1, hkey, *args)} if free else set()
-    if tasks is None:
-        chosen = None if claimed else []
-    else:
-        chosen = [t for t in tasks if (field := _task_field(t)) is None or field in claimed]
-        chosen = list({(_task_field(t) or id(t)): t for t in chosen}.values())  # one entry per task id
-    if chosen == []:
-        holders = [text(raw) for raw in redis.hmget(hkey, fields)] if fields else []
-        holder = next((h.partition(" ")[0] for h in holders if h), None)
-        return {"status": "coalesced", "job_id": holder, "project": project, "tasks": 0,
-                "coalesced": len(fields) if tasks is not None else 1}
-    slim = None if chosen is None else [{"id": t.get("id"), "data": t.get("data") or {}} for t in chosen]
-    try:
-        Queue(queue_name(PRELABEL_QUEUE), connection=redis).enqueue(
-            PRELABEL_FUNC, project, slim, label_config,
-            job_id=job_id,
-            job_timeout=max(600, 60 * (len(slim or []) // 50 + 1)),
-            retry=Retry(max=3, interval=[10, 60, 300]),
-            result_ttl=RESULT_TTL_S,
-            failure_ttl=RESULT_TTL_S,
-            description=f"pre-label project {project} ({'all' if slim is None else len(slim)} tasks)",
-            meta={"project": project, "kind": "prelabel"},
-        )
-    except BaseException:
-        if claimed:
-            redis.eval(_RELEASE_FIELDS, 1, hkey, value, *claimed)
-        raise
-    if redis.hlen(hkey) > PRELABEL_PRUNE_AT:
-        prune_prelabel_markers(redis, project)
-    total = len(tasks) if tasks is not None else 0
-    return {"status": "queued", "job_id": job_id, "project": project, "tasks": len(slim) if slim is not None else None,
-            "coalesced": total - len(slim) if slim is not None else 0}
-
-
-def prune_prelabel_markers(redis: redis_lib.Redis, project: str | int) -> int:
-    """Drop the entries of jobs that will not draft anymore (bounds the hash); returns how many."""
-    hkey = keys.prelabel_queued(project)
-    jobs: dict[str, Job | None] = {}
-    removed = 0
-    for field, raw in redis.hscan_iter(hkey, count=1000):
-        value = text(raw)
-        if not _marker_live(redis, value, text(field) == ALL_TASKS, jobs):
-            removed += int(redis.eval(_RELEASE_FIELDS, 1, hkey, value, text(field)))
-    return removed
-
-
-def prelabel_job_ids(redis: redis_lib.Redis, project: str | int) -> set[str]:
-    """Every job id the project's pre-labeling entries name (to cancel them when the project is deleted)."""
-    return {text(raw).partition(" ")[0] for _f, raw in redis.hscan_iter(keys.prelabel_queued(project), count=1000)}
-
-
-def enqueue_prelabel(redis: redis_lib.Redis, project: str | int, tasks: list[dict] | None = None,
-                     label_config: str | None = None, settings: Any = None) -> str | None:
-    """:func:`request_prelabel`, returning only the job id that will draft the tasks (kept for callers)."""
-    return request_prelabel(redis, project, tasks=tasks, label_config=label_config, settings=settings)["job_id"]

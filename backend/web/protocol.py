@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from backend.core.label_config import ProjectConfig
-from backend.core.queue import enqueue_prelabel
+from backend.core.prelabel_queue import enqueue_prelabel
 from backend.serving.routing import Abandoned
 from backend.web.http import BadRequest, json_body, project_arg
 from backend.web.state import app_services, current_services, current_settings

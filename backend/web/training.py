@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from backend.core import prelabel_queue
 from backend.core import queue as training_queue
 from backend.web.http import body_project, project_arg
 from backend.web.state import current_services, current_settings
@@ -29,5 +30,5 @@ def train():
 @blueprint.post("/prelabel")
 def prelabel():
     project = project_arg(request.args.get("project") or body_project())
-    job_id = training_queue.enqueue_prelabel(current_services().redis, project, settings=current_settings())
+    job_id = prelabel_queue.enqueue_prelabel(current_services().redis, project, settings=current_settings())
     return jsonify(job_id=job_id), 202

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis as redis_lib
 
-from backend.core import lifecycle, queue
+from backend.core import lifecycle, prelabel_queue, queue
 from backend.core.keys import project_key, webhook_seen
 from backend.core.metrics import WEBHOOKS
 from backend.core.settings import Settings
@@ -193,7 +193,8 @@ def _route(action: str, payload: dict, annotation: dict, project: ProjectRef, re
 
     if action == "TASKS_CREATED":
         tasks = payload.get("tasks")
-        result = queue.request_prelabel(redis, project.id, tasks=tasks, label_config=project.label_config, settings=settings)
+        result = prelabel_queue.request_prelabel(redis, project.id, tasks=tasks, label_config=project.label_config,
+                                                 settings=settings)
         WEBHOOKS.labels(action, result["status"]).inc()
         return EventResult(200, {"status": "ok", "prelabel_job": result["job_id"],
                                  "tasks": len(tasks) if tasks is not None else "all", "prelabel": result})

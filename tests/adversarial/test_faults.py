@@ -448,7 +448,7 @@ def test_label_studio_down_during_a_training_job(worker_env, private_redis, chec
 
 
 def test_label_studio_down_during_a_prelabel_job(worker_env, private_redis, tmp_path, caplog):
-    from backend.core.queue import enqueue_prelabel
+    from backend.core.prelabel_queue import enqueue_prelabel
 
     redis = private_redis.client()
     ls = FakeLabelStudio().start()

@@ -23,7 +23,8 @@ from rq.job import Job
 from tqdm import tqdm
 
 from backend.core.keys import project_key
-from backend.core.queue import PRELABEL_QUEUE, enqueue_prelabel, queue_name
+from backend.core.prelabel_queue import enqueue_prelabel
+from backend.core.queue import PRELABEL_QUEUE, queue_name
 from worker.cli import common
 from worker.jobs import prelabeling
 from worker.jobs.prelabeling import prelabel_tasks

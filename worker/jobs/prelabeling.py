@@ -7,7 +7,7 @@ It is idempotent (tasks that already hold a prediction of the current version ar
 retry after a worker restart stores nothing twice; failures are not stored, so a retry or a later
 run drafts them again.
 
-The web process enqueues it by its dotted path (:func:`backend.core.queue.enqueue_prelabel`).
+The web process enqueues it by its dotted path (:func:`backend.core.prelabel_queue.enqueue_prelabel`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 
-from backend.core import keys, lifecycle
+from backend.core import keys, lifecycle, prelabel_queue
 from backend.core import queue as wq
 from backend.web.webhook import BadEvent, handle_event
 from tests.paths import RECORDED_REQUESTS
@@ -204,7 +204,7 @@ def test_annotations_deleted_forces_a_retraining_and_flags_the_status(redis15, p
 
 def test_project_deleted_stops_work_and_schedules_the_cleanup(redis15, pid, qprefix, settings):
     training = wq.request_training(redis15, pid, settings=settings)
-    prelabel = wq.request_prelabel(redis15, pid, tasks=[{"id": 1, "data": {}}])
+    prelabel = prelabel_queue.request_prelabel(redis15, pid, tasks=[{"id": 1, "data": {}}])
     out = handle_event({"action": "PROJECT_DELETED", "project": {"id": pid}}, redis15, settings).body
     assert out["status"] == "deleted" and out["cleanup_in_hours"] == 24.0
     assert out["stopped"] == {training["job_id"]: "canceled", prelabel["job_id"]: "canceled"}
@@ -224,7 +224,7 @@ def test_project_deleted_stops_work_and_schedules_the_cleanup(redis15, pid, qpre
     assert handle_event(created, redis15, settings).body["reason"] == "project deleted"
     assert handle_event({"action": "START_TRAINING", "project": pid}, redis15, settings).body["reason"] == "project deleted"
     assert wq.request_training(redis15, pid, settings=settings)["status"] == "refused"
-    assert wq.request_prelabel(redis15, pid, tasks=[{"id": 2, "data": {}}])["status"] == "refused"
+    assert prelabel_queue.request_prelabel(redis15, pid, tasks=[{"id": 2, "data": {}}])["status"] == "refused"
     again = handle_event({"action": "PROJECT_DELETED", "project": pid}, redis15, settings).body
     assert again["status"] == "already_deleted" and again["cleanup_job"] == out["cleanup_job"]
     assert wq.training_status(redis15, pid)["project_deleted_at"] == pytest.approx(out["deleted_at"], abs=0.01)
