@@ -174,7 +174,10 @@ class Settings(BaseSettings):
         description=("Decoded image pixels one /predict (or job batch) holds at once; a load waits for room "
                      "(one image is always admitted). Each load reserves IMAGE_MAX_PIXELS until decoded."),
     )
-    max_request_mb: int = Field(32, ge=1, description="Largest request body accepted, in MB.")
+    max_request_mb: int = Field(
+        32, ge=1,
+        description="Largest request body accepted, in MB; a JSON body whose parsed form would take more than 8x this "
+                    "is refused too (413).")
 
     # --- webhooks and project lifecycle -----------------------------------------------------------
     webhook_dedupe_ttl: int = Field(

@@ -424,3 +424,23 @@ def test_unknown_keys_and_huge_strings_in_a_valid_body_are_served(handle):
     (prediction,) = response.json["results"]
     assert prediction["result"] == [] and prediction["model_version"] == "no-model"
     assert json.dumps(response.json).count("x" * 100) == 0, "the bad URL is not echoed back"
+
+
+@pytest.mark.parametrize("path", ["/predict", "/webhook", "/setup", "/train"])
+def test_a_body_that_would_parse_to_gigabytes_is_413_before_parsing(app_factory, private_redis, redis_db, path, monkeypatch):
+    """4 MB of ``{},`` under an 8 MB MAX_REQUEST_MB: json.loads would allocate about 100 MB, more than
+    8x the limit allows, so the body is refused unparsed (a spy on json.loads sees no call)."""
+    handle = app_factory(private_redis.url, max_request_mb=8)
+    calls = []
+    real_loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda *a, **k: calls.append(1) or real_loads(*a, **k))
+    n = 1_400_000
+    body = b'{"project": 1, "tasks": [' + b"{}," * (n - 1) + b"{}]}"
+    response = handle.client.post(path, data=body, content_type="application/json")
+    assert calls == [], "the body was parsed"
+    payload = rejected(response, 413, needle="memory")
+    assert payload["error"] == "request_entity_too_large"
+    assert queued_jobs(redis_db) == {"training": [], "prelabel": []}
+    # The same body with the braces inside one string costs what it weighs: parsed and answered.
+    flat = json.dumps({"project": 1, "tasks": [], "note": "x" * len(body)}).encode()
+    assert handle.client.post(path, data=flat, content_type="application/json").status_code != 413
