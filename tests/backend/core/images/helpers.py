@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import ssl
 import struct
 import threading
@@ -158,6 +159,47 @@ class DripServer:
         self.stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class TLSDripServer:
+    """A TCP server on ``host`` that takes a TLS ClientHello and answers with the header of a 16 KB
+    handshake record, then one byte of it every ``interval`` seconds: the client stays inside its
+    TLS handshake (no certificate is ever sent), where no per-read timeout trips either."""
+
+    def __init__(self, host: str = "127.0.0.1", interval: float = 0.2) -> None:
+        self.interval = interval
+        self.started, self.ended, self.stop = threading.Event(), threading.Event(), threading.Event()
+        self.listener = socket.create_server((host, 0))
+        self.url = f"https://{host}:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                if not conn.recv(4096):  # the ClientHello
+                    return
+                self.started.set()
+                conn.sendall(b"\x16\x03\x03\x40\x00")  # handshake record, 16384 bytes to come
+                for _ in range(16_000):
+                    if self.stop.wait(self.interval):
+                        return
+                    conn.sendall(b"\x00")
+            except OSError:
+                self.ended.set()
+                return
+            self.ended.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

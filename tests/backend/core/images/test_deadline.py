@@ -15,7 +15,7 @@ import warnings
 import pytest
 
 from backend.core.images import ImageError
-from tests.backend.core.images.helpers import DripServer, encode, red_blue
+from tests.backend.core.images.helpers import DripServer, TLSDripServer, encode, red_blue
 
 # Every test here sees 127.0.0.2 as a public host (tests/network_fixtures.py, registered by tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("public_foreign")
@@ -75,6 +75,23 @@ def test_the_deadline_spans_redirects(make_loader, ls, foreign_drip):
     error = fetch_error(loader, "/data/upload/1/moved.png")
     assert error.reason == "timeout", error
     assert foreign_drip.started.is_set() and [p for _, p, _ in ls.requests] == ["/data/upload/1/moved.png"]
+
+
+def test_a_tls_handshake_that_drips_is_cut_at_the_deadline(make_loader):
+    """An https storage host that never finishes its handshake (one byte / 0.2 s of a 16 KB record).
+
+    Two guards cut it: CPython applies a socket's timeout to the whole handshake (not per read), and
+    the deadline shuts the socket. With the deadline's watcher disabled this still passes (checked):
+    the test guards the outcome, whichever of the two delivers it."""
+    server = TLSDripServer("127.0.0.2")
+    try:
+        loader = make_loader(image_allowed_hosts="127.0.0.2", label_studio_api_key=NO_KEY, image_fetch_timeout=DEADLINE)
+        error = fetch_error(loader, f"{server.url}/bucket/drip.png")
+        assert error.reason == "timeout", error
+        assert server.started.is_set(), "the handshake never began"
+        assert server.ended.wait(MARGIN), "the dripping handshake was left open after the deadline"
+    finally:
+        server.close()
 
 
 def test_fetches_within_the_deadline_leave_no_descriptor_behind(make_loader, ls):
