@@ -57,23 +57,36 @@ def test_train_from_scratch_and_fine_tune(tmp_path, monkeypatch):
     model = YOLO(str(result.checkpoint))
     assert list(model.names.values()) == list(CLASSES)
 
-    # fine-tuning from the current checkpoint keeps its weights (no pretrained=False)
+    # Fine-tuning from the current checkpoint keeps its weights (no pretrained=False, no re-init).
+    # What is certain: with a learning rate too small to move anything (and no warm-up, whose bias LR
+    # of 0.1 is itself a big step), the tuned weights are the checkpoint's and so is its held-out
+    # quality, while a from-scratch run of the same kind scores far below it. (One epoch at the real
+    # learning rate is not certain: on a fresh machine it took mAP50 from 0.98 to 0.25, see issue 14.)
     good = good_model()
     tuned = train(good["dataset"].data_yaml, Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "m",
                                                       train_imgsz=96, train_epochs=1, train_batch=8),
-                  current_checkpoint=good["checkpoint"], progress=None)
+                  current_checkpoint=good["checkpoint"], progress=None,
+                  optimizer="SGD", lr0=1e-7, lrf=1.0, momentum=0.0, warmup_epochs=0, warmup_bias_lr=0.0)
     assert tuned.fine_tuned and tuned.start_from == str(good["checkpoint"])
     assert "pretrained" not in tuned.train_args
     from worker.training.gate import held_out_metrics
 
-    # What is certain, measured with the gate's evaluation on the good model's held-out tasks: the
-    # fixture's own quality (asserted by good_model()), a fine-tuning epoch keeping most of it (one
-    # epoch of Ultralytics' warm-up moves mAP50-95 but not mAP50 much: 0.99 -> 0.92..0.97 measured),
-    # and a from-scratch run of the same kind scoring far below it.
+    def weights(checkpoint) -> torch.Tensor:
+        model = YOLO(str(checkpoint)).model
+        # convolution kernels only (BatchNorm scales start at 1 in every model)
+        return torch.cat([p.detach().float().flatten() for name, p in model.named_parameters()
+                          if p.ndim == 4 and "dfl" not in name])
+
+    # Every run starts from the same seeded init, so compare distances, not directions: the tuned weights
+    # sit on the checkpoint's, a fresh model (what re-initialising would give) as far away as training moved it.
+    reference = weights(good["checkpoint"])
+    kept = torch.linalg.vector_norm(weights(tuned.checkpoint) - reference).item()
+    fresh = torch.linalg.vector_norm(weights(result.checkpoint) - reference).item()
+    assert kept < 0.05 * fresh, (kept, fresh)
     before = good["metrics"]
     after = held_out_metrics(tuned.checkpoint, good["dataset"], good["config"])
     scratch = held_out_metrics(result.checkpoint, good["dataset"], good["config"])
-    assert after["map50"] >= before["map50"] - 0.3, (before, after)
+    assert after["map50"] >= before["map50"] - 0.1, (before, after)
     assert after["map50"] >= scratch["map50"] + 0.3, (scratch, after)
 
 
