@@ -1,4 +1,4 @@
-"""A wall-clock deadline for one image fetch: connect, TLS, every redirect and the body together.
+"""A wall-clock deadline for one image fetch: DNS, connect, TLS, every redirect and the body together.
 
 Why hand-written: requests' and urllib3's timeouts bound each socket operation, not the exchange
 (urllib3's ``Timeout(total=)`` too: its read part applies per ``recv``), so a server that sends one

@@ -14,6 +14,8 @@ import http.cookiejar
 import ipaddress
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,6 +85,27 @@ def redact(url: str) -> str:
     return shown + ("?..." if parts.query else "")
 
 
+#: getaddrinfo cannot be interrupted, so a lookup under a deadline runs on one of these threads and the
+#: fetch stops waiting when its deadline passes. A hung resolver then holds at most this many threads;
+#: later lookups queue behind them and end at their own deadlines.
+RESOLVER_THREADS = 4
+_resolver = ThreadPoolExecutor(max_workers=RESOLVER_THREADS, thread_name_prefix="image-dns")
+
+
+def resolve(name: str, port: int, timeout: float | None) -> list[tuple[Any, ...]]:
+    """``getaddrinfo`` for a TCP connection, given up after ``timeout`` seconds (TimeoutError); None waits."""
+    if timeout is None:
+        return socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    if timeout <= 0:
+        raise TimeoutError(name)
+    future = _resolver.submit(socket.getaddrinfo, name, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(timeout=timeout)
+    except FutureTimeout:
+        future.cancel()  # still queued: never runs; running: its answer is dropped
+        raise TimeoutError(name) from None
+
+
 class _GuardedConnectionMixin:
     """Resolves the host itself, refuses if any address is not allowed, then connects to exactly
     the addresses it checked (the TLS server name and Host header keep the original name)."""
@@ -93,17 +116,19 @@ class _GuardedConnectionMixin:
     def _new_conn(self) -> socket.socket:
         name: str = self._dns_host  # type: ignore[attr-defined]
         port: int = self.port  # type: ignore[attr-defined]
+        fetch = current_deadline()
         try:
-            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+            infos = resolve(name, port, None if fetch is None else fetch.remaining())
         except socket.gaierror as exc:
             raise NameResolutionError(name, self, exc) from exc  # type: ignore[arg-type]
+        except TimeoutError:
+            raise ConnectTimeoutError(self, f"resolving {name} outlived the fetch deadline") from None  # type: ignore[arg-type]
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
         host = name.strip("[]").lower()
         for address in addresses:
             if not self.guard(self.scheme, host, port, ipaddress.ip_address(address.split("%")[0])):
                 raise ImageError("forbidden_url", f"{host} resolves to a non-public address ({address})")
         last: Exception | None = None
-        fetch = current_deadline()
         for address in addresses:
             if fetch is not None:  # several addresses must not multiply the fetch's deadline
                 if fetch.remaining() <= 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import threading
 import warnings
 
@@ -92,6 +93,27 @@ def test_a_tls_handshake_that_drips_is_cut_at_the_deadline(make_loader):
         assert server.ended.wait(MARGIN), "the dripping handshake was left open after the deadline"
     finally:
         server.close()
+
+
+def test_a_dns_lookup_that_hangs_is_cut_at_the_deadline(make_loader, monkeypatch):
+    """getaddrinfo cannot be interrupted: the fetch stops waiting for it at the deadline."""
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def hung_resolver(host, *args, **kwargs):
+        if host == "hung-dns.example":
+            release.wait(60)
+            raise socket.gaierror("released by the test")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung_resolver)
+    try:
+        loader = make_loader(image_allowed_hosts="hung-dns.example", label_studio_api_key=NO_KEY,
+                             image_fetch_timeout=DEADLINE)
+        error = fetch_error(loader, "http://hung-dns.example/bucket/a.png")
+        assert error.reason == "timeout", error
+    finally:
+        release.set()
 
 
 def test_fetches_within_the_deadline_leave_no_descriptor_behind(make_loader, ls):
