@@ -60,6 +60,21 @@ ENV PYTHONPATH=/app \
     MODEL_DIR=/data/models \
     DATA_DIR=/data/cache
 
+# Pretrained base weights for hosts without network (README, Pretrained start):
+#   docker compose build --build-arg YOLO_BASE_WEIGHTS=yolo11n.pt
+# names a weights file in the build context (not under var/ or tests/: .dockerignore leaves them out),
+# named as YOLO_BASE_MODEL. `lsb base-model install` refuses anything but a loadable detection
+# checkpoint and writes it with its .sha256 to /app/weights, the read-only folder the worker looks at
+# (YOLO_BASE_BUNDLED_DIR): not under MODEL_DIR, whose volume would hide it. Empty (the default): nothing
+# is baked; the worker downloads the weights once into MODEL_DIR/base, or trains from random init.
+ARG YOLO_BASE_WEIGHTS=
+ENV YOLO_BASE_BUNDLED_DIR=/app/weights
+RUN --mount=type=bind,target=/tmp/context \
+    if [ -n "$YOLO_BASE_WEIGHTS" ]; then \
+      YOLO_CONFIG_DIR=/tmp/yolo-build lsb base-model install "/tmp/context/$YOLO_BASE_WEIGHTS" --dir /app/weights -q \
+      && rm -rf /tmp/yolo-build; \
+    fi
+
 USER app
 # Fails the build when the `lsb` command does not start (as the service's user, with its environment).
 RUN lsb --help > /dev/null

@@ -32,9 +32,10 @@ BENCHMARKS = {
     "cache": "bench.cache",
     "training": "bench.training",
     "memory": "bench.memory",
+    "dataset": "bench.dataset",
 }
 # Run order: the long training benchmark last, so a broken one costs the least.
-RUN_ORDER = ["formats", "yolo_latency", "cache", "bulk", "hotswap", "health", "memory", "training"]
+RUN_ORDER = ["formats", "yolo_latency", "cache", "bulk", "hotswap", "health", "memory", "dataset", "training"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,12 +46,14 @@ def main() -> int:
     parser.add_argument("--imgsz", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--extra", default="{}", help="JSON of extra model.train overrides")
+    parser.add_argument("--base-model", default="yolo11n.yaml",
+                        help="YOLO_BASE_MODEL; random init by default, so runs measure the same start on any host")
     args = parser.parse_args()
     setup_environment()
     from backend.core.settings import Settings
     from worker.training.trainer import train
 
-    changes = {"data_dir": args.data_dir}
+    changes = {"data_dir": args.data_dir, "yolo_base_model": args.base_model}
     if args.epochs is not None:  # an explicit epoch count is run as given: TRAIN_MIN_STEPS does not raise it
         changes["train_epochs"] = args.epochs
         changes["train_min_steps"] = 0

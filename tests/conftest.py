@@ -16,6 +16,9 @@ import uuid
 os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "lsb-test-ultralytics"))
 # Exports cost seconds per promotion; tests that check them turn them back on explicitly.
 os.environ.setdefault("EXPORT_FORMATS", "")
+# The default YOLO_BASE_MODEL (yolo11n.pt) would make a first training try Ultralytics' download: the suite
+# never waits on the network. Tests of the pretrained start set it (tests/worker/training/test_base_model.py).
+os.environ.setdefault("YOLO_BASE_MODEL", "yolo11n.yaml")
 from backend.core import ultralytics_env  # noqa: E402
 
 ultralytics_env.prepare()

@@ -5,7 +5,9 @@ Implements exactly what ``backend.core.label_studio`` (through label-studio-sdk)
 - ``POST /api/token/refresh/``  ``{"refresh": PAT}`` -> ``{"access": JWT}`` (a PAT is a JWT refresh token)
 - ``GET /api/projects/<id>/``   project with ``label_config``
 - ``GET /api/tasks/?project=&fields=all&page=&page_size=&query=``  ``{"tasks", "total", ...}``;
-  a page past the end answers 404 like Label Studio
+  a page past the end answers 404 like Label Studio; ``query`` filters on ``total_annotations``,
+  ``cancelled_annotations`` and ``total_predictions`` (``greater`` / ``equal`` / ``less``)
+- ``GET /api/predictions/?project=&task=``, ``POST /api/predictions/``  stored predictions (drafts)
 - ``GET /data/upload/<pid>/<file>``  uploaded images (auth required, like Label Studio)
 
 Auth: ``Authorization: Token <legacy_token>`` or ``Bearer <access token from refresh>``.
@@ -37,6 +39,16 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 _SECRET = "fake-label-studio-signing-secret-0123456789"
+
+
+#: Data Manager ``filter:tasks:<column>`` values the fake understands. ``total_annotations`` counts skips too
+#: (as this fake always has: backend.core.label_studio filters cancelled-only tasks itself).
+_FILTER_COLUMNS = {
+    "filter:tasks:total_annotations": lambda t: len(t["annotations"]),
+    "filter:tasks:cancelled_annotations": lambda t: len([a for a in t["annotations"] if a["was_cancelled"]]),
+    "filter:tasks:total_predictions": lambda t: len(t["predictions"]),
+}
+_FILTER_OPERATORS = {"greater": lambda a, b: a > b, "equal": lambda a, b: a == b, "less": lambda a, b: a < b}
 
 
 def _now() -> str:
@@ -234,8 +246,10 @@ class FakeLabelStudio:
             if query:
                 filters = (json.loads(query).get("filters") or {}).get("items") or []
                 for f in filters:
-                    if f.get("filter") == "filter:tasks:total_annotations" and f.get("operator") == "greater":
-                        items = [t for t in items if len(t["annotations"]) > f.get("value", 0)]
+                    column = _FILTER_COLUMNS.get(f.get("filter"))
+                    compare = _FILTER_OPERATORS.get(f.get("operator"))
+                    if column and compare:
+                        items = [t for t in items if compare(column(t), f.get("value", 0))]
             items.sort(key=lambda t: t["id"])
             start = (page - 1) * size
             if page > 1 and start >= len(items):

@@ -19,10 +19,10 @@ Nothing outside this package and the label config knows a region's format.
 """
 
 from backend.control_models.base import ControlModel
-from backend.control_models.reader import ParsedRegions, labels_in_regions, parse_regions, region_width_height
+from backend.control_models.reader import ParsedRegions, labels_in_regions, parse_regions, region_score, region_width_height
 from backend.control_models.tags import BY_RESULT_TYPE, CONTROL_MODELS
 
 __all__ = [
     "BY_RESULT_TYPE", "CONTROL_MODELS", "ControlModel", "ParsedRegions",
-    "labels_in_regions", "parse_regions", "region_width_height",
+    "labels_in_regions", "parse_regions", "region_score", "region_width_height",
 ]

@@ -62,6 +62,12 @@ def region_width_height(region: dict, size: tuple[int, int] | None) -> tuple[int
     return None
 
 
+def region_score(region: dict, default: float | None) -> float | None:
+    """A region's confidence: its own ``score``, else ``default`` (the prediction's score, or None)."""
+    score = region.get("score")
+    return float(score) if isinstance(score, (int, float)) else default
+
+
 def labels_in_regions(regions: Iterable[dict]) -> list[str]:
     """Every label value the supported regions carry, in first-seen order (a config for an export)."""
     seen: dict[str, None] = {}
@@ -136,10 +142,9 @@ def parse_regions(
         if not np.all(np.isfinite(box)) or box[2] - box[0] < MIN_BOX_PIXELS or box[3] - box[1] < MIN_BOX_PIXELS:
             skipped["zero_area"] += 1
             continue
-        score = region.get("score")
         xyxy.append(box)
         labels.append(label)
-        scores.append(float(score) if isinstance(score, (int, float)) else default_score)
+        scores.append(region_score(region, default_score))
         sources.append(source_of(region) if source_of else "")
         masks.append(mask)
     boxes = np.array(xyxy, dtype=float).reshape(-1, 4)

@@ -2,7 +2,9 @@
 
 Webhooks are lossy (docs/label-studio.md#webhook-events), so a training always re-reads the project from the
 API: ``GET /api/projects/<id>/`` for the label config and ``GET /api/tasks/?project=<id>&fields=all``
-(paginated, filtered to tasks with annotations) for task data, annotations and stored predictions.
+(paginated, filtered to tasks with annotations) for task data, annotations and stored predictions; the
+same list filtered to unannotated tasks that hold predictions (``DRAFTED_FILTER``) gives the drafts a
+training may learn from (``TRAIN_DRAFTS``).
 The SDK's ``LabelStudio(base_url, api_key)`` exchanges a Personal Access Token at
 ``/api/token/refresh/`` and refreshes the 5-minute access token itself; a legacy token is sent as
 ``Authorization: Token ...``.
@@ -31,6 +33,19 @@ ANNOTATED_FILTER = {
     "filters": {
         "conjunction": "and",
         "items": [{"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}],
+    }
+}
+#: Data Manager filter: tasks nobody annotated or skipped that hold at least one stored prediction (drafts to
+#: train on). Every listed task has a prediction, so listing them never makes Label Studio call /predict
+#: (with ``evaluate_predictions_automatically`` it asks only for listed tasks without one).
+DRAFTED_FILTER = {
+    "filters": {
+        "conjunction": "and",
+        "items": [
+            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+            {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
+            {"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 0},
+        ],
     }
 }
 
@@ -102,6 +117,15 @@ class AnnotatedTask:
     def fingerprint(self) -> str:
         """What identifies this task's labels for the dataset hash."""
         return f"{self.id}:{self.annotation_id}:{self.annotation_updated_at}"
+
+
+@dataclass(frozen=True)
+class DraftedTask:
+    """A task nobody has annotated, with its stored predictions (drafts)."""
+
+    id: int
+    data: dict
+    predictions: tuple[StoredPrediction, ...]
 
 
 @dataclass(frozen=True)
@@ -193,11 +217,8 @@ def latest_annotation(annotations: Iterable[dict]) -> dict | None:
     return max(kept, key=lambda a: (_stamp(a.get("updated_at") or a.get("created_at")), a.get("id") or 0))
 
 
-def parse_task(raw: dict) -> AnnotatedTask | None:
-    """A task dict from the API (or an export) to :class:`AnnotatedTask`; None when nothing to learn from."""
-    annotation = latest_annotation(raw.get("annotations") or [])
-    if annotation is None:
-        return None
+def stored_predictions(raw: dict) -> list[StoredPrediction]:
+    """The predictions a task dict from the API carries."""
     predictions = []
     for pred in raw.get("predictions") or []:
         if not isinstance(pred, dict):
@@ -212,6 +233,15 @@ def parse_task(raw: dict) -> AnnotatedTask | None:
                 created_at=_stamp(pred.get("created_at")),
             )
         )
+    return predictions
+
+
+def parse_task(raw: dict) -> AnnotatedTask | None:
+    """A task dict from the API (or an export) to :class:`AnnotatedTask`; None when nothing to learn from."""
+    annotation = latest_annotation(raw.get("annotations") or [])
+    if annotation is None:
+        return None
+    predictions = stored_predictions(raw)
     return AnnotatedTask(
         id=int(raw["id"]),
         data=dict(raw.get("data") or {}),
@@ -223,14 +253,15 @@ def parse_task(raw: dict) -> AnnotatedTask | None:
     )
 
 
-def iter_raw_tasks(client, project: str | int, page_size: int | None = None, url: str = ""):
-    """Every task of the project with annotations and predictions, page by page (plain dicts)."""
+def iter_raw_tasks(client, project: str | int, page_size: int | None = None, url: str = "", query: dict | None = None):
+    """Every task of the project that ``query`` selects (default: annotated ones), with annotations and
+    predictions, page by page (plain dicts)."""
     try:
         pager = client.tasks.list(
             project=int(project),
             fields="all",
             page_size=page_size or PAGE_SIZE,
-            query=json.dumps(ANNOTATED_FILTER),
+            query=json.dumps(query or ANNOTATED_FILTER),
         )
         for task in pager:
             yield _plain(task)
@@ -263,3 +294,23 @@ def fetch_project(project: str | int, settings=None, client=None, label_config: 
     tasks.sort(key=lambda t: t.id)
     log.info("project %s: %d annotated tasks (%d listed, %d skipped-only)", project, len(tasks), seen, cancelled)
     return ProjectSnapshot(project, config, tasks, seen, cancelled)
+
+
+def fetch_drafted_tasks(project: str | int, settings=None, client=None) -> list[DraftedTask]:
+    """Every task of ``project`` without annotation (or skip) that holds stored predictions, by id.
+
+    A task annotated meanwhile may still be listed: callers let its annotation win. Raises like
+    :func:`fetch_project`.
+    """
+    if settings is None:
+        settings = get_settings()
+    project = project_key(project)
+    client = client or client_from_settings(settings)
+    tasks = []
+    for raw in iter_raw_tasks(client, project, url=settings.label_studio_url, query=DRAFTED_FILTER):
+        if raw.get("annotations") or not raw.get("predictions"):  # annotated (or skipped) meanwhile: not a draft task
+            continue
+        tasks.append(DraftedTask(int(raw["id"]), dict(raw.get("data") or {}), tuple(stored_predictions(raw))))
+    tasks.sort(key=lambda t: t.id)
+    log.info("project %s: %d unannotated tasks with stored drafts", project, len(tasks))
+    return tasks

@@ -34,6 +34,9 @@ DETECT_SECONDS = Histogram("lsb_detect_seconds", "Per-task detection latency by 
                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 HOTSWAPS = Counter("lsb_model_swaps_total", "Models loaded by hot-swap in this process", ["outcome"])
 WEBHOOKS = Counter("lsb_webhooks_total", "Webhook events by action and outcome", ["action", "outcome"])
+BASE_MODEL_FALLBACKS = Counter("lsb_base_model_fallback_total",
+                               "First trainings started from random init because YOLO_BASE_MODEL's weights could not "
+                               "be had, by reason (worker.training.base_model.FALLBACK_REASONS)", ["reason"])
 
 
 # --- label values ------------------------------------------------------------------------------

@@ -288,6 +288,9 @@ def training_status(redis: redis_lib.Redis, project: str | int, settings=None) -
         "project_deleted_at": None,
     }
     out["labels_deleted_since_training"] = _labels_deleted_since(deleted_raw, out["last"])
+    # The base the last training started from: pretrained weights, or the yaml fallback and why
+    # (worker.training.base_model); null when it fine-tuned the current version or did not train.
+    out["base_model"] = out["last"].get("base_model") if isinstance(out["last"], dict) else None
     if project_deleted_raw:
         out["project_deleted_at"] = float(text(project_deleted_raw).partition(" ")[0] or 0)
     if pending_raw:

@@ -119,8 +119,20 @@ class Settings(BaseSettings):
 
     # --- training -------------------------------------------------------------------------------
     yolo_base_model: str = Field(
-        "yolo11n.yaml",
-        description="First training starts from this local .pt or model yaml (random init).",
+        "yolo11n.pt",
+        description=("A project's first training starts from this: official Ultralytics weights (obtained once by the "
+                     "worker into MODEL_DIR/base), a local .pt, or a model yaml (random init). Weights that cannot be "
+                     "had fall back to the yaml of the same name, with a warning (README, Pretrained start)."),
+    )
+    yolo_base_download_timeout: float = Field(
+        60.0, ge=0,
+        description=("Seconds the worker may spend downloading YOLO_BASE_MODEL's weights (a child process killed at "
+                     "the deadline); 0 = never download (air-gapped: lsb base-model install)."),
+    )
+    yolo_base_bundled_dir: str = Field(
+        "",
+        description=("Read-only folder of base weights with their .sha256, looked at after MODEL_DIR/base (the image "
+                     "sets /app/weights: Dockerfile ARG YOLO_BASE_WEIGHTS)."),
     )
     train_min_new_annotations: int = Field(
         10, ge=1,
@@ -138,6 +150,20 @@ class Settings(BaseSettings):
     train_time_limit_min: float = Field(0.0, ge=0, description="Training wall-time budget in minutes (0 = epochs only).")
     train_val_fraction: float = Field(0.2, ge=0.05, le=0.5, description="Share of tasks held out for the promotion gate.")
     train_val_min: int = Field(4, ge=1, description="Minimum number of held-out tasks.")
+    train_drafts: bool = Field(
+        True,
+        description=("Also train on the stored drafts (predictions) of tasks nobody has annotated (pseudo-labels). "
+                     "Human labels always win; drafts never enter the held-out split (README, Learning)."),
+    )
+    train_draft_min_score: float = Field(
+        0.5, ge=0, le=1,
+        description="Draft regions scored below this are not trained on (the region's score, else its prediction's).",
+    )
+    train_draft_max_share: float = Field(
+        0.5, ge=0, le=0.9,
+        description=("At most this fraction of the training images are drafts (0.5: at most as many draft tasks as "
+                     "human-annotated training tasks; 0 = none)."),
+    )
     train_job_timeout: int = Field(4 * 3600, description="Seconds before RQ kills a training job.")
     promote_min_gain: float = Field(0.0, description="Promote when candidate mAP50-95 exceeds the current by more than this.")
     keep_versions: int = Field(5, ge=1, description="Versions kept per project in MODEL_DIR.")

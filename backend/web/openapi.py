@@ -258,7 +258,8 @@ def _paths(settings: Settings) -> dict:
         }},
         "/train/status": {"get": {
             "operationId": "trainStatus", "tags": ["training"],
-            "summary": "Queued and running training, progress, last result, current version.",
+            "summary": ("Queued and running training, progress, last result, current version, and base_model: "
+                        "what the last training started from (pretrained weights, or the random-init fallback and why)."),
             "parameters": [_project_query(True)],
             "responses": {
                 "200": {"description": "Status.", "content": _json(_ref("Object"))},

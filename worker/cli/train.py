@@ -10,7 +10,8 @@ settings unless overridden here), then the new checkpoint is scored on the datas
 with :func:`backend.evaluation.metrics.evaluate` (``--report DIR`` writes the Markdown report). With
 ``--register PROJECT`` the checkpoint becomes a registry version of that project (classes, metrics
 and training arguments in its meta.json); ``--promote`` also makes it current (every serving
-process hot-swaps). ``--from model.pt`` fine-tunes a checkpoint instead of YOLO_BASE_MODEL.
+process hot-swaps). ``--from model.pt`` fine-tunes a checkpoint instead of YOLO_BASE_MODEL (whose weights
+are obtained as for the worker's trainings: README, Pretrained start; ``base_model`` in the output says how).
 ``--project``: runs ``python -m worker.cli.admin train`` (reads the annotations from Label Studio, builds
 the dataset, trains, gates and promotes only a better model).
 """
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     shutil.copyfile(result.checkpoint, out)
     metrics = evaluate_checkpoint(out, data, s, report=args.report, quiet=args.quiet)
     summary = {"checkpoint": str(out.resolve()), "classes": classes, "epochs_run": result.epochs_run, "seconds": result.seconds,
-               "fine_tuned": result.fine_tuned, "start_from": result.start_from,
+               "fine_tuned": result.fine_tuned, "start_from": result.start_from, "base_model": result.base_model,
                "val": {"map50_95": metrics["coco"]["map50_95"], "map50": metrics["coco"]["map50"],
                        "precision": metrics["gate"]["precision"], "recall": metrics["gate"]["recall"],
                        "images": metrics["n_images"]}}

@@ -1,12 +1,14 @@
 """RQ job entry points: fetch -> dataset -> train -> gate -> registry, and draft quality.
 
 ``train_project`` is what :func:`backend.core.queue.request_training` enqueues. It runs inside the
-project's running lock (see :mod:`worker.training.lock`), reads everything from Label Studio (webhooks are
-lossy), builds the dataset, fine-tunes the current model (or trains from ``YOLO_BASE_MODEL``),
-evaluates candidate and current on the same held-out tasks and promotes the candidate only when it
-wins (``PROMOTE_MIN_GAIN``). Only promoted candidates become registry versions; a rejected
-candidate's metrics go to the job result, ``lsb:train:<p>:last`` and the current version's meta
-(``last_challenger``), and its checkpoint is kept under ``DATA_DIR/candidates/<p>/`` (last 2).
+project's running lock (see :mod:`worker.training.lock`), reads everything from Label Studio (webhooks
+are lossy), builds the dataset (human annotations, plus the stored drafts of unannotated tasks when
+``TRAIN_DRAFTS``: :mod:`worker.training.drafts`; drafts train only, never judge), fine-tunes the current
+model (or trains from ``YOLO_BASE_MODEL``), evaluates candidate and current on the same held-out tasks
+and promotes the candidate only when it wins (``PROMOTE_MIN_GAIN``). Only promoted candidates become
+registry versions; a rejected candidate's metrics go to the job result, ``lsb:train:<p>:last`` and the
+current version's meta (``last_challenger``), and its checkpoint is kept under
+``DATA_DIR/candidates/<p>/`` (last 2).
 
 Draft quality (stored predictions vs final labels on the held-out tasks, per source) goes to the
 version meta (``draft_quality``) and to Redis ``lsb:quality:<p>`` for /metrics and ROUTING=auto::
@@ -41,13 +43,15 @@ from rq import get_current_job
 from backend.core import keys
 from backend.core.connection import connect_patient
 from backend.core.label_config import ProjectConfig
-from backend.core.label_studio import LabelStudioUnavailable, fetch_project
+from backend.core.label_studio import LabelStudioUnavailable, client_from_settings, fetch_drafted_tasks, fetch_project
 from backend.core.logs import configure_logging
 from backend.core.progress import report_progress, save_meta
 from backend.core.queue import request_training
 from backend.core.registry import ModelRegistry, PromotionConflict
 from backend.core.settings import get_settings
+from backend.serving.predictor import ServingState
 from worker.training.dataset import NotEnoughData, build_dataset
+from worker.training.drafts import DraftSelection, select_drafts
 from worker.training.exporter import export_verified
 from worker.training.gate import draft_quality, evaluate_gate
 from worker.training.lock import LockLost, requeue_marker, training_slot
@@ -100,6 +104,26 @@ def _verified_exports(settings, checkpoint: Path, dataset, imgsz: int) -> dict[s
     return export_verified(checkpoint, Path(checkpoint).parent / "exports", samples, imgsz, formats=formats)
 
 
+def _served_model_version(settings, project: str, current_version: str | None) -> str:
+    """The ``model_version`` /setup reports now (what annotators are shown): drafts of it are preferred."""
+    gemini = settings.gemini_model if settings.gemini_enabled and settings.routing != "yolo" else None
+    return ServingState(project, current_version, gemini).model_version
+
+
+def _draft_selection(settings, project: str, client, current_version: str | None) -> DraftSelection | None:
+    """The stored drafts of unannotated tasks this training may learn from (None when TRAIN_DRAFTS is off)."""
+    if not settings.train_drafts:
+        return None
+    try:
+        drafted = fetch_drafted_tasks(project, settings, client=client)
+    except Exception as exc:  # noqa: BLE001 - drafts are an extra: the human annotations were just read, train on them
+        log.warning("project %s: stored drafts could not be listed, training on human annotations only: %s: %s",
+                    project, type(exc).__name__, exc)
+        return None
+    return select_drafts(drafted, _served_model_version(settings, project, current_version),
+                         float(settings.train_draft_min_score))
+
+
 def _metrics_summary(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
@@ -143,16 +167,18 @@ def run_training(
                 "started_at": _now()}
 
         _set_progress(job, stage="fetching")
+        client = client or client_from_settings(settings)  # one client (one token exchange) for both listings
         snapshot = fetch_project(project, settings, client=client, label_config=label_config)
         config = ProjectConfig.parse(snapshot.label_config)
         # The version this training starts from: it is fine-tuned, it is the gate's opponent, and the
         # candidate is promoted only if it is still current then (compare-and-swap: a rollback wins).
         current = registry.current(project)
+        drafts = _draft_selection(settings, project, client, current.version if current else None)
         t = lap("fetch", t)
 
-        _set_progress(job, stage="dataset", tasks=len(snapshot.tasks))
+        _set_progress(job, stage="dataset", tasks=len(snapshot.tasks), drafts=len(drafts.drafts) if drafts else 0)
         try:
-            dataset = build_dataset(project, snapshot.tasks, config, settings, loader=loader)
+            dataset = build_dataset(project, snapshot.tasks, config, settings, loader=loader, drafts=drafts)
         except NotEnoughData as exc:
             result = {**base, "status": "skipped", "reason": str(exc), "promoted": False,
                       "version": current.version if current else None, "tasks": len(snapshot.tasks),
@@ -160,7 +186,7 @@ def run_training(
             _store_last(redis, project, result)
             return result
         t = lap("dataset", t)
-        quality = draft_quality(snapshot.tasks, dataset.val_items, config)
+        quality = draft_quality(snapshot.tasks, dataset.val_items, config)  # human-annotated held-out tasks only
         counts = {**dataset.counts, "tasks_listed": snapshot.tasks_seen, "tasks_skipped_only": snapshot.cancelled_only}
 
         if not force and current is not None and current.meta.get("dataset_hash") == dataset.dataset_hash:
@@ -250,6 +276,7 @@ def run_training(
             "ultralytics_metrics": trained.final_metrics,
             "epochs_run": trained.epochs_run,
             "fine_tuned": trained.fine_tuned,
+            "base_model": trained.base_model,  # what a first training started from (worker.training.base_model)
             "dataset_hash": dataset.dataset_hash,
             "counts": counts,
             "val_task_ids": dataset.val_ids,

@@ -13,7 +13,13 @@ their control models (:func:`backend.control_models.parse_regions`: a rotated re
 axis-aligned bounds, polygons and brushes their bounding boxes; a region with an unknown label, a
 (near) zero-area box or a duplicate of a box of the same class is skipped). A task whose image
 cannot be loaded is skipped; every skip is counted by reason. Tasks without boxes are kept as
-negatives. The split is a deterministic function of the task id (see :func:`split_tasks`).
+negatives. The split is a deterministic function of the task id (see :func:`split_tasks`). Drafts of
+unannotated tasks (:mod:`worker.training.drafts`) join the training split only, capped, and never
+replace a human label; each item's ``source`` says which it is.
+
+Memory does not grow with the number of tasks: each image is converted and written as soon as it is
+loaded, at most ``threads`` decoded at a time (:mod:`worker.training.staging`), and moved into its
+split folder once every load is done.
 """
 
 from __future__ import annotations
@@ -28,29 +34,23 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from backend.control_models.reader import parse_regions
 from backend.core.detections import Detections
-from backend.core.geometry import scaled_size, xyxy_to_yolo, yolo_to_xyxy
+from backend.core.geometry import xyxy_to_yolo, yolo_to_xyxy
 from backend.core.images import ImageLoader
 from backend.core.label_config import ProjectConfig
 from backend.core.label_studio import AnnotatedTask
+from worker.training.drafts import DraftLabels, DraftSelection, draft_cap, stage_drafts
+from worker.training.staging import ImageSource, StagedImage, StagingPlan, stage_images, staged_image_path, staged_label_path
 
 log = logging.getLogger(__name__)
 
 KEEP_DATASETS = 2  # dataset folders kept per project
-
-
-class ImageSource(Protocol):
-    """What :class:`backend.core.images.ImageLoader` offers (tests may inject another)."""
-
-    def load(self, url: str, task_id: int | None = None) -> Any: ...
 
 
 class NotEnoughData(ValueError):
@@ -88,8 +88,12 @@ def split_tasks(project: str, task_ids: Sequence[int], val_fraction: float, val_
     return [t for t in ids if t not in val_set], sorted(val_set)
 
 
-def dataset_hash(tasks: Iterable[AnnotatedTask], classes: Sequence[str]) -> str:
-    payload = {"classes": list(classes), "tasks": sorted(t.fingerprint for t in tasks)}
+def dataset_hash(tasks: Iterable[AnnotatedTask], classes: Sequence[str], drafts: DraftSelection | None = None,
+                 draft_max_share: float = 0.0) -> str:
+    """What the dataset is built from: classes, human labels and, when any, the drafts and their rules."""
+    payload: dict[str, Any] = {"classes": list(classes), "tasks": sorted(t.fingerprint for t in tasks)}
+    if drafts is not None and drafts.drafts:  # without drafts the hash is the one human labels always gave
+        payload["drafts"] = {"labels": drafts.fingerprints(), "min_score": drafts.min_score, "max_share": draft_max_share}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -106,21 +110,22 @@ class DatasetItem:
     orig_height: int
     labels: list[str]
     boxes: np.ndarray  # original pixels xyxy
+    source: str = "human"  # "draft": a stored prediction of an unannotated task (training split only)
 
     def ground_truth(self, saved: bool = True) -> Detections:
         """Ground truth as Detections, in the saved image's pixels (model eval) or the original's."""
         if not saved:
             return Detections(self.boxes, list(self.labels), np.ones(len(self.labels)), (self.orig_width, self.orig_height),
-                              "human")
+                              self.source)
         boxes = [yolo_to_xyxy(xyxy_to_yolo(b, self.orig_width, self.orig_height), self.width, self.height) for b in self.boxes]
         return Detections(np.array(boxes).reshape(-1, 4), list(self.labels), np.ones(len(self.labels)), (self.width, self.height),
-                          "human")
+                          self.source)
 
     def to_json(self) -> dict:
         return {
             "task_id": self.task_id, "split": self.split, "image": self.image_path.name,
             "width": self.width, "height": self.height, "orig_width": self.orig_width, "orig_height": self.orig_height,
-            "labels": self.labels, "boxes": np.round(self.boxes, 3).tolist(),
+            "labels": self.labels, "boxes": np.round(self.boxes, 3).tolist(), "source": self.source,
         }
 
 
@@ -145,6 +150,7 @@ class DatasetResult:
 
     @property
     def val_items(self) -> list[DatasetItem]:
+        """The held-out items: human-annotated only (drafts never enter the val split)."""
         return [i for i in self.items if i.split == "val"]
 
     def to_meta(self) -> dict:
@@ -163,17 +169,6 @@ def _default_loader(settings):
     return ImageLoader(settings)
 
 
-def _load_one(loader: ImageSource, task: AnnotatedTask, image_key: str):
-    url = task.data.get(image_key)
-    if not isinstance(url, str) or not url:
-        return task, None, "no_image", f"task data has no {image_key!r}"
-    try:
-        return task, loader.load(url, task.id), None, ""
-    except Exception as exc:  # noqa: BLE001 - ImageError(reason, message) from backend.core.images, anything else
-        reason = getattr(exc, "reason", None) or "load_error"
-        return task, None, str(reason), str(getattr(exc, "message", exc))
-
-
 def build_dataset(
     project: str,
     tasks: Sequence[AnnotatedTask],
@@ -183,57 +178,67 @@ def build_dataset(
     out_dir: Path | None = None,
     max_image_side: int | None = None,
     threads: int = 4,
+    drafts: DraftSelection | None = None,
 ) -> DatasetResult:
-    """Download, convert and split; returns a :class:`DatasetResult`. Raises :class:`NotEnoughData`."""
+    """Download, convert and split; returns a :class:`DatasetResult`. Raises :class:`NotEnoughData`.
+
+    ``drafts`` (:mod:`worker.training.drafts`) add training examples from unannotated tasks: never for a
+    task of ``tasks``, never in the val split, at most ``TRAIN_DRAFT_MAX_SHARE`` of the training images.
+
+    Each image is written as soon as it is loaded (:mod:`worker.training.staging`: at most ``threads``
+    decoded at a time) into ``staging/pending/``; once every load is done the split is known and the
+    files are renamed into ``images/{train,val}`` and ``labels/{train,val}``.
+    """
     started = time.monotonic()
     classes = config.class_names
     index = {name: i for i, name in enumerate(classes)}
     max_side = max_image_side or max(2 * int(settings.train_imgsz), 640)
-    dhash = dataset_hash(tasks, classes)
+    max_share = float(settings.train_draft_max_share)
+    human_ids = {t.id for t in tasks}
+    usable = [d for d in drafts.drafts if d.task.id not in human_ids] if drafts is not None else []
+    dhash = dataset_hash(tasks, classes, drafts, max_share)
     base = Path(out_dir or Path(settings.data_dir) / "datasets" / str(project)).resolve()
     base.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
+    pending = staging / "pending"
     own_loader = loader is None
     loader = loader or _default_loader(settings)
     skipped_tasks: Counter = Counter()
     skipped_regions: Counter = Counter()
     converted: Counter = Counter()
     errors: list[str] = []
-    loaded: list[tuple[AnnotatedTask, Any]] = []
     try:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for task, image, reason, message in pool.map(lambda t: _load_one(loader, t, config.image_key), tasks):
-                if image is None:
-                    skipped_tasks[reason] += 1
-                    if len(errors) < 20:
-                        errors.append(f"task {task.id}: {reason}: {message}")
-                    continue
-                loaded.append((task, image))
-        _, val_ids = split_tasks(str(project), [t.id for t, _ in loaded], settings.train_val_fraction, settings.train_val_min)
+        pending.mkdir()
+        plan = StagingPlan(loader, config, index, max_side, pending, threads)
+        staged = stage_images(tasks, plan)
+        written = [s for s in staged if s.ok]
+        for failed in (s for s in staged if not s.ok):
+            skipped_tasks[failed.reason] += 1
+            if len(errors) < 20:
+                errors.append(f"task {failed.task_id}: {failed.reason}: {failed.message}")
+        _, val_ids = split_tasks(str(project), [s.task_id for s in written], settings.train_val_fraction,
+                                 settings.train_val_min)
         val_set = set(val_ids)
+        cap = draft_cap(len(written) - len(val_set), max_share)
+        ranked = sorted(usable, key=lambda d: (task_fraction(str(project), d.task.id), d.task.id))
+        draft_written, draft_skipped = stage_drafts(ranked, cap, plan)
+        draft_ids = {s.task_id for s in draft_written}
         items: list[DatasetItem] = []
         per_class: Counter = Counter()
         for sub in ("images/train", "images/val", "labels/train", "labels/val"):
             (staging / sub).mkdir(parents=True, exist_ok=True)
-        for task, img in loaded:
-            split = "val" if task.id in val_set else "train"
-            width, height = int(img.width), int(img.height)
-            boxes = parse_regions(task.result, config, (width, height))
-            skipped_regions.update(boxes.skipped)
-            converted.update(boxes.converted)
-            pil = img.image
-            sw, sh = scaled_size(width, height, max_side)
-            if (sw, sh) != (width, height):
-                pil = pil.resize((sw, sh))
-            image_path = staging / "images" / split / f"{task.id}.jpg"
-            pil.convert("RGB").save(image_path, "JPEG", quality=95)
-            lines = []
-            for box, label in zip(boxes.xyxy, boxes.labels):
-                cx, cy, w, h = np.clip(xyxy_to_yolo(box, width, height), 0.0, 1.0)
-                lines.append(f"{index[label]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-                per_class[label] += 1
-            (staging / "labels" / split / f"{task.id}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
-            items.append(DatasetItem(task.id, split, image_path, sw, sh, width, height, list(boxes.labels), boxes.xyxy))
+        for s in [*written, *sorted(draft_written, key=lambda r: r.task_id)]:
+            source = "draft" if s.task_id in draft_ids else "human"
+            split = "val" if source == "human" and s.task_id in val_set else "train"  # a draft never in val
+            skipped_regions.update(s.skipped_regions)
+            converted.update(s.converted_regions)
+            per_class.update(s.labels)
+            image_path = staging / "images" / split / f"{s.task_id}.jpg"
+            os.replace(staged_image_path(pending, s.task_id), image_path)
+            os.replace(staged_label_path(pending, s.task_id), staging / "labels" / split / f"{s.task_id}.txt")
+            items.append(DatasetItem(s.task_id, split, image_path, s.saved_width, s.saved_height, s.width, s.height,
+                                     list(s.labels), s.boxes, source))
+        shutil.rmtree(pending)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -254,7 +259,10 @@ def build_dataset(
         "skipped_regions": dict(skipped_regions),
         "converted_regions": dict(converted),
         "errors": errors,
+        "human_tasks": len(written),
+        "draft_tasks": len(draft_written),
     }
+    counts["drafts"] = _draft_counts(drafts, usable, cap, max_share, draft_written, draft_skipped, counts["train"])
     data_yaml = target / "data.yaml"
     # JSON is valid YAML: no quoting surprises with odd class names.
     yaml_text = json.dumps({"path": str(target), "train": "images/train", "val": "images/val",
@@ -270,8 +278,34 @@ def build_dataset(
         item.image_path = target / "images" / item.split / item.image_path.name
     _prune_datasets(base, keep=KEEP_DATASETS, protect=target)
     result = DatasetResult(str(project), target, data_yaml, classes, dhash, items, counts, time.monotonic() - started)
-    log.info("dataset %s for project %s: %s", dhash, project, {k: v for k, v in counts.items() if k != "errors"})
+    log.info("dataset %s for project %s: %s", dhash, project, {k: v for k, v in counts.items() if k not in ("errors", "drafts")})
+    if drafts is not None:
+        log.info("project %s: %d human-annotated and %d draft tasks (drafts %s)", project, counts["human_tasks"],
+                 counts["draft_tasks"], counts["drafts"])
     return result
+
+
+def _draft_counts(selection: DraftSelection | None, usable: Sequence[DraftLabels], cap: int, max_share: float,
+                  written: Sequence[StagedImage], skipped: Sequence[StagedImage], train_images: int) -> dict[str, Any]:
+    """What became of the drafts (logged, and kept in the manifest and the training result)."""
+    if selection is None:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "listed": selection.listed,  # unannotated tasks holding stored predictions
+        "annotated": len(selection.drafts) - len(usable),  # annotated meanwhile: the human label won
+        "usable": len(usable),
+        "cap": cap,
+        "used": len(written),
+        "over_cap": len(usable) - len(written) - len(skipped),  # never loaded
+        "share_of_train": round(len(written) / train_images, 4) if train_images else 0.0,
+        "max_share": max_share,
+        "min_score": selection.min_score,
+        "low_score_regions": selection.low_score_regions,
+        "preferred_version": selection.preferred_version,
+        "skipped": dict(selection.skipped),  # before loading: no prediction, no region at or above min_score
+        "skipped_tasks": dict(Counter(str(r.reason) for r in skipped)),  # while loading
+    }
 
 
 def _prune_datasets(base: Path, keep: int, protect: Path) -> None:
@@ -291,7 +325,8 @@ def load_dataset(root: Path | str) -> DatasetResult:
     manifest = json.loads((root / "manifest.json").read_text())
     items = [
         DatasetItem(d["task_id"], d["split"], root / "images" / d["split"] / d["image"], d["width"], d["height"],
-                    d["orig_width"], d["orig_height"], list(d["labels"]), np.array(d["boxes"], dtype=float).reshape(-1, 4))
+                    d["orig_width"], d["orig_height"], list(d["labels"]), np.array(d["boxes"], dtype=float).reshape(-1, 4),
+                    d.get("source", "human"))
         for d in manifest["items"]
     ]
     return DatasetResult(manifest["project"], root, root / "data.yaml", manifest["classes"], manifest["dataset_hash"], items,

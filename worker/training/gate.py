@@ -5,7 +5,9 @@ tasks: each predicts the saved val images through the serving detector
 (:class:`backend.detectors.yolo.YoloDetector`, model classes mapped to label-config labels by name,
 so a model trained under an older label config is still compared fairly), and pycocotools scores
 the boxes against the human labels. It promotes when there is no current model or the candidate's
-mAP50-95 beats the current's by more than ``PROMOTE_MIN_GAIN``.
+mAP50-95 beats the current's by more than ``PROMOTE_MIN_GAIN``. Both the gate and the draft quality
+score human labels only: drafts trained on (``TRAIN_DRAFTS``) never enter the held-out split, and
+:func:`human_held_out` refuses one that would.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ log = logging.getLogger(__name__)
 
 # Every box counts for mAP: the gate ranks all of them (COCO's rule); precision / recall use the serving threshold.
 ALL_BOXES = 0.001
+
+
+def human_held_out(items: Sequence[DatasetItem]) -> list[DatasetItem]:
+    """The held-out items, checked to be human-annotated: a model is never scored against drafts."""
+    drafts = [i.task_id for i in items if i.source != "human"]
+    if drafts:
+        raise ValueError(f"draft tasks {drafts[:10]} are in the held-out split: the gate scores human labels only")
+    return list(items)
 
 
 def predict_items(detector: YoloDetector, items: Sequence[DatasetItem], config: ProjectConfig,
@@ -59,7 +69,7 @@ def held_out_metrics(
     if not Path(checkpoint).is_file():  # YOLO() would try to download a missing .pt
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     detector = YoloDetector(checkpoint, Path(checkpoint).stem, device=device, imgsz=imgsz or 0)
-    items = dataset.val_items
+    items = human_held_out(dataset.val_items)
     preds = predict_items(detector, items, config)
     metrics = detection_metrics(zip(preds, (i.ground_truth(saved=True) for i in items)), config.class_names,
                                 score_threshold=score_threshold, max_det=detector.max_det)
@@ -140,7 +150,7 @@ def draft_quality(tasks: Sequence[AnnotatedTask], items: Sequence[DatasetItem], 
     """
     by_id = {t.id: t for t in tasks}
     pairs: dict[str, list[tuple[Detections, Detections]]] = defaultdict(list)
-    for item in items:
+    for item in human_held_out(items):
         task = by_id.get(item.task_id)
         if task is None or not task.predictions:
             continue

@@ -1,10 +1,11 @@
 """Train YOLO offline (``backend.core.ultralytics_env``) and hand back a checkpoint outside ``runs/``.
 
 Starting point: the project's current promoted checkpoint when there is one (fine-tuning keeps its
-weights: ``pretrained`` is left alone), else ``YOLO_BASE_MODEL``: a local ``.pt`` when that file
-exists (checked with ``Path.is_file()`` so ``YOLO()`` never downloads), otherwise a model yaml
-(random init; a missing ``.pt`` name falls back to the yaml of the same stem, ``yolo11n.pt`` ->
-``yolo11n.yaml``).
+weights: ``pretrained`` is left alone), else ``YOLO_BASE_MODEL`` as :mod:`worker.training.base_model`
+resolves it: pretrained weights (a local ``.pt``, or official weights obtained once into
+``MODEL_DIR/base``), fine-tuned like a checkpoint, or a model yaml (random init; weights that cannot
+be had fall back to the yaml of the same stem, ``yolo11n.pt`` -> ``yolo11n.yaml``, with a warning).
+``YOLO()`` is only ever given a local file or a yaml, so it never downloads.
 
 Settings used: ``TRAIN_EPOCHS`` (raised by ``TRAIN_MIN_STEPS`` from random init, see
 :func:`epochs_for`), ``TRAIN_IMGSZ``, ``TRAIN_BATCH`` (``nbs`` = batch, so every batch
@@ -26,13 +27,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from backend.core import ultralytics_env
 from backend.core.files import copy_atomic
 from backend.core.progress import report_progress
+from worker.training.base_model import BaseModel, obtain_base_model
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class TrainResult:
     train_args: dict
     final_metrics: dict = field(default_factory=dict)  # Ultralytics' own validation of best.pt
     history: list[dict] = field(default_factory=list)
+    base_model: dict | None = None  # BaseModel.to_status() when it started from YOLO_BASE_MODEL, else None
 
     def to_meta(self) -> dict:
         data = asdict(self)
@@ -56,18 +59,18 @@ class TrainResult:
         return data
 
 
-def resolve_start(settings, current_checkpoint: Path | str | None) -> tuple[str, bool]:
-    """(model to load, fine-tuning?) following the rules in the module docstring."""
+class StartPoint(NamedTuple):
+    model: str  # what YOLO() loads: a local .pt or a model yaml
+    fine_tune: bool  # starts from trained weights (pretrained is left alone)
+    base: BaseModel | None  # how YOLO_BASE_MODEL was resolved; None when fine-tuning the current checkpoint
+
+
+def resolve_start(settings, current_checkpoint: Path | str | None) -> StartPoint:
+    """Where this training starts, following the rules in the module docstring."""
     if current_checkpoint and Path(current_checkpoint).is_file():
-        return str(current_checkpoint), True
-    base = str(settings.yolo_base_model or "yolo11n.yaml")
-    path = Path(base)
-    if path.suffix == ".pt":
-        if path.is_file():
-            return str(path), True
-        log.warning("YOLO_BASE_MODEL %s is not a local file; starting from %s.yaml (random init)", base, path.stem)
-        return f"{path.stem}.yaml", False
-    return base, False
+        return StartPoint(str(current_checkpoint), True, None)
+    base = obtain_base_model(settings)
+    return StartPoint(base.used, base.pretrained, base)
 
 
 def train_images(data_yaml: Path | str) -> int:
@@ -125,7 +128,7 @@ def train(
 
     started = time.monotonic()
     data_dir = Path(settings.data_dir).resolve()
-    start_from, fine_tune = resolve_start(settings, current_checkpoint)
+    start_from, fine_tune, base = resolve_start(settings, current_checkpoint)
     runs_root = data_dir / "runs"
     runs_root.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="train-", dir=runs_root))
@@ -210,4 +213,5 @@ def train(
     seconds = time.monotonic() - started
     log.info("training finished in %.1f s, %d epochs, %s", seconds, epochs_run, final_metrics)
     train_args = {k: v for k, v in args.items() if k not in ("project", "data")}
-    return TrainResult(final_path, start_from, fine_tune, epochs_run, round(seconds, 2), train_args, final_metrics, history)
+    return TrainResult(final_path, start_from, fine_tune, epochs_run, round(seconds, 2), train_args, final_metrics, history,
+                       base_model=base.to_status() if base is not None else None)

@@ -106,8 +106,11 @@ def test_record_annotation_event_threshold(redis15, project_id, qprefix, tmp_pat
 
 def test_training_status(redis15, project_id, qprefix, settings):
     assert wq.training_status(redis15, project_id)["queued"] is None
+    assert wq.training_status(redis15, project_id)["base_model"] is None  # no training yet
     queued = wq.request_training(redis15, project_id, settings=settings)
-    redis15.set(keys.train_last(project_id), json.dumps({"status": "promoted", "version": "v0003"}))
+    base = {"requested": "yolo11n.pt", "used": "yolo11n.yaml", "pretrained": False, "reason": "offline",
+            "detail": "download failed", "fallback": True}
+    redis15.set(keys.train_last(project_id), json.dumps({"status": "promoted", "version": "v0003", "base_model": base}))
     redis15.set(keys.model_current(project_id), "v0003")
     job = Job.fetch(queued["job_id"], connection=redis15)
     job.meta["progress"] = {"stage": "training", "epoch": 2}
@@ -118,6 +121,7 @@ def test_training_status(redis15, project_id, qprefix, settings):
     assert status["queued"] == {"job_id": queued["job_id"], "status": "queued"}
     assert status["running"]["job_id"] == queued["job_id"] and status["progress"] == {"stage": "training", "epoch": 2}
     assert status["last"]["version"] == "v0003" and status["current_version"] == "v0003"
+    assert status["base_model"] == base  # what the last training started from, said plainly
     redis15.delete(keys.train_running(project_id))
 
 

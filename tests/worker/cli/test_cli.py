@@ -110,7 +110,7 @@ def test_help_and_usage_errors(env, capsys):
     proc = subprocess.run([sys.executable, "-m", "worker.cli", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           check=False)
     assert proc.returncode == 0
-    for command in ("detect", "export", "push", "check", "train", "eval", "versions", "rollback"):
+    for command in ("detect", "export", "push", "check", "train", "eval", "versions", "rollback", "base-model"):
         assert command in proc.stdout
     code, _, err = lsb(capsys, "detect", ASSETS, "--source", "owlvit", "--out", env / "x")
     assert code == 2 and "--label-config" in err and "Traceback" not in err

@@ -121,3 +121,24 @@ def test_promotion_exports_verified_fast_formats_that_the_server_then_uses(fake_
         assert served.version == "v0001" and served.format == "onnx"
     finally:
         holder.stop()
+
+
+@pytest.mark.slow
+def test_first_training_says_when_it_started_from_random_init(fake_ls, tmp_path, redis15, project_id):
+    """YOLO_BASE_MODEL's weights cannot be had (downloads off, nothing installed): the training still runs, from
+    the yaml, and says so in its result, in /train/status and in lsb_base_model_fallback_total."""
+    from prometheus_client import REGISTRY
+
+    from backend.core.queue import training_status
+
+    pid, _, _ = populate(fake_ls, n=12, project=project_id)
+    settings = make_settings(tmp_path, fake_ls, yolo_base_model="yolov8n.pt", yolo_base_download_timeout=0)
+    before = REGISTRY.get_sample_value("lsb_base_model_fallback_total", {"reason": "download_disabled"}) or 0.0
+    result = run_training(pid, settings=settings, redis=redis15)
+    assert result["status"] == "promoted" and not result["fine_tuned"]
+    base = result["base_model"]
+    assert (base["requested"], base["used"], base["pretrained"], base["reason"], base["fallback"]) == \
+        ("yolov8n.pt", "yolov8n.yaml", False, "download_disabled", True)
+    assert training_status(redis15, pid)["base_model"] == base
+    assert ModelRegistry(settings.model_dir, redis15).current(pid).meta["train"]["base_model"] == base
+    assert REGISTRY.get_sample_value("lsb_base_model_fallback_total", {"reason": "download_disabled"}) == before + 1

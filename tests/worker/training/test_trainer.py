@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -12,17 +13,20 @@ from worker.training.trainer import resolve_start, train
 
 
 def test_resolve_start(tmp_path):
-    s = Settings(yolo_base_model="yolo11n.yaml")
-    assert resolve_start(s, None) == ("yolo11n.yaml", False)
-    # a .pt that is not a local file is never handed to YOLO() (it would download): same-stem yaml
-    assert resolve_start(Settings(yolo_base_model="yolo11n.pt"), None) == ("yolo11n.yaml", False)
+    s = Settings(yolo_base_model="yolo11n.yaml", model_dir=tmp_path / "m")
+    assert resolve_start(s, None)[:2] == ("yolo11n.yaml", False)
+    # a .pt that is not a local file is never handed to YOLO() (it would download): with no weights
+    # obtained (downloads off here), the same-stem yaml; tests/worker/training/test_base_model.py has the rest
+    offline = Settings(yolo_base_model="yolo11n.pt", model_dir=tmp_path / "m", yolo_base_download_timeout=0)
+    start = resolve_start(offline, None)
+    assert start[:2] == ("yolo11n.yaml", False) and start.base.fallback and start.base.reason == "download_disabled"
     local = tmp_path / "base.pt"
     local.write_bytes(b"x")
-    assert resolve_start(Settings(yolo_base_model=str(local)), None) == (str(local), True)
+    assert resolve_start(Settings(yolo_base_model=str(local)), None)[:2] == (str(local), True)
     current = tmp_path / "current.pt"
     current.write_bytes(b"x")
-    assert resolve_start(Settings(yolo_base_model=str(local)), current) == (str(current), True)
-    assert resolve_start(s, tmp_path / "gone.pt") == ("yolo11n.yaml", False)
+    assert resolve_start(Settings(yolo_base_model=str(local)), current) == (str(current), True, None)
+    assert resolve_start(s, tmp_path / "gone.pt")[:2] == ("yolo11n.yaml", False)
 
 
 @pytest.mark.slow
@@ -37,13 +41,15 @@ def test_train_from_scratch_and_fine_tune(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     tasks, loader, _ = synthetic_tasks(16, seed=5)
     settings = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "m", train_imgsz=64, train_epochs=2,
-                        train_min_steps=0, train_batch=8, yolo_base_model="yolov8n.pt")  # not a local file: falls back to yaml
+                        train_min_steps=0, train_batch=8, yolo_base_model="yolov8n.pt",
+                        yolo_base_download_timeout=0)  # weights not to be had: falls back to the yaml
     ds = build_dataset("9", tasks, ProjectConfig.parse(label_config(CLASSES)), settings, loader=loader)
     updates = []
     result = train(ds.data_yaml, settings, progress=updates.append)
 
     assert result.checkpoint.is_file() and result.checkpoint.parent == (tmp_path / "data" / "candidates").resolve()
     assert not result.fine_tuned and result.start_from == "yolov8n.yaml"
+    assert result.base_model["reason"] == "download_disabled" and result.base_model["pretrained"] is False
     assert result.epochs_run == 2
     assert result.train_args["nbs"] == 8 and result.train_args["amp"] is False and result.train_args["workers"] == 0
     assert result.train_args["pretrained"] is False
@@ -88,6 +94,31 @@ def test_train_from_scratch_and_fine_tune(tmp_path, monkeypatch):
     scratch = held_out_metrics(result.checkpoint, good["dataset"], good["config"])
     assert after["map50"] >= before["map50"] - 0.1, (before, after)
     assert after["map50"] >= scratch["map50"] + 0.3, (scratch, after)
+
+
+@pytest.mark.slow
+def test_first_training_fine_tunes_the_base_weights(tmp_path):
+    """YOLO_BASE_MODEL's weights where the download would put them (MODEL_DIR/base, with their checksum): the
+    first training of a project fine-tunes them. The weights are a checkpoint these tests trained (good_model),
+    standing in for COCO-pretrained ones, which cannot be downloaded here."""
+    from worker.training.base_model import BASE_FOLDER, install
+    from worker.training.gate import held_out_metrics
+
+    good = good_model()
+    settings = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "m", train_imgsz=96, train_epochs=1,
+                        train_batch=8, train_min_steps=240, yolo_base_model="yolo11n.pt", yolo_base_download_timeout=0)
+    weights = Path(install(good["checkpoint"], settings.model_dir / BASE_FOLDER, "yolo11n.pt")["path"])
+    # A learning rate too small to move anything (see test_train_from_scratch_and_fine_tune): what comes out
+    # scores like the base weights, which a random init could not after one epoch.
+    result = train(good["dataset"].data_yaml, settings, progress=None,
+                   optimizer="SGD", lr0=1e-7, lrf=1.0, momentum=0.0, warmup_epochs=0, warmup_bias_lr=0.0)
+    assert result.fine_tuned and result.start_from == str(weights)
+    assert "pretrained" not in result.train_args
+    assert result.epochs_run == 1  # TRAIN_MIN_STEPS raises the epochs of random init only
+    assert result.base_model == {"requested": "yolo11n.pt", "used": str(weights), "pretrained": True, "reason": "cached",
+                                 "detail": "", "fallback": False}
+    after = held_out_metrics(result.checkpoint, good["dataset"], good["config"])
+    assert after["map50"] >= good["metrics"]["map50"] - 0.1, (good["metrics"], after)
 
 
 def test_small_datasets_from_scratch_get_enough_optimizer_steps():
