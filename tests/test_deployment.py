@@ -101,7 +101,8 @@ def redis_answers(url: str) -> bool:
 def test_compose_services_and_their_references_exist():
     doc = compose()
     services = doc["services"]
-    assert set(services) == {"label-studio", "redis", "backend", "worker", "rq-dashboard"}
+    assert set(services) == {"label-studio", "redis", "backend", "worker", "rq-dashboard", "prometheus", "grafana"}
+    assert {name for name, service in services.items() if service.get("profiles")} == {"prometheus", "grafana"}
     declared_volumes = set(doc.get("volumes") or {})
     defaults = env_example()
     for name, service in services.items():
@@ -345,6 +346,24 @@ def test_dockerfile_copies_every_package():
     assert packages <= copied, f"not copied into the image: {packages - copied}"
     assert {"gunicorn.conf.py", "label_config.xml", "scripts", "requirements.txt", "pyproject.toml"} <= copied
     assert "requirements-dev.txt" not in copied, "tests, lint and fuzzing stay out of the image"
+
+
+def test_dockerfile_can_bake_checked_base_weights_where_the_worker_looks():
+    """ARG YOLO_BASE_WEIGHTS: `lsb base-model install` checks the file and writes it with its checksum to the
+    folder YOLO_BASE_BUNDLED_DIR names, outside the /data volumes (which would hide it); empty = nothing baked."""
+    from backend.core.settings import Settings
+
+    text = dockerfile()
+    assert "YOLO_BASE_WEIGHTS=" in dockerfile_instruction("ARG")  # empty by default: no weights needed to build
+    env = " ".join(dockerfile_instruction("ENV"))
+    assert "YOLO_BASE_BUNDLED_DIR=/app/weights" in env and "yolo_base_bundled_dir" in Settings.model_fields
+    (bake,) = [line for line in dockerfile_instruction("RUN") if "base-model install" in line]
+    assert bake.startswith("--mount=type=bind,target=/tmp/context ")
+    assert 'if [ -n "$YOLO_BASE_WEIGHTS" ]; then' in bake
+    assert 'lsb base-model install "/tmp/context/$YOLO_BASE_WEIGHTS" --dir /app/weights' in bake
+    assert "YOLO_CONFIG_DIR=/tmp/yolo-build" in bake, "root must not own the service's Ultralytics config folder"
+    baked = text.index('lsb base-model install "')
+    assert text.index("pip install --no-deps .") < text.index("ARG YOLO_BASE_WEIGHTS") < baked < text.index("USER app")
 
 
 def test_dockerfile_installs_the_lsb_command_without_resolving_again():
