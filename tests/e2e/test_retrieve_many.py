@@ -127,3 +127,25 @@ def test_retrieve_on_a_few_hundred_tasks_drafts_each_exactly_once(project, backe
     retrieve(ls_api, pid, task_ids)
     assert sum(len(v) for v in stored(ls_sdk, pid).values()) == len(task_ids)
     assert len(backend.access("POST", "/predict")) == predicted
+
+
+def test_a_training_lists_the_drafts_of_unannotated_tasks_only_without_making_label_studio_predict(
+        project, backend, label_studio, ls_token, ls_sdk, ls_api):
+    """TRAIN_DRAFTS against the real Data Manager filter: after the Retrieve above every task holds a draft;
+    an annotated and a skipped task drop out of the list, the rest come with their stored drafts, and
+    listing them makes Label Studio call /predict for nothing."""
+    from backend.core.label_studio import fetch_drafted_tasks
+    from backend.core.settings import Settings
+
+    pid, task_ids = project
+    version = backend.setup_version(pid, CONFIG)
+    annotated, skipped = task_ids[0], task_ids[1]
+    for task_id, cancelled in ((annotated, False), (skipped, True)):
+        response = ls_api.post(f"/api/tasks/{task_id}/annotations/", json={"result": [], "was_cancelled": cancelled})
+        assert response.status_code == 201, f"annotate task {task_id}: HTTP {response.status_code} {response.text[:300]}"
+    predicted = len(backend.access("POST", "/predict"))
+    settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=ls_token)
+    drafted = fetch_drafted_tasks(pid, settings, client=ls_sdk)
+    assert sorted(t.id for t in drafted) == sorted(set(task_ids) - {annotated, skipped})
+    assert all([p.model_version for p in t.predictions] == [version] for t in drafted)
+    assert len(backend.access("POST", "/predict")) == predicted, "listing the drafts made Label Studio call /predict"
