@@ -55,6 +55,7 @@ from typing import Any
 import pytest
 import requests
 
+from backend.core import keys
 from tests.fake_gemini import DEFAULT_KEY, Answer, FakeGemini, Oracle
 from tests.live import free_port, wait_for
 from tests.synthetic import colour
@@ -285,7 +286,10 @@ def label_studio(ls_venv, tmp_path_factory) -> LabelStudioServer:
     data = root / "data"
     shutil.copytree(template, data)
     (data / ".complete").unlink(missing_ok=True)
-    set_id_base(data / "label_studio.sqlite3", "project", random.randint(100_000, 9_000_000))
+    # SystemRandom: Ultralytics seeds the global `random` (seed 0) in every training, so after the suite's
+    # training tests a plain randint gave the same project id in every run, and the previous run's webhook
+    # dedupe keys for that id (same task ids 1..16) made this run's TASKS_CREATED a "duplicate".
+    set_id_base(data / "label_studio.sqlite3", "project", random.SystemRandom().randint(100_000, 9_000_000))
     port = free_port()
     log_path = root / "label-studio.log"
     LOGS["label-studio"] = log_path
@@ -659,7 +663,7 @@ def cleanup_redis(redis_url: str, projects: set[int], queue_prefix: str | None =
     try:
         patterns = ["lsb:gemini:breaker:*"]
         for project in projects:
-            patterns += [f"lsb:train:{project}:*", f"lsb:model:{project}:*", f"lsb:quality:{project}"]
+            patterns += keys.project_patterns(project)  # webhook dedupe and pre-labeling claims included
         if queue_prefix:
             patterns += [f"rq:queue:{queue_prefix}*", f"rq:*:{queue_prefix}*"]
             for name in (f"{queue_prefix}training", f"{queue_prefix}prelabel"):
