@@ -33,9 +33,13 @@ BENCHMARKS = {
     "training": "bench.training",
     "memory": "bench.memory",
     "dataset": "bench.dataset",
+    "active": "bench.active",
+    "curve": "bench.curve",
+    "tiers": "bench.tiers",
 }
 # Run order: the long training benchmark last, so a broken one costs the least.
-RUN_ORDER = ["formats", "yolo_latency", "cache", "bulk", "hotswap", "health", "memory", "dataset", "training"]
+RUN_ORDER = ["formats", "yolo_latency", "cache", "bulk", "hotswap", "health", "memory", "dataset", "active", "tiers", "training",
+             "curve"]
 
 
 def main(argv: list[str] | None = None) -> int:

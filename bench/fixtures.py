@@ -44,7 +44,7 @@ def write_yolo_dataset(root: Path, train, val, classes: Sequence[str] = CLASSES)
 def train_in_subprocess(data_yaml: Path, out_json: Path, log_path: Path, *, epochs: int | None = None,
                         time_min: float | None = None, imgsz: int | None = None, batch: int | None = None,
                         extra: dict | None = None, data_dir: Path | None = None, env: dict | None = None,
-                        nice: int = 0) -> dict:
+                        nice: int = 0, base_model: str | None = None) -> dict:
     """Run ``bench.train_child`` (worker.training.trainer.train at the given settings) in a child process.
 
     Returns its JSON result plus ``wall_s`` and ``peak_rss_mb`` (the child's ru_maxrss, from wait4).
@@ -61,6 +61,8 @@ def train_in_subprocess(data_yaml: Path, out_json: Path, log_path: Path, *, epoc
         cmd += ["--batch", str(batch)]
     if extra:
         cmd += ["--extra", json.dumps(extra)]
+    if base_model:
+        cmd += ["--base-model", base_model]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     started = time.perf_counter()
     with open(log_path, "ab") as log:

@@ -1,5 +1,10 @@
 """4. Hot-swap under load: promote new versions while another process sends 15 /predict per second.
 
+Each new version is preloaded first, as a training does (``ModelRegistry.preload``: every gunicorn
+worker loads and warms it beside the serving model and acknowledges it), then promoted: the swap
+itself is a pointer assignment. Latency is watched both in the 2 s after each promotion (the swap)
+and while the candidate loads (announce to promotion).
+
 Swap delay = time from ``registry.promote`` until the LAST gunicorn worker logged that it serves the
 new version ("project P now serves YOLO vN", with its pid) — from then on every worker answers with
 it. Checked from the client side too: the last answer carrying an older version, among requests
@@ -17,6 +22,7 @@ import requests
 
 from bench.common import Context, project_id
 from bench.fixtures import predict_body, register_version, synthetic, trained_checkpoint, upload_tasks, verified_exports
+from bench.formats import int8_export
 from bench.results import Result, Row, goal_row
 from bench.servers import backend, finish_load, start_load
 from bench.stats import Stats, percentile, ratio
@@ -39,7 +45,7 @@ def _swap_times(log_path: Path, project: str) -> dict[str, dict[int, float]]:
 
 
 def _variant(ctx: Context, label: str, checkpoint: Path, exports: dict | None, rate: float, swaps: int, interval: float,
-             before: float) -> dict:
+             before: float, preload: bool = True) -> dict:
     project = project_id()
     items = synthetic(16, seed=55)
     with backend(ctx, f"hotswap-{label}", workers=2, threads=8, routing="yolo") as be:
@@ -58,22 +64,30 @@ def _variant(ctx: Context, label: str, checkpoint: Path, exports: dict | None, r
         started = time.time() + 0.5
         proc = start_load(be.url, "/predict", out, rate, duration, bodies, threads=16, start_at=started)
         promotions: list[tuple[str, float]] = []
+        preloads: list[tuple[float, float, dict]] = []  # (announced at, promoted at, ModelRegistry.preload's answer)
         time.sleep(max(0.0, started + before - time.time()))
         for _ in range(swaps):
             info = registry.add_version(project, checkpoint, {"classes": ["Car", "Person", "Sign"], "imgsz": 320},
                                         extra_files=exports)
+            announced = time.time()
+            answer = registry.preload(project, info.version, timeout=30.0) if preload else {}
             t = time.time()
             registry.promote(project, info.version)
             promotions.append((info.version, t))
-            time.sleep(max(0.0, t + interval - time.time()))
+            preloads.append((announced, t, answer))
+            time.sleep(max(0.0, announced + interval - time.time()))
         records = finish_load(proc, out, timeout=duration + 60)
         time.sleep(0.5)
         swaps_seen = _swap_times(be.log_path, project)
         text = be.log_path.read_text(errors="replace")
-        served_format = ("OpenVINO export" if "serves from its openvino export" in text
+        served_format = ("OpenVINO INT8 export" if "serves from its openvino_int8 export" in text
+                         else "OpenVINO f32 export" if "serves from its openvino export" in text
                          else "ONNX export" if "serves from its onnx export" in text else ".pt")
+        # swaps after the warm-up that did not find their model preloaded
+        preloaded_swaps = text.count(f"project {project} now serves YOLO") - text.count("(preloaded, was") - len(warm)
     return {"project": project, "workers": workers, "warm": warm, "promotions": promotions, "records": records,
-            "swaps": swaps_seen, "started": started, "before": before, "format": served_format}
+            "swaps": swaps_seen, "started": started, "before": before, "format": served_format, "preloads": preloads,
+            "loaded_on_promotion": preloaded_swaps}
 
 
 def _analyse(result: Result, label: str, data: dict, n_workers: int) -> None:
@@ -112,9 +126,23 @@ def _analyse(result: Result, label: str, data: dict, n_workers: int) -> None:
     result.add(goal_row(f"[{label}] p99 latency in the 2 s after each promotion (ms)", f"{w99 * 1000:.0f} (n={len(during)})",
                         r, 2.0, False, "≤ 2× before", baseline=f"before any promotion {b99 * 1000:.0f} (n={len(before)})",
                         ratio_text=f"{r:.2f}×"))
+    answers = [a for _, _, a in data["preloads"] if a]
+    if answers:
+        loading = [r["lat"] for r in records if any(a <= r["t"] < p for a, p, _ in data["preloads"])]
+        l99 = percentile(loading, 99) if loading else float("nan")
+        waits = [a["waited_s"] for a in answers]
+        result.add(Row(f"[{label}] preloading: workers that loaded each candidate before its promotion",
+                       f"{min(a['loaded'] for a in answers)}–{max(a['loaded'] for a in answers)} of "
+                       f"{max(a['listeners'] for a in answers)} listeners, wait median {Stats.of(waits).median:.2f} s "
+                       f"(max {max(waits):.2f})",
+                       note=f"{sum(a['timed_out'] for a in answers)} timed out; "
+                            f"{data['loaded_on_promotion']} swap(s) had to load at promotion"))
+        result.add(Row(f"[{label}] … p99 latency while the candidate loads (announce → promotion) (ms)",
+                       f"{l99 * 1000:.0f} (n={len(loading)})", baseline=f"before any promotion {b99 * 1000:.0f}",
+                       ratio=f"{ratio(l99, b99):.2f}×"))
     result.raw[label] = {"delays": delays, "stale": stale_delays, "failed": failed[:20], "p99_before": b99, "p99_during": w99,
-                         "served_format": data["format"]}
-    if p95 > 2.0 or r > 2.0 or failed:
+                         "served_format": data["format"], "preloads": data["preloads"]}
+    if (p95 > 2.0 or r > 2.0 or failed) and not answers:
         why = ("each worker builds the new model (YOLO(path) unpickles the checkpoint, ~30-130 ms of CPU holding the "
                "GIL, so it stays at normal priority: at nice 19 a starved thread holding the GIL stalled every request, "
                "p99 5.6 s) and warms it up (first predict; "
@@ -134,8 +162,12 @@ def run(ctx: Context) -> Result:
     exports, _ = verified_exports(ctx, checkpoint)
     if "openvino" in exports or "onnx" in exports:
         variants.insert(0, ("export", exports))
+    int8_path, _ = int8_export(ctx, checkpoint)
+    if int8_path is not None:
+        variants.insert(0, ("export", {**exports, "openvino_int8": int8_path}))
     result = Result(NAME, TITLE, params={"rate_req_s": rate, "promotions": swaps, "interval_s": interval,
                                          "gunicorn": "2 workers x 8 threads", "HOTSWAP_POLL_SECONDS": 1.0,
+                                         "preload": "ModelRegistry.preload, timeout 30 s",
                                          "request": "/predict, 1 task 320x240"})
     for label, ex in variants:
         data = _variant(ctx, label, checkpoint, ex, rate, swaps, interval, before)
@@ -147,8 +179,10 @@ def run(ctx: Context) -> Result:
                      "open loop, a new connection each (as Label Studio does). After a steady period, new versions "
                      f"(same weights, new version names) are promoted every {interval:g} s through ModelRegistry "
                      "(Redis key + pub/sub). Swap time per worker comes from its log line; latency windows: the "
-                     "steady period before the first promotion vs the 2 s after each promotion. Variants: versions "
-                     "with verified exports (the worker serves OpenVINO) and .pt-only versions. A new model warms up on a "
+                     "steady period before the first promotion vs the 2 s after each promotion, and the time each "
+                     "candidate was loading (ModelRegistry.preload: announce, every worker loads it beside the served "
+                     "model and acknowledges, then the promotion). Variants: versions with a verified INT8 OpenVINO "
+                     "export, with f32 exports (the worker serves OpenVINO f32) and .pt-only versions. A new model warms up on a "
                      "short-lived thread at nice 19 (except the first OpenVINO model of a process, whose warm-up gives birth to "
                      "the OpenVINO worker threads that run every later inference), then once on the inference thread.")
     return result

@@ -57,6 +57,7 @@ def main() -> int:
     if args.epochs is not None:  # an explicit epoch count is run as given: TRAIN_MIN_STEPS does not raise it
         changes["train_epochs"] = args.epochs
         changes["train_min_steps"] = 0
+        changes["train_time_limit_min"] = 0  # ... and no default time budget re-fits it (unless --time-min)
     if args.time_min is not None:
         changes["train_time_limit_min"] = args.time_min
     if args.imgsz is not None:

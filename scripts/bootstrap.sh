@@ -17,9 +17,13 @@ if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
     missing+=("python$minor-venv")
 fi
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# The status page's browser tests (tests/backend/web/test_status_browser.py): Debian's headless Chromium and its
+# driver, so selenium never downloads a browser at run time.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 
 if ((${#missing[@]} == 0)); then
-    echo "[bootstrap] nothing to install: make, $PYTHON -m venv and redis-server are there"
+    echo "[bootstrap] nothing to install: make, $PYTHON -m venv, redis-server, chromium and chromedriver are there"
     exit 0
 fi
 if [[ "$(id -u)" != 0 ]]; then

@@ -19,6 +19,8 @@ os.environ.setdefault("EXPORT_FORMATS", "")
 # The default YOLO_BASE_MODEL (yolo11n.pt) would make a first training try Ultralytics' download: the suite
 # never waits on the network. Tests of the pretrained start set it (tests/worker/training/test_base_model.py).
 os.environ.setdefault("YOLO_BASE_MODEL", "yolo11n.yaml")
+# Tests train by epochs (a few, tiny): the 5-minute default budget would make time= re-fit them to 5 minutes.
+os.environ.setdefault("TRAIN_TIME_LIMIT_MIN", "0")
 from backend.core import ultralytics_env  # noqa: E402
 
 ultralytics_env.prepare()

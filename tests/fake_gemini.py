@@ -8,6 +8,8 @@ code must survive, so tests point ``HttpOptions(base_url=fake.base_url)`` here i
 Serves ``POST /{v1,v1beta}/models/{model}:generateContent`` as docs/gemini.md describes it:
 ``x-goog-api-key`` checked (wrong key: 400 INVALID_ARGUMENT, missing: 403 PERMISSION_DENIED),
 answers from a FIFO of scripted :class:`Answer` objects, then from a ``responder`` callable.
+The Batch API endpoints (``fake.batches``) and the Flex tier (``fake.flex``) live in
+tests/fake_gemini_batch.py; each inlined batch request is answered like a generateContent call.
 Every request is recorded (path, all headers, JSON body, decoded images) in a thread-safe list.
 
 Usage::
@@ -42,6 +44,7 @@ import pytest
 from PIL import Image
 
 from backend.core.geometry import xyxy_to_gemini
+from tests.fake_gemini_batch import FakeBatches, FlexTier, Reply, is_flex
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +262,12 @@ class FakeRequest:
         return self.config("responseMimeType", "response_mime_type")
 
     @property
+    def service_tier(self) -> str:
+        """``serviceTier`` of the body ("" = the default, standard)."""
+        body = self.body if isinstance(self.body, Mapping) else {}
+        return str(_lookup(body, ("serviceTier", "service_tier"), "") or "")
+
+    @property
     def all_text(self) -> str:
         return f"{self.system_instruction}\n{self.prompt}"
 
@@ -325,6 +334,8 @@ class FakeGemini:
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.batches = FakeBatches(self._answer_inner)
+        self.flex = FlexTier()
 
     # lifecycle
     def start(self) -> FakeGemini:
@@ -411,17 +422,40 @@ class FakeGemini:
     def answer(self, request: FakeRequest) -> Answer:
         """Route, authenticate, then pick the scripted or computed answer."""
         route = _ROUTE.match(request.path)
-        if request.method != "POST" or route is None:
+        batch = self.batches.handles(request.method, request.path)
+        if (request.method != "POST" or route is None) and not batch:
             return error(404, "NOT_FOUND", f"Requested entity was not found: {request.method} {request.path}")
-        request.version, request.model = route.group("version"), route.group("model")
         key = request.api_key
         if not key:
             return missing_key()
         if key != self.api_key:
             return invalid_key()
+        if batch:
+            if request.method == "POST" and not isinstance(request.body, Mapping) and request.path.endswith("Content"):
+                return bad_request("Invalid JSON payload received.")
+            return _from_reply(self.batches.answer(request.method, request.path, request.body))
+        request.version, request.model = route.group("version"), route.group("model")
         if not isinstance(request.body, Mapping):
             return bad_request("Invalid JSON payload received.")
+        if is_flex(request.body):
+            refused = self.flex.refusal()
+            if refused is not None:
+                return _from_reply(refused)
+            answer = self._next_answer(request)
+            return replace(answer, delay=answer.delay + self.flex.latency_s)
         return self._next_answer(request)
+
+    def _answer_inner(self, body: Mapping[str, Any], model: str) -> tuple[int, Any]:
+        """One inlined batch request answered like a generateContent call (scripted FIFO, then responder)."""
+        request = FakeRequest("POST", f"/v1beta/models/{model}:batchGenerateContent#inlined", {}, {}, b"", body)
+        _decode(request)
+        request.model = model
+        answer = self._next_answer(request)
+        return answer.status, json.loads(answer.encoded() or b"null") if answer.status else None
+
+
+def _from_reply(reply: Reply) -> Answer:
+    return Answer(status=reply.status, body=reply.body, delay=reply.delay)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -437,6 +471,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self._serve("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._serve("DELETE")
 
     def _serve(self, method: str) -> None:
         arrived = time.monotonic()  # a delay is Gemini's latency: it counts from here, like a server's

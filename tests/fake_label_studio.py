@@ -7,7 +7,8 @@ Implements exactly what ``backend.core.label_studio`` (through label-studio-sdk)
 - ``GET /api/tasks/?project=&fields=all&page=&page_size=&query=``  ``{"tasks", "total", ...}``;
   a page past the end answers 404 like Label Studio; ``query`` filters on ``total_annotations``,
   ``cancelled_annotations`` and ``total_predictions`` (``greater`` / ``equal`` / ``less``)
-- ``GET /api/predictions/?project=&task=``, ``POST /api/predictions/``  stored predictions (drafts)
+- ``GET /api/predictions/?project=&task=``, ``POST /api/predictions/``  stored predictions (drafts);
+  ``PATCH /api/predictions/<id>/``  a new ``score`` (the re-score job)
 - ``GET /data/upload/<pid>/<file>``  uploaded images (auth required, like Label Studio)
 
 Auth: ``Authorization: Token <legacy_token>`` or ``Bearer <access token from refresh>``.
@@ -285,6 +286,16 @@ class FakeLabelStudio:
                 return jsonify({"detail": "Not found."}), 404
             pred_id = fake.add_prediction(task, body.get("result") or [], body.get("model_version") or "", body.get("score"))
             return jsonify(next(p for p in fake.tasks[task]["predictions"] if p["id"] == pred_id)), 201
+
+        @app.patch("/api/predictions/<int:pred_id>/")
+        def update_prediction(pred_id: int):  # Label Studio's PredictionAPI is a ModelViewSet: PATCH updates fields
+            body = request.get_json(silent=True) or {}
+            for t in fake.tasks.values():
+                for p in t["predictions"]:
+                    if p["id"] == pred_id:
+                        p.update({k: body[k] for k in ("score", "result", "model_version") if k in body})
+                        return jsonify(p)
+            return jsonify({"detail": "Not found."}), 404
 
         @app.get("/data/upload/<path:rest>")
         def upload(rest: str):

@@ -64,3 +64,33 @@ def test_quick_cache_benchmark_writes_its_rows(tmp_path, redis_url):
     assert len(metrics) == 3
     calls = next(r for r in result["rows"] if r["metric"].startswith("Gemini calls"))
     assert calls["status"] in ("met", "MISSED") and calls["goal"] == "0"
+
+
+@pytest.mark.slow
+def test_quick_annotation_efficiency_curve_writes_table_and_plot(tmp_path, redis_url):
+    """bench.curve in quick mode: the real pipeline at tiny sizes; rows, drafts' mAP50 and the PNG are there."""
+    out, raw = tmp_path / "BENCH.md", tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "bench", "--quick", "--only", "curve", "--out", str(out), "--json", str(raw), "-q",
+               "--keep"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    text = out.read_text()
+    for expected in ("## 11. Annotation efficiency", "4 corrected, random start, with drafts: held-out mAP50",
+                     "4 corrected, pretrained start (stand-in, see method), without drafts", "ROUTING=auto sends to YOLO",
+                     "Method:", "annotation_efficiency.png"):
+        assert expected in text, expected
+    result = next(r for r in json.loads(raw.read_text())["results"] if r["name"] == "curve")
+    runs = result["raw"]["runs"]
+    assert {(r["start"], r["drafts"]) for r in runs} == {("random", True), ("pretrained", False)}
+    assert all(r["promoted"] for r in runs)  # a first training always passes the gate
+    with_drafts = next(r for r in runs if r["drafts"])
+    assert with_drafts["draft_tasks"] > 0 and next(r for r in runs if not r["drafts"])["draft_tasks"] == 0
+    assert 0.3 < with_drafts["drafts_map50"] < 1.0  # simulated drafts: imperfect, yet useful
+    from pathlib import Path
+
+    png = Path(result["raw"]["png"])
+    assert png.stat().st_size > 1000
+    import shutil
+
+    shutil.rmtree(png.parent, ignore_errors=True)  # --keep kept the quick run's work folder for the PNG

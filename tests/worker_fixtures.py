@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = TEST_REDIS_URL
 CLASSES = ("Car", "Person")
 TINY = {"train_imgsz": 96, "train_epochs": 1, "train_min_steps": 0, "train_batch": 8, "yolo_base_model": "yolov8n.yaml",
-        "train_val_fraction": 0.2, "train_val_min": 4}
+        "train_val_fraction": 0.2, "train_val_min": 4,
+        "export_int8": False}  # INT8 exports cost seconds per promotion: tests that want one turn it on
 
 
 def rq_bin() -> str:

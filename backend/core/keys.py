@@ -10,18 +10,24 @@ Training coordination, one set per project (:mod:`backend.core.queue`, :mod:`wor
     lsb:train:<p>:force     "1": a coalesced request asked for force=True
     lsb:train:<p>:events    annotation changes since the last training started
     lsb:train:<p>:last      JSON result of the last finished (or failed) training
+    lsb:train:<p>:history   list of the last 50 such results, newest first (the status page)
     lsb:train:<p>:labels_deleted   unix time of the last ANNOTATIONS_DELETED (flag on /train/status)
 
 Webhook and project lifecycle (:mod:`backend.web.webhook`, :mod:`backend.core.prelabel_queue`, :mod:`worker.jobs.cleanup`)::
 
     lsb:webhook:<p>:seen:<sha256>   "1" with a TTL: one delivery of an event already handled (dedupe)
     lsb:prelabel:<p>:queued         hash task id (or "*" = all tasks) -> "<rq job id> <unix time>"
+    lsb:prelabel:<p>:tasks          hash task id -> its pre-labeling state (:mod:`backend.core.import_status`)
+    lsb:prelabel:<p>:status         hash: tasks per state, imported, spent_usd, the last import's policy
     lsb:project:<p>:deleted         "<unix time> <cleanup job id>": PROJECT_DELETED seen, cleanup scheduled
+    lsb:rank:<p>:pending            "<rq job id> <unix time>": a queued re-score of the drafts (:mod:`backend.core.rank_queue`)
 
 Models and their quality (:mod:`backend.core.registry`, :mod:`backend.serving.quality`)::
 
     lsb:model:<p>:current   the served version name ("v0004")
     lsb:models              channel: {"project", "version"} on every promotion
+    lsb:models:candidates   channel: {"project", "version"} of a version about to be promoted (preload it)
+    lsb:model:<p>:candidate:<v>   hash serving process -> "loaded" | "skipped" | "failed" (acks, with a TTL)
     lsb:quality:<p>         JSON draft quality per source + the served model's val metrics
 
 Gemini state shared by every replica, under a root prefix (tests and the bench use their own root)::
@@ -29,6 +35,15 @@ Gemini state shared by every replica, under a root prefix (tests and the bench u
     lsb:gemini:answer:<sha256>          cached raw answer (:mod:`backend.detectors.gemini.cache`)
     lsb:gemini:spend:<YYYY-MM-DD>       USD spent that UTC day (:mod:`backend.detectors.gemini.cost`)
     lsb:gemini:breaker:failures|opened_at|trial   circuit breaker (:mod:`backend.detectors.gemini.breaker`)
+    lsb:gemini:money                    hash usd:<tier>, tasks:<source>: lifetime spend and drafts (cost per 1,000)
+
+Gemini Batch API drafting (:mod:`worker.jobs.batch_drafting`, :mod:`backend.core.batch_queue`)::
+
+    lsb:gbatch:<p>:<id>           hash: the batch's name at Google, model_version, label config, state, reserved USD
+    lsb:gbatch:<p>:<id>:tasks     hash task id -> task JSON, the tasks still waiting for their result
+    lsb:gbatch:<p>:<id>:done      hash task id -> "stored" | "failed <reason>" (HSETNX: the per-task claim)
+    lsb:gbatch:<p>:<id>:lock      the poll job reading the batch's results (one at a time; with a TTL)
+    lsb:gbatch:live               set of "<p>:<id>": batches not finished (resumed by ``resume_batches``)
 
 RQ's own keys (``rq:job:*``, ``rq:queue:*``) are RQ's business: read them through rq's public API only.
 """
@@ -46,13 +61,19 @@ class Keys:
     TRAIN_FORCE = "lsb:train:{project}:force"
     TRAIN_EVENTS = "lsb:train:{project}:events"
     TRAIN_LAST = "lsb:train:{project}:last"
+    TRAIN_HISTORY = "lsb:train:{project}:history"
     LABELS_DELETED = "lsb:train:{project}:labels_deleted"
     WEBHOOK_SEEN = "lsb:webhook:{project}:seen:{digest}"
     PRELABEL_QUEUED = "lsb:prelabel:{project}:queued"
+    PRELABEL_TASKS = "lsb:prelabel:{project}:tasks"
+    PRELABEL_STATUS = "lsb:prelabel:{project}:status"
     PROJECT_DELETED = "lsb:project:{project}:deleted"
+    RANK_PENDING = "lsb:rank:{project}:pending"
     MODEL_CURRENT = "lsb:model:{project}:current"
     QUALITY = "lsb:quality:{project}"
     MODELS_CHANNEL = "lsb:models"
+    CANDIDATES_CHANNEL = "lsb:models:candidates"
+    MODEL_CANDIDATE_ACKS = "lsb:model:{project}:candidate:{version}"
 
     GEMINI_ROOT = "lsb:gemini"
     GEMINI_ANSWERS = "{root}:answer"
@@ -63,10 +84,17 @@ class Keys:
     BREAKER_FAILURES = "{prefix}:failures"
     BREAKER_OPENED_AT = "{prefix}:opened_at"
     BREAKER_TRIAL = "{prefix}:trial"
+    GEMINI_MONEY = "{root}:money"
+    GBATCH = "lsb:gbatch:{project}:{batch}"
+    GBATCH_TASKS = "lsb:gbatch:{project}:{batch}:tasks"
+    GBATCH_DONE = "lsb:gbatch:{project}:{batch}:done"
+    GBATCH_LIVE = "lsb:gbatch:live"
+    GBATCH_LOCK = "lsb:gbatch:{project}:{batch}:lock"
 
     #: SCAN patterns of everything stored for one project (cleanup in tests and the bench).
     PROJECT_PATTERNS = ("lsb:train:{project}:*", "lsb:model:{project}:*", "lsb:quality:{project}",
-                        "lsb:webhook:{project}:*", "lsb:prelabel:{project}:*", "lsb:project:{project}:*")
+                        "lsb:webhook:{project}:*", "lsb:prelabel:{project}:*", "lsb:project:{project}:*",
+                        "lsb:rank:{project}:*", "lsb:gbatch:{project}:*")
 
 
 
@@ -118,6 +146,10 @@ def train_last(project: str | int) -> str:
     return _for(Keys.TRAIN_LAST, project)
 
 
+def train_history(project: str | int) -> str:
+    return _for(Keys.TRAIN_HISTORY, project)
+
+
 def labels_deleted(project: str | int) -> str:
     return _for(Keys.LABELS_DELETED, project)
 
@@ -130,12 +162,28 @@ def prelabel_queued(project: str | int) -> str:
     return _for(Keys.PRELABEL_QUEUED, project)
 
 
+def prelabel_tasks(project: str | int) -> str:
+    return _for(Keys.PRELABEL_TASKS, project)
+
+
+def prelabel_status(project: str | int) -> str:
+    return _for(Keys.PRELABEL_STATUS, project)
+
+
 def project_deleted(project: str | int) -> str:
     return _for(Keys.PROJECT_DELETED, project)
 
 
+def rank_pending(project: str | int) -> str:
+    return _for(Keys.RANK_PENDING, project)
+
+
 def model_current(project: str | int) -> str:
     return _for(Keys.MODEL_CURRENT, project)
+
+
+def model_candidate_acks(project: str | int, version: str) -> str:
+    return Keys.MODEL_CANDIDATE_ACKS.format(project=project_key(project), version=version)
 
 
 def quality(project: str | int) -> str:
@@ -153,6 +201,30 @@ def gemini_answers(root: str = Keys.GEMINI_ROOT) -> str:
 
 def gemini_spend(root: str = Keys.GEMINI_ROOT) -> str:
     return Keys.GEMINI_SPEND.format(root=root)
+
+
+def gemini_money(root: str = Keys.GEMINI_ROOT) -> str:
+    return Keys.GEMINI_MONEY.format(root=root)
+
+
+def gbatch(project: str | int, batch: str) -> str:
+    return Keys.GBATCH.format(project=project_key(project), batch=batch)
+
+
+def gbatch_tasks(project: str | int, batch: str) -> str:
+    return Keys.GBATCH_TASKS.format(project=project_key(project), batch=batch)
+
+
+def gbatch_done(project: str | int, batch: str) -> str:
+    return Keys.GBATCH_DONE.format(project=project_key(project), batch=batch)
+
+
+def gbatch_lock(project: str | int, batch: str) -> str:
+    return Keys.GBATCH_LOCK.format(project=project_key(project), batch=batch)
+
+
+def gbatch_live() -> str:
+    return Keys.GBATCH_LIVE
 
 
 def gemini_breaker(root: str = Keys.GEMINI_ROOT) -> str:

@@ -28,12 +28,22 @@ GEMINI_TOKENS = Counter("lsb_gemini_tokens_total", "Gemini tokens by kind (input
 GEMINI_COST = Counter("lsb_gemini_cost_usd_total", "Estimated Gemini spend in USD", ["model"])
 GEMINI_CACHE = Counter("lsb_gemini_cache_total", "Gemini answer cache lookups", ["result"])
 GEMINI_DROPPED = Counter("lsb_gemini_dropped_objects_total", "Objects dropped from Gemini answers, by reason", ["reason"])
+GEMINI_TIER_COST = Counter("lsb_gemini_tier_cost_usd_total", "Estimated Gemini spend in USD by tier (standard, flex, batch)",
+                           ["tier"])
+GEMINI_FLEX_FALLBACKS = Counter("lsb_gemini_flex_fallbacks_total", "Flex calls refused or timed out, sent to the standard tier",
+                                ["reason"])
+GEMINI_BATCHES = Counter("lsb_gemini_batches_total", "Gemini Batch API jobs by outcome (submitted, succeeded, failed, "
+                         "cancelled, expired)", ["outcome"])
 REQUEST_SECONDS = Histogram("lsb_request_seconds", "HTTP request latency", ["route"],
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100))
 DETECT_SECONDS = Histogram("lsb_detect_seconds", "Per-task detection latency by source", ["source"],
                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 HOTSWAPS = Counter("lsb_model_swaps_total", "Models loaded by hot-swap in this process", ["outcome"])
 WEBHOOKS = Counter("lsb_webhooks_total", "Webhook events by action and outcome", ["action", "outcome"])
+PRELABEL_TASKS = Counter("lsb_prelabel_tasks_total",
+                         "Tasks entering a pre-labeling state (backend.core.import_status.STATES, and 'imported')",
+                         ["state"])
+PRELABEL_COST = Counter("lsb_prelabel_cost_usd_total", "Estimated Gemini USD spent by pre-labeling jobs")
 BASE_MODEL_FALLBACKS = Counter("lsb_base_model_fallback_total",
                                "First trainings started from random init because YOLO_BASE_MODEL's weights could not "
                                "be had, by reason (worker.training.base_model.FALLBACK_REASONS)", ["reason"])

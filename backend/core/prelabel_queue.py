@@ -22,7 +22,7 @@ import redis as redis_lib
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
-from backend.core import keys
+from backend.core import import_status, keys
 from backend.core.queue import (
     ENQUEUE_GRACE_S,
     LIVE_STATUSES,
@@ -131,6 +131,8 @@ def request_prelabel(redis: redis_lib.Redis, project: str | int, tasks: list[dic
         return {"status": "coalesced", "job_id": holder, "project": project, "tasks": 0,
                 "coalesced": len(fields) if tasks is not None else 1}
     slim = None if chosen is None else [{"id": t.get("id"), "data": t.get("data") or {}} for t in chosen]
+    if slim:  # the visible status of the import; before the job exists, so a fast job's "drafted" is not undone
+        import_status.mark_queued(redis, project, slim)
     try:
         Queue(queue_name(PRELABEL_QUEUE), connection=redis).enqueue(
             PRELABEL_FUNC, project, slim, label_config,

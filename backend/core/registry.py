@@ -38,7 +38,7 @@ import redis as redis_lib
 
 from backend.core.file_lock import file_lock
 from backend.core.files import write_json_atomic
-from backend.core.keys import Keys, model_current, project_key
+from backend.core.keys import Keys, model_candidate_acks, model_current, project_key
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ META = "meta.json"
 POINTER = "current.json"
 LOCKS = ".locks"  # MODEL_DIR/.locks/<project>.lock: outside the version folders, a plain file (NFS-safe)
 LOCK_TIMEOUT_S = 60.0
+CANDIDATE_ACK_TTL_S = 3600  # the acks of a candidate only matter while its training waits
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 #: ``promote(expected=ANY)``: promote whatever is current (rollbacks, operators).
 ANY = object()
@@ -238,6 +239,58 @@ class ModelRegistry:
         if info is None:
             raise KeyError(f"no version {version} for project {project}")
         write_json_atomic(info.path / META, {**info.meta, **changes})
+
+    # --- preloading a candidate (every serving process loads it before the pointer moves) ------------
+
+    def announce_candidate(self, project: str | int, version: str) -> int:
+        """Ask every serving process to load ``version`` beside its current model; returns how many listen.
+
+        Redis's PUBLISH answers with the number of subscribers that received the message: each of them
+        acknowledges (:meth:`ack_candidate`), so the caller knows whom to wait for. 0 without Redis.
+        """
+        project = project_key(project)
+        if self.redis is None:
+            return 0
+        try:
+            return int(self.redis.publish(Keys.CANDIDATES_CHANNEL, json.dumps({"project": project, "version": version})))
+        except redis_lib.RedisError as exc:
+            log.warning("project %s: candidate %s not announced (%s); serving processes load it on promotion",
+                        project, version, exc)
+            return 0
+
+    def ack_candidate(self, project: str | int, version: str, process: str, state: str) -> None:
+        """One serving process's answer to a candidate: ``loaded``, ``skipped`` (project not served) or ``failed``."""
+        if self.redis is None:
+            return
+        key = model_candidate_acks(project, version)
+        try:
+            self.redis.hset(key, process, state)
+            self.redis.expire(key, CANDIDATE_ACK_TTL_S)
+        except redis_lib.RedisError as exc:
+            log.warning("project %s: could not acknowledge candidate %s: %s", project, version, exc)
+
+    def candidate_acks(self, project: str | int, version: str) -> dict[str, str]:
+        if self.redis is None:
+            return {}
+        try:
+            raw = self.redis.hgetall(model_candidate_acks(project, version))
+        except redis_lib.RedisError:
+            return {}
+        return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                for k, v in raw.items()}
+
+    def preload(self, project: str | int, version: str, timeout: float, poll: float = 0.05) -> dict[str, Any]:
+        """Announce a candidate and wait (at most ``timeout`` s) until every listener acknowledged it."""
+        started = time.monotonic()
+        listeners = self.announce_candidate(project, version) if timeout > 0 else 0
+        acks = self.candidate_acks(project, version)
+        while len(acks) < listeners and time.monotonic() - started < timeout:
+            time.sleep(poll)
+            acks = self.candidate_acks(project, version)
+        states = list(acks.values())
+        return {"listeners": listeners, "loaded": states.count("loaded"), "skipped": states.count("skipped"),
+                "failed": states.count("failed"), "timed_out": len(acks) < listeners,
+                "waited_s": round(time.monotonic() - started, 3)}
 
     def promote(self, project: str | int, version: str, expected: str | None | object = ANY) -> VersionInfo:
         """Make ``version`` current everywhere: disk pointer, Redis copy, pub/sub notice.

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from backend.core import prelabel_policy
 from backend.core.ultralytics_env import EXPORT_FORMATS
 
 #: How the placeholders of .env.example begin; a secret that still starts so is refused at start.
@@ -92,6 +93,24 @@ class Settings(BaseSettings):
     gemini_breaker_cooldown: float = Field(60.0, description="Seconds the breaker stays open before Gemini is tried again.")
     gemini_cache_ttl: int = Field(30 * 24 * 3600, description="Seconds a Gemini answer stays cached in Redis.")
     gemini_rpm: int = Field(0, ge=0, description="Requests per minute for background pre-labeling (0 = unlimited).")
+    gemini_bulk_tier: Literal["standard", "flex", "batch"] = Field(
+        "standard",
+        description=("Gemini tier of bulk drafting (pre-labeling on import, POST /prelabel, lsb detect/push); "
+                     "/predict always uses standard. flex: the cheaper, slower synchronous tier; batch: the Batch API "
+                     "above GEMINI_BATCH_MIN_TASKS tasks (flex below it). docs/gemini.md#batch-api-and-flex."),
+    )
+    gemini_flex_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds a Flex call may take before the task falls back to the standard tier (so do a 429/503).")
+    gemini_batch_min_tasks: int = Field(
+        100, ge=1, description="A bulk job uses the Batch API only with more tasks than this; fewer go through flex.")
+    gemini_batch_chunk: int = Field(
+        200, ge=1, description="Tasks per submitted Gemini batch (images held in memory while one is built).")
+    gemini_batch_poll_initial_s: float = Field(30.0, gt=0, description="Seconds before a submitted batch is first polled.")
+    gemini_batch_poll_max_s: float = Field(600.0, gt=0, description="Longest wait between two polls of a batch (back-off x1.5).")
+    gemini_price_flex_factor: float = Field(
+        0.5, ge=0, description="Flex price as a share of the standard per-token prices (Google: about half).")
+    gemini_price_batch_factor: float = Field(
+        0.5, ge=0, description="Batch API price as a share of the standard per-token prices (Google: half).")
 
     # --- routing and YOLO serving ---------------------------------------------------------------
     routing: Literal["gemini", "yolo", "auto"] = Field(
@@ -104,12 +123,21 @@ class Settings(BaseSettings):
         0.25,
         description="Default YOLO confidence threshold (a tag's model_score_threshold wins).",
     )
+    prediction_score: Literal["usefulness", "confidence"] = Field(
+        "usefulness",
+        description=("What a draft's score means. usefulness: how much YOLO would learn from a human correcting the task "
+                     "(sort the Data Manager by Prediction score, descending: most useful first), re-scored after every "
+                     "promotion; confidence: the mean confidence of its regions (README, Most useful tasks first)."),
+    )
     yolo_imgsz: int = Field(0, ge=0, description="Inference size; 0 = the size the checkpoint was trained at.")
     yolo_device: str = Field("cpu", description="Torch device for inference.")
     yolo_threads: int = Field(0, ge=0, description="Torch threads per process for inference (0 = all cores).")
     hotswap_poll_seconds: float = Field(
         1.0,
         description="How often each process re-reads the current version (pub/sub is the fast path).",
+    )
+    yolo_serve_int8: bool = Field(
+        True, description="Serve a version's INT8 OpenVINO export (when it passed its held-out mAP check) before its f32 ones.",
     )
     model_cache_size: int = Field(
         8, ge=1,
@@ -145,9 +173,20 @@ class Settings(BaseSettings):
                      "epochs are raised for small datasets (0 = off)."),
     )
     train_imgsz: int = Field(320, ge=32, description="Training image size.")
-    train_batch: int = Field(16, ge=1, description="Batch size (nbs is set equal: see docs/ultralytics.md#training-on-cpu).")
-    train_device: str = Field("cpu", description="Training device: cpu, 0, 0,1 ...")
-    train_time_limit_min: float = Field(0.0, ge=0, description="Training wall-time budget in minutes (0 = epochs only).")
+    train_batch: int = Field(
+        8, ge=1,
+        description=("Batch size; nbs is set equal, so every batch is an optimizer step (8: twice the steps of 16 in the same "
+                     "time, better on 20-200 images: BENCHMARKS.md, Annotation efficiency)."),
+    )
+    train_device: str = Field(
+        "auto",
+        description="Training device: auto (cuda:0 when torch sees a GPU on the worker host, else mps, else cpu), cpu, 0, 0,1.",
+    )
+    train_time_limit_min: float = Field(
+        5.0, ge=0,
+        description=("Training wall-time budget in minutes: Ultralytics' time= re-fits the epoch count and the learning-rate "
+                     "schedule to it after every epoch (TRAIN_EPOCHS, TRAIN_MIN_STEPS then unused); 0 = epochs only."),
+    )
     train_val_fraction: float = Field(0.2, ge=0.05, le=0.5, description="Share of tasks held out for the promotion gate.")
     train_val_min: int = Field(4, ge=1, description="Minimum number of held-out tasks.")
     train_drafts: bool = Field(
@@ -172,8 +211,26 @@ class Settings(BaseSettings):
         description=("Formats a promoted model is exported to, each verified against the .pt (same boxes); "
                      "servers use the fastest present. Empty = serve the .pt."),
     )
+    export_int8: bool = Field(
+        True,
+        description=("Also export an INT8 OpenVINO model (NNCF post-training quantization, calibrated on the training "
+                     "images); kept only if its held-out mAP50-95 is within EXPORT_INT8_MAX_DROP of the .pt."),
+    )
+    export_int8_max_drop: float = Field(0.01, description="Largest held-out mAP50-95 loss an INT8 export may have and serve.")
+    model_preload_timeout: float = Field(
+        30.0, ge=0,
+        description=("Seconds a training waits for every serving process to load its candidate before promoting it "
+                     "(a promotion is then a pointer swap); 0 = promote at once."),
+    )
 
     # --- pre-labeling ---------------------------------------------------------------------------
+    prelabel_on_import: str = Field(
+        "all",
+        description=("Which tasks of an import (TASKS_CREATED) are drafted at once: all, none (drafted when opened, "
+                     "by POST /prelabel or lsb push) or sample:N (N tasks spread over each import, the rest on "
+                     "demand). A project's prelabel_on_import attribute on its label config's <View> wins (README, "
+                     "Pre-labeling on import)."),
+    )
     prelabel_batch: int = Field(16, ge=1, description="Tasks predicted per batch by the pre-labeling job.")
     predict_max_tasks: int = Field(
         256, ge=1,
@@ -261,6 +318,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name.upper()} is still the placeholder from .env.example; set a long random "
                              "value: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
         return value
+
+    @field_validator("prelabel_on_import")
+    @classmethod
+    def _a_prelabel_policy(cls, value: str) -> str:
+        """A typo here would decide what is spent on every import: refuse to start instead."""
+        return str(prelabel_policy.parse(value))
 
     @property
     def gemini_enabled(self) -> bool:

@@ -28,6 +28,14 @@ from backend.core.label_config import ProjectConfig
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ultralytics_env.EXPORT_FORMATS  # served instead of the .pt when a version has them, fastest first
+# A version's INT8 OpenVINO export (``model_int8_openvino_model/``): the registry lists it only when it passed
+# its held-out mAP check (``worker.training.exporter``); served before the f32 formats (YOLO_SERVE_INT8).
+INT8_FORMAT = "openvino_int8"
+
+
+def serving_formats(int8: bool = True) -> tuple[str, ...]:
+    """The export formats a server tries, fastest first."""
+    return ((INT8_FORMAT,) if int8 else ()) + tuple(EXPORT_FORMATS)
 # Most boxes one image may get (Ultralytics' default, explicit so the evaluation can use the same figure:
 # ``backend.evaluation.metrics`` passes it to COCOeval, whose own default of 100 would drop boxes on crowded images).
 MAX_DET = 300

@@ -89,6 +89,10 @@ def plot_all(metrics: dict, folder: Path) -> dict[str, str]:
     fig.savefig(folder / "sizes.png")
     files["sizes"] = "sizes.png"
 
+    confusion = metrics.get("confusion")
+    if confusion and confusion.get("classes"):
+        files["confusion"] = _confusion_heatmap(confusion, folder)
+
     speed = metrics.get("speed") or {}
     if speed.get("latencies_s"):
         fig = _figure()
@@ -101,6 +105,73 @@ def plot_all(metrics: dict, folder: Path) -> dict[str, str]:
         fig.savefig(folder / "latency.png")
         files["latency"] = "latency.png"
     return files
+
+
+def _confusion_heatmap(confusion: dict, folder: Path) -> str:
+    """The confusion matrix as a heatmap, each true row normalised (counts written in the cells)."""
+    matrix = np.asarray(confusion["matrix"], dtype=float)
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    n = len(confusion["rows"])
+    fig = _figure(max(4.5, 0.7 * n + 2.5), max(3.6, 0.6 * n + 1.8))
+    ax = fig.add_subplot(111)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), confusion["columns"], rotation=30, ha="right")
+    ax.set_yticks(range(n), confusion["rows"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion (IoU > {confusion['iou_threshold']:g}, score ≥ {confusion['score_threshold']:g})")
+    fig.tight_layout()
+    fig.savefig(folder / "confusion.png")
+    return "confusion.png"
+
+
+def action_sections(metrics: dict, plots: dict[str, str]) -> list[str]:
+    """Markdown for the sections people act on: confusion, sources side by side, label-error candidates."""
+    lines: list[str] = []
+    confusion = metrics.get("confusion")
+    if confusion and confusion.get("classes"):
+        lines += ["## Confusion matrix", "",
+                  "Rows: the true class (\"background\": a prediction no true box matches); columns: the predicted "
+                  "class (\"missed\": a true box no prediction matches).", "",
+                  "| true \\ predicted | " + " | ".join(confusion["columns"]) + " |",
+                  "|---" * (len(confusion["columns"]) + 1) + "|"]
+        for name, row in zip(confusion["rows"], confusion["matrix"]):
+            lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+        lines.append("")
+        if "confusion" in plots:
+            lines += [f"![Confusion matrix](plots/{plots['confusion']})", ""]
+    compared = metrics.get("side_by_side")
+    if compared:
+        sources = list(compared)
+        lines += ["## Sources side by side (same images, same truth)", "", "| metric | " + " | ".join(sources) + " |",
+                  "|---" * (len(sources) + 1) + "|"]
+        for key, label in (("map50", "mAP50"), ("map50_95", "mAP50-95"), ("precision", "precision"), ("recall", "recall"),
+                           ("score_threshold", "score threshold"), ("n_images", "images"), ("n_pred", "predictions")):
+            lines.append(f"| {label} | " + " | ".join(_fmt(compared[s].get(key)) for s in sources) + " |")
+        classes = sorted({c for s in sources for c in (compared[s].get("per_class") or {})})
+        for c in classes:
+            lines.append(f"| AP50 {c} | " + " | ".join(_fmt((compared[s].get("per_class") or {}).get(c, {}).get("ap50"))
+                                                      for s in sources) + " |")
+        lines.append("")
+    errors = metrics.get("label_errors")
+    if errors is not None:
+        lines += ["## Label-error candidates", "",
+                  "Annotations the model contradicts with high confidence, most confident first: open each and fix the "
+                  "label if the model is right.", ""]
+        if not errors:
+            lines += ["None.", ""]
+        else:
+            lines += ["| task | kind | predicted | labeled | score | box (x1, y1, x2, y2 px) |", "|---|---|---|---|---|---|"]
+            for c in errors:
+                task = f"[{c['task_id']}]({c['link']})" if c.get("link") else str(c["task_id"])
+                lines.append(f"| {task} | {c['kind']} | {c.get('predicted') or '–'} | {c.get('labeled') or '–'} | "
+                             f"{_fmt(c['score'])} | {', '.join(f'{v:g}' for v in c['box'])} |")
+            lines.append("")
+    return lines
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -148,6 +219,7 @@ def write_report(metrics: dict, folder: Path | str, *, title: str = "Draft quali
         if key in plots:
             lines.append(f"![{caption}](plots/{plots[key]})")
     lines.append("")
+    lines += action_sections(metrics, plots)
     m = metrics.get("masks")
     if m:
         lines += ["## Masks", "", "| metric | value |", "|---|---|",

@@ -6,6 +6,13 @@ messages, Redis restarts, and hosts that share only ``MODEL_DIR``); each poll al
 of the current version from the disk pointer (:meth:`ModelRegistry.reconcile`). A new version is loaded and
 warmed up in that thread while the old model keeps serving; the swap is one reference assignment,
 so no request ever waits for or fails on a load.
+
+Preloading: before a training promotes, it announces the candidate version on
+``lsb:models:candidates`` (:meth:`ModelRegistry.preload`). Every process that serves the project loads
+and warms it beside the current model (at most one candidate per project) and acknowledges it; the
+training waits for those acknowledgements (``MODEL_PRELOAD_TIMEOUT``), then moves the pointer, and the
+swap finds the model already loaded. A candidate that is not promoted within
+``MODEL_PRELOAD_TIMEOUT`` + ``CANDIDATE_GRACE_S`` (a crash, a lost compare-and-swap) is dropped.
 """
 
 from __future__ import annotations
@@ -13,10 +20,13 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import redis as redis_lib
@@ -26,9 +36,11 @@ from backend.core.keys import Keys, project_key
 from backend.core.metrics import HOTSWAPS
 from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings
-from backend.detectors.yolo import EXPORT_FORMATS, YoloDetector
+from backend.detectors.yolo import YoloDetector, serving_formats
 
 log = logging.getLogger(__name__)
+
+CANDIDATE_GRACE_S = 60.0  # how long past MODEL_PRELOAD_TIMEOUT an unpromoted candidate stays loaded
 
 _HOLDERS: weakref.WeakSet[ModelHolder] = weakref.WeakSet()
 
@@ -66,6 +78,11 @@ class ModelHolder:
         self._listener: threading.Thread | None = None
         self._fixed: YoloDetector | None = None
         self._by_path: OrderedDict[Path, YoloDetector] = OrderedDict()  # model_path checkpoints, LRU
+        # Preloaded candidates, at most one per served project: project -> (model, loaded at, monotonic)
+        self._candidates: dict[str, tuple[YoloDetector, float]] = {}
+        self._candidate_requests: dict[str, str] = {}  # project -> version announced, filled by the listener
+        self.candidate_ttl = float(settings.model_preload_timeout) + CANDIDATE_GRACE_S
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         if settings.yolo_model:
             path = Path(settings.yolo_model)
             self._fixed = self._load(path, f"custom-{path.stem}")
@@ -134,6 +151,10 @@ class ModelHolder:
     def loaded(self) -> dict[str, str]:
         return {p: m.version for p, m in list(self._models.items())}
 
+    def candidates(self) -> dict[str, str]:
+        """The preloaded, not yet promoted version of each project (at most one each)."""
+        return {p: m.version for p, (m, _) in list(self._candidates.items())}
+
     def _touch(self, project: str) -> threading.Lock:
         """Mark ``project`` as just asked for (the caller holds ``_lock``); returns its load lock.
 
@@ -148,6 +169,7 @@ class ModelHolder:
         while len(self._load_locks) > self.max_models:
             old, _ = self._load_locks.popitem(last=False)
             dropped = self._models.pop(old, None)
+            self._candidates.pop(old, None)
             self._failed = {f for f in self._failed if f[0] != old}
             if dropped is not None:
                 log.info("project %s: YOLO %s unloaded (MODEL_CACHE_SIZE=%d)", old, dropped.version, self.max_models)
@@ -162,10 +184,11 @@ class ModelHolder:
             info = self.registry.get(path.parent.parent.name, version)
         except ValueError:
             info = None
+        formats = serving_formats(bool(self.settings.yolo_serve_int8))
         if info is not None and info.checkpoint.resolve() == Path(path).resolve():
-            exports = {fmt: p for fmt in EXPORT_FORMATS if (p := info.export(fmt)) is not None}
+            exports = {fmt: p for fmt in formats if (p := info.export(fmt)) is not None}
         return YoloDetector.load(path, version, exports, self.settings.yolo_device, self.settings.yolo_imgsz,
-                                 self.settings.yolo_threads)
+                                 self.settings.yolo_threads, formats=formats)
 
     def _sync(self, project: str, watching: bool = False) -> YoloDetector | None:
         """Load the registry's current version for ``project`` if this process has another.
@@ -192,6 +215,16 @@ class ModelHolder:
             if (project, info.version) in self._failed:
                 return current
             started = time.perf_counter()
+            preloaded = self._candidates.get(project)
+            if preloaded is not None and preloaded[0].version == info.version:
+                with self._lock:
+                    self._candidates.pop(project, None)
+                    if project in self._load_locks:
+                        self._models[project] = preloaded[0]  # the swap of a preloaded candidate: nothing to load
+                HOTSWAPS.labels("preloaded").inc()
+                log.info("project %s now serves YOLO %s (preloaded, was %s)", project, info.version,
+                         current and current.version)
+                return preloaded[0]
             try:
                 model = self._load(info.checkpoint, info.version)
             except Exception:
@@ -217,7 +250,9 @@ class ModelHolder:
                 if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(target=self._watch, name="model-hotswap", daemon=True)
                     self._listener = threading.Thread(target=_listen, name="model-pubsub", daemon=True,
-                                                      args=(self._redis_url, self._stop, self._wake, self._load_locks))
+                                                      args=(self._redis_url, self._stop, self._wake, self._load_locks,
+                                                            self._candidate_requests,
+                                                            self._ack_for(self.registry, self.process_id)))
                     _HOLDERS.add(self)
                     self._thread.start()
                     self._listener.start()
@@ -233,8 +268,64 @@ class ModelHolder:
             if thread is not None:
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
+    @staticmethod
+    def _ack_for(registry: ModelRegistry, process: str) -> Callable[[str, str, str], None]:
+        """The listener's way to acknowledge a candidate (a closure over the registry, never the holder)."""
+        def ack(project: str, version: str, state: str) -> None:
+            try:
+                registry.ack_candidate(project, version, process, state)
+            except Exception:  # a malformed notice (a project id that is not one) must not end the listener
+                log.warning("could not acknowledge candidate %r of project %r", version, project)
+
+        return ack
+
+    def preload_candidates(self) -> None:
+        """Load each announced candidate of a served project beside its current model, then acknowledge it."""
+        while self._candidate_requests:
+            project, version = self._candidate_requests.popitem()
+            with self._lock:
+                load_lock = self._load_locks.get(project)
+            if load_lock is None:  # evicted since the announcement
+                self.registry.ack_candidate(project, version, self.process_id, "skipped")
+                continue
+            state = "loaded"
+            with load_lock:
+                held = self._candidates.get(project)
+                current = self._models.get(project)
+                if not ((held and held[0].version == version) or (current and current.version == version)):
+                    try:
+                        info = self.registry.get(project, version)
+                        if info is None:
+                            raise FileNotFoundError(f"no version {version} of project {project}")
+                        model = self._load(info.checkpoint, version)
+                        with self._lock:
+                            if project in self._load_locks:
+                                self._candidates[project] = (model, time.monotonic())  # replaces an older one
+                        HOTSWAPS.labels("candidate").inc()
+                        log.info("project %s: candidate %s preloaded", project, version)
+                    except Exception:
+                        log.exception("project %s: could not preload candidate %s", project, version)
+                        state = "failed"
+            self.registry.ack_candidate(project, version, self.process_id, state)
+
+    def drop_stale_candidates(self, now: float | None = None) -> list[str]:
+        """Forget candidates nobody promoted within ``candidate_ttl`` (memory stays bounded)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            stale = [p for p, (_, at) in self._candidates.items() if now - at > self.candidate_ttl]
+            dropped = [self._candidates.pop(p)[0].version for p in stale]
+        for project, version in zip(stale, dropped):
+            HOTSWAPS.labels("candidate_dropped").inc()
+            log.info("project %s: candidate %s was never promoted; unloaded", project, version)
+        return dropped
+
     def _watch(self) -> None:
         while not self._stop.is_set():
+            try:
+                self.preload_candidates()
+                self.drop_stale_candidates()
+            except Exception:
+                log.exception("candidate preloading failed")
             for project in list(self._load_locks):
                 try:
                     self.registry.reconcile(project)  # disk pointer vs Redis copy: the disk wins
@@ -245,8 +336,12 @@ class ModelHolder:
             self._wake.clear()
 
 
-def _listen(redis_url: str, stop: threading.Event, wake: threading.Event, projects: dict) -> None:
+def _listen(redis_url: str, stop: threading.Event, wake: threading.Event, projects: dict, candidates: dict,
+            ack: Callable[[str, str, str], None]) -> None:
     """Wake the watcher on every promotion notice for one of ``projects``; reconnect forever with backoff.
+
+    A candidate notice for a served project is queued in ``candidates`` for the watcher to preload; for any
+    other project it is acknowledged at once as ``skipped``, so the training never waits for this process.
 
     A plain function, not a method: this daemon thread must hold no reference to the holder, or at
     interpreter exit it could be the one to drop the last one and free torch models mid-finalization.
@@ -257,15 +352,24 @@ def _listen(redis_url: str, stop: threading.Event, wake: threading.Event, projec
             # no read timeout: the subscriber waits for messages as long as it takes
             client = connect(redis_url, None, connect_timeout=2, health_check_interval=10)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(Keys.MODELS_CHANNEL)
+            pubsub.subscribe(Keys.MODELS_CHANNEL, Keys.CANDIDATES_CHANNEL)
             delay = 0.5
             while not stop.is_set():
                 message = pubsub.get_message(timeout=1.0)
                 if message and message.get("type") == "message":
                     try:
-                        project = json.loads(message["data"]).get("project")
-                    except (ValueError, TypeError):
+                        data = json.loads(message["data"])
+                        project, version = data.get("project"), data.get("version")
+                    except (ValueError, TypeError, AttributeError):
                         continue
+                    channel = message.get("channel")
+                    if (channel.decode() if isinstance(channel, bytes) else channel) == Keys.CANDIDATES_CHANNEL:
+                        if not isinstance(version, str):
+                            continue
+                        if project not in projects:
+                            ack(project, version, "skipped")
+                            continue
+                        candidates[project] = version
                     if project in projects:
                         wake.set()
         except redis_lib.RedisError:

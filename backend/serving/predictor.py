@@ -22,6 +22,7 @@ from backend.detectors.gemini.client import GeminiDetector
 from backend.serving.budget import LatencyModel, Plan, plan
 from backend.serving.hotswap import ModelHolder
 from backend.serving.routing import Router, TaskOutcome
+from backend.serving.usefulness import usefulness
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,10 @@ class Predictor:
             predictions.append((prediction, "" if outcome.detections is not None else outcome.reason))
         return predictions
 
+    def draft(self, task_id, config: ProjectConfig, project: str | int, detections: Detections) -> dict:
+        """The prediction ``{result, score, model_version}`` of detections found elsewhere (a Gemini batch)."""
+        return self._prediction(task_id, config, detections, "", self.state(project, config))
+
     def _threshold(self, control, detections: Detections) -> float:
         """Score thresholds (``model_score_threshold``) apply to YOLO's calibrated scores only.
 
@@ -177,6 +182,22 @@ class Predictor:
         for control in config.controls:
             regions.extend(CONTROL_MODELS[control.tag](control, self._threshold(control, detections)).regions(detections))
         PREDICTIONS.labels(detections.source).inc()
+        if self.gemini is not None:  # lifetime drafts per source, for the cost per 1,000 drafted tasks
+            tier = detections.meta.get("tier") if detections.source == "gemini" else None
+            self.gemini.cost.count_task(f"gemini:{tier or 'standard'}" if detections.source == "gemini" else detections.source)
         log.info("task %s: %d regions from %s (%s)", task_id, len(regions), detections.source, detections.model)
-        score = sum(r["score"] for r in regions) / len(regions) if regions else 0.0
-        return {"result": regions, "score": score, "model_version": state.model_version}
+        return {"result": regions, "score": self._score(config, detections, regions), "model_version": state.model_version}
+
+    def _score(self, config: ProjectConfig, detections: Detections, regions: list[dict]) -> float:
+        """``PREDICTION_SCORE``: the mean region confidence, or the task's usefulness (backend.serving.usefulness).
+
+        Usefulness needs YOLO's view: a YOLO draft is scored from the boxes routing returned, those at or
+        above the served threshold (an approximation: the re-score job also sees the boxes down to
+        ``usefulness.FLOOR``); a draft YOLO never saw (Gemini's) scores 1.0, at the top, until the re-score
+        job runs YOLO on it (after each promotion, or ``lsb rank``).
+        """
+        if self.settings.prediction_score == "confidence":
+            return sum(r["score"] for r in regions) / len(regions) if regions else 0.0
+        if detections.source != "yolo":
+            return 1.0
+        return usefulness(detections, config.score_threshold(self.settings.yolo_score_threshold))

@@ -45,13 +45,18 @@ class JobModels(ModelHolder):
         return None
 
 
-def _gemini(settings: Settings, redis: redis_lib.Redis) -> GeminiDetector | None:
+def bulk_sync_tier(settings: Settings) -> str:
+    """The synchronous tier of bulk work: flex for GEMINI_BULK_TIER flex, and for batch below its task count."""
+    return "flex" if settings.gemini_bulk_tier in ("flex", "batch") else "standard"
+
+
+def _gemini(settings: Settings, redis: redis_lib.Redis, tier: str = "standard") -> GeminiDetector | None:
     if not settings.gemini_enabled:
         log.warning("Gemini is not configured (no GEMINI_API_KEY): drafts come from the YOLO fallback only, "
                     "and tasks get empty predictions until a YOLO model is trained")
         return None
     log.info("Gemini drafting on with model %s (routing=%s)", settings.gemini_model, settings.routing)
-    return GeminiDetector(settings, redis)
+    return GeminiDetector(settings, redis, tier=tier)
 
 
 def build(settings: Settings) -> Services:
@@ -64,11 +69,13 @@ def build(settings: Settings) -> Services:
     return Services(settings, redis, registry, models, loader, gemini, Predictor(settings, registry, models, loader, gemini))
 
 
-def build_predictor(settings: Settings, redis: redis_lib.Redis) -> Predictor:
+def build_predictor(settings: Settings, redis: redis_lib.Redis, *, bulk: bool = False) -> Predictor:
     """A predictor for one job (pre-labeling): the code ``/predict`` runs, without watcher threads.
 
     Close it (:meth:`Predictor.close`) when the job ends; it shares Gemini's cache, spend and breaker
-    with every other process through ``redis``.
+    with every other process through ``redis``. ``bulk``: Gemini drafts at GEMINI_BULK_TIER's synchronous tier
+    (pre-labeling); interactive ``/predict`` never does.
     """
     registry = ModelRegistry(settings.model_dir, redis)
-    return Predictor(settings, registry, JobModels(settings, registry), ImageLoader(settings), _gemini(settings, redis))
+    return Predictor(settings, registry, JobModels(settings, registry), ImageLoader(settings),
+                     _gemini(settings, redis, bulk_sync_tier(settings) if bulk else "standard"))

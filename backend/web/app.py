@@ -2,9 +2,9 @@
 
 Blueprints: :mod:`~backend.web.protocol` (Label Studio's ML backend protocol), :mod:`~backend.web.training`
 (training and pre-labeling jobs), :mod:`~backend.web.models` (registry), :mod:`~backend.web.metrics`
-(Prometheus) and :mod:`~backend.web.openapi` (the API description). Shared plumbing (request class,
-JSON provider, error answers) is in :mod:`~backend.web.http`, who may call what in :mod:`~backend.web.auth`,
-and the lazily built services in :mod:`~backend.web.state`.
+(Prometheus), :mod:`~backend.web.status` (the status page) and :mod:`~backend.web.openapi` (the API
+description). Shared plumbing (request class, JSON provider, error answers) is in :mod:`~backend.web.http`,
+who may call what in :mod:`~backend.web.auth`, and the lazily built services in :mod:`~backend.web.state`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flask import Flask
 from backend.core.logs import configure_logging
 from backend.core.settings import Settings, get_settings
 from backend.serving.services import Services
-from backend.web import auth, http, metrics, models, openapi, protocol, state, training
+from backend.web import auth, http, metrics, models, openapi, protocol, state, status, training
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     # First, so the request timer starts before the credential check (a 401 is timed too).
     app.register_blueprint(metrics.blueprint)
     app.before_request(auth.require_credentials)
-    for blueprint in (protocol.blueprint, openapi.blueprint, training.blueprint, models.blueprint):
+    for blueprint in (protocol.blueprint, openapi.blueprint, training.blueprint, models.blueprint, status.blueprint):
         app.register_blueprint(blueprint)
     return app

@@ -8,6 +8,7 @@ from flask import Blueprint, Flask, Response, g, request
 from flask.blueprints import BlueprintSetupState
 
 from backend.core import metrics
+from backend.detectors.gemini.cost import money_gauges
 from backend.serving import quality
 from backend.web.state import app_services
 
@@ -24,6 +25,12 @@ def _register_quality_gauges(state: BlueprintSetupState) -> None:
         return quality.gauges(services.redis, services.registry)
 
     metrics.register_scrape_callback("quality", gauges)
+
+    def money():
+        gemini = app_services(app).get().gemini
+        return money_gauges(gemini.cost if gemini is not None else None)
+
+    metrics.register_scrape_callback("money", money)
 
 
 @blueprint.before_app_request

@@ -287,6 +287,27 @@ def _paths(settings: Settings) -> dict:
                 **_errors(400, 401, 413, 503),
             },
         }},
+        "/prelabel/status": {"get": {
+            "operationId": "prelabelStatus", "tags": ["training"],
+            "summary": ("The project's pre-labeling, cumulative: tasks imported, skipped by PRELABEL_ON_IMPORT, "
+                        "queued, drafted, failed, not in the project, Gemini USD spent, and the last import's policy."),
+            "parameters": [_project_query(True)],
+            "responses": {
+                "200": {"description": "Status.", "content": _json({
+                    "type": "object",
+                    "required": ["project", "imported", "skipped_policy", "queued", "drafted", "failed",
+                                 "not_in_project", "tasks", "spent_usd", "last_import"],
+                    "properties": {
+                        "project": {"type": "string"},
+                        **{name: {"type": "integer", "minimum": 0} for name in (
+                            "imported", "skipped_policy", "queued", "drafted", "failed", "not_in_project", "tasks")},
+                        "spent_usd": {"type": "number", "minimum": 0},
+                        "updated_at": {"type": "number", "nullable": True},
+                        "last_import": {"type": "object", "nullable": True},
+                    }})},
+                **_errors(400, 401, 503),
+            },
+        }},
         "/models": {"get": {
             "operationId": "models", "tags": ["models"],
             "summary": "The project's current, served and stored YOLO versions.",
@@ -297,6 +318,27 @@ def _paths(settings: Settings) -> dict:
                     "properties": {"current": {"type": "string", "nullable": True},
                                    "serving": {"type": "string", "nullable": True},
                                    "versions": {"type": "array", "items": _ref("Object")}}})},
+                **_errors(400, 401),
+            },
+        }},
+        "/": {"get": {
+            "operationId": "status_page", "tags": ["status"],
+            "summary": "The status page (HTML; its script and style are served under /static/, nothing from elsewhere).",
+            "parameters": [{"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
+                          **_errors(401)},
+        }},
+        "/status.json": {"get": {
+            "operationId": "status_json", "tags": ["status"],
+            "summary": "What the status page shows: versions, trainings, live progress, draft quality, money, failures.",
+            "parameters": [_project_query(False)],
+            "responses": {
+                "200": {"description": "Status of every project (or one).", "content": _json({
+                    "type": "object", "required": ["generated_at", "projects", "money", "totals"],
+                    "properties": {"generated_at": {"type": "number"}, "routing": {"type": "string"},
+                                   "projects": {"type": "array", "items": _ref("Object")},
+                                   "money": {"type": "object", "nullable": True, "additionalProperties": True},
+                                   "totals": {"type": "object", "nullable": True, "additionalProperties": True}}})},
                 **_errors(400, 401),
             },
         }},
@@ -331,7 +373,7 @@ def build_spec(settings: Settings) -> dict:
             ),
         },
         "security": _SECRET_OR_BASIC,
-        "tags": [{"name": n} for n in ("label-studio", "training", "models", "operations", "meta")],
+        "tags": [{"name": n} for n in ("label-studio", "training", "models", "operations", "meta", "status")],
         "paths": _paths(settings),
         "components": {
             "schemas": _SCHEMAS,

@@ -8,7 +8,9 @@ Shapes accepted (docs/label-studio.md#webhook-events): ``project`` as an object 
 string), or absent with the id in ``annotation.project``, ``task.project`` or ``tasks[0].project``;
 ``annotation`` and ``task`` may be missing or null (the event still counts); ``ANNOTATIONS_DELETED``
 carries ids only; ``START_TRAINING`` only the project; ``TASKS_CREATED`` without ``tasks`` drafts every
-task lacking a current draft. An event that names no project at all (a webhook with "Send payload"
+task lacking a current draft. Which tasks of an import are drafted is ``PRELABEL_ON_IMPORT`` or the
+project's label-config attribute (:mod:`backend.core.prelabel_policy`); the import is counted in
+:mod:`backend.core.import_status`. An event that names no project at all (a webhook with "Send payload"
 off) is answered 400 with that reason.
 
 Duplicate deliveries (two webhooks to this URL, a proxy replaying) do the work once: each delivery's
@@ -28,7 +30,7 @@ from typing import Any
 
 import redis as redis_lib
 
-from backend.core import lifecycle, prelabel_queue, queue
+from backend.core import import_status, lifecycle, prelabel_policy, prelabel_queue, queue
 from backend.core.keys import project_key, webhook_seen
 from backend.core.metrics import WEBHOOKS
 from backend.core.settings import Settings
@@ -193,11 +195,17 @@ def _route(action: str, payload: dict, annotation: dict, project: ProjectRef, re
 
     if action == "TASKS_CREATED":
         tasks = payload.get("tasks")
-        result = prelabel_queue.request_prelabel(redis, project.id, tasks=tasks, label_config=project.label_config,
-                                                 settings=settings)
+        # which tasks to draft now: PRELABEL_ON_IMPORT or the project's label-config attribute
+        decision = prelabel_policy.decide(project.id, tasks, project.label_config, settings.prelabel_on_import)
+        import_status.record_import(redis, project.id, tasks, decision)  # before the job exists: it counts from there
+        result = {"status": "skipped_policy", "job_id": None, "project": project.id, "tasks": 0, "coalesced": 0}
+        if decision.chosen != []:
+            result = prelabel_queue.request_prelabel(redis, project.id, tasks=decision.chosen,
+                                                     label_config=project.label_config, settings=settings)
         WEBHOOKS.labels(action, result["status"]).inc()
         return EventResult(200, {"status": "ok", "prelabel_job": result["job_id"],
-                                 "tasks": len(tasks) if tasks is not None else "all", "prelabel": result})
+                                 "tasks": len(tasks) if tasks is not None else "all", "prelabel": result,
+                                 "policy": decision.summary()})
 
     result = lifecycle.mark_project_deleted(redis, project.id, settings)  # PROJECT_DELETED
     WEBHOOKS.labels(action, result["status"]).inc()

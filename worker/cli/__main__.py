@@ -10,6 +10,7 @@ Commands::
     eval       score a drafting source or YOLO version against human labels -> Markdown report
     versions   a project's model versions
     rollback   serve an earlier version
+    rank       re-score a project's drafts so the Data Manager shows the most useful tasks first
     base-model install or inspect the pretrained weights first trainings start from (air-gapped hosts)
 
 Configuration is the service's (environment variables, ``python -m backend.core.settings``); exit codes:
@@ -22,11 +23,11 @@ import argparse
 import logging
 import sys
 
-from worker.cli import base_model, check, detect, export, push, rollback, train, versions
+from worker.cli import base_model, check, detect, export, push, rank, rollback, train, versions
 from worker.cli import eval as eval_cmd
 from worker.cli.common import CLIError
 
-COMMANDS = (detect, export, push, check, train, eval_cmd, versions, rollback, base_model)
+COMMANDS = (detect, export, push, check, train, eval_cmd, versions, rollback, rank, base_model)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from backend.core.ultralytics_env import EXPORT_FORMATS
 from backend.detectors.gemini.client import GeminiDetector, GeminiUnavailable
 from backend.detectors.owlvit import ModelNotAvailable, OwlVitDetector, OwlVitOptions
 from backend.detectors.yolo import YoloDetector
+from backend.serving.services import bulk_sync_tier
 
 log = logging.getLogger("lsb")
 
@@ -240,7 +241,7 @@ def _gemini_source(args, s: Settings) -> Source:
     if not s.gemini_enabled:
         raise CLIError("Gemini is not configured: set GEMINI_API_KEY (or GOOGLE_API_KEY), or use --source owlvit/yolo")
     redis = None if getattr(args, "no_cache", False) else redis_or_none(s)
-    detector = GeminiDetector(s, redis)
+    detector = GeminiDetector(s, redis, tier=bulk_sync_tier(s))  # bulk work: GEMINI_BULK_TIER's synchronous tier
 
     def detect(image: LoadedImage, config: ProjectConfig, query: str | None) -> Detections:
         try:

@@ -13,7 +13,10 @@ config built from them unless ``--label-config``/``--labels`` is given (its labe
 truth's names). YOLO runs at ``--threshold`` (default 0.001, like the training gate, so mAP sees
 the whole ranking); precision/recall are counted at ``--pr-threshold`` (default: the served
 threshold for YOLO, 0 otherwise). Writes ``report.md``, ``metrics.json`` and ``plots/*.png``
-(:mod:`backend.evaluation.metrics`); prints the headline metrics as JSON.
+(:mod:`backend.evaluation.metrics`); prints the headline metrics as JSON. The report also holds the
+confusion matrix with "missed" and "background" (:mod:`backend.evaluation.confusion`), label-error
+candidates (:mod:`backend.evaluation.label_errors`, named by image) and, with ``--compare DIR``, the
+two sources side by side on the images both have.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from backend.core.detections import Detections
 from backend.core.label_config import ProjectConfig
+from backend.evaluation.label_errors import label_errors
 from backend.evaluation.truth import TruthError, load_truth
 from worker.cli import common, results
 
@@ -43,6 +47,13 @@ def add_parser(sub) -> None:
     p.add_argument("--title", help="report title")
     p.add_argument("--pr-threshold", type=float, help="score threshold for precision/recall")
     p.add_argument("--workers", type=int, help="images in flight at once")
+    p.add_argument("--compare", type=Path, metavar="DIR",
+                   help="saved lsb detect results of another source (e.g. Gemini drafts): "
+                        "a side-by-side table on the images both have")
+    p.add_argument("--compare-threshold", type=float, default=0.0, help="score threshold of --compare for precision/recall")
+    p.add_argument("--error-score", type=float, default=0.5,
+                   help="label-error candidates: the model's minimum score to contradict a label (default 0.5)")
+    p.add_argument("--max-errors", type=int, default=50, help="label-error candidates listed (default 50)")
     common.add_config_args(p)
     common.add_source_args(p, required=False)
     common.common_flags(p)
@@ -82,6 +93,31 @@ def _match_predictions(truth_images, folder: Path) -> tuple[list[tuple[Detection
         if (doc.get("meta") or {}).get("latency_s") is not None:
             latencies.append(float(doc["meta"]["latency_s"]))
     return pairs, latencies, missing
+
+
+def _act_on(metrics: dict, pairs: list[tuple[Detections, Detections]], truth, args: argparse.Namespace,
+            pr_threshold: float) -> None:
+    """Adds the confusion matrix, label-error candidates and (``--compare``) the side-by-side figures to ``metrics``."""
+    from backend.evaluation.confusion import confusion_matrix  # heavy: supervision, kept out of lsb --help
+    from worker.training.review import source_figures  # heavy: pycocotools and the YOLO detector, kept out of lsb --help
+
+    name_of = {id(t.truth): t.name for t in truth.images}
+    metrics["confusion"] = confusion_matrix(pairs, truth.classes, score_threshold=pr_threshold)
+    metrics["label_errors"] = label_errors(((name_of.get(id(g), "?"), p, g) for p, g in pairs), args.error_score,
+                                           limit=args.max_errors)
+    if not args.compare:
+        return
+    other, _, _ = _match_predictions(truth.images, args.compare)
+    common_truth = {id(g) for _, g in other} & {id(g) for _, g in pairs}
+    if not common_truth:
+        raise common.CLIError(f"--compare {args.compare}: no image in common with the evaluated predictions")
+    mine = [(p, g) for p, g in pairs if id(g) in common_truth]
+    theirs = [(p, g) for p, g in other if id(g) in common_truth]
+    names = [mine[0][0].source or "evaluated", theirs[0][0].source or "compared"]
+    if names[0] == names[1]:
+        names = [f"{names[0]} (evaluated)", f"{names[1]} (compared)"]
+    metrics["side_by_side"] = {names[0]: source_figures(mine, truth.classes, pr_threshold),
+                               names[1]: source_figures(theirs, truth.classes, args.compare_threshold)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         raise common.CLIError("no image could be evaluated: " + "; ".join(f"{f['image']}: {f['error']}" for f in failures[:5]),
                               code=1)
     metrics = evaluate(pairs, truth.classes, latencies=latencies, wall_seconds=wall, score_threshold=pr_threshold)
+    _act_on(metrics, pairs, truth, args, pr_threshold)
     if failures:
         about["failed images"] = len(failures)
     report = write_report(metrics, args.out, title=args.title or "Draft quality", about=about)

@@ -18,6 +18,7 @@ import time
 import httpx
 from label_studio_sdk.core.api_error import ApiError
 
+from backend.core import import_status
 from backend.core.connection import connect_patient
 from backend.core.label_config import ProjectConfig
 from backend.core.label_studio import client_from_settings, translate_error
@@ -46,6 +47,9 @@ def _existing_versions(ls, project: int) -> dict[int, set[str]]:
     for prediction in ls.predictions.list(project=project):
         held.setdefault(int(prediction.task), set()).add(prediction.model_version or "")
     return held
+
+
+existing_versions = _existing_versions  # public name for the batch poll (worker.jobs.batch_drafting)
 
 
 def all_tasks(ls, project: int) -> list[dict]:
@@ -99,7 +103,7 @@ def prelabel_tasks(project: str, tasks: list[dict] | None = None, label_config: 
     """
     settings = get_settings()
     configure_logging(settings)
-    predictor = build_predictor(settings, connect_patient(settings.redis_url))
+    predictor = build_predictor(settings, connect_patient(settings.redis_url), bulk=True)  # GEMINI_BULK_TIER
     try:
         return _prelabel(settings, predictor, int(project), tasks, label_config)
     except Exception as exc:
@@ -120,13 +124,26 @@ def _prelabel(settings: Settings, predictor: Predictor, pid: int, tasks: list[di
         label_config = ls.projects.get(pid).label_config
     config = ProjectConfig.parse(label_config)
     foreign = 0
+    tally = import_status.JobTally(connect_patient(settings.redis_url), pid)  # the visible import status
     if tasks is None:
         tasks = all_tasks(ls, pid)
     else:
+        requested = tasks
         tasks, foreign = own_tasks(ls, pid, tasks)
+        tally.not_in_project(requested, tasks)
 
     held = _existing_versions(ls, pid)
     started = time.monotonic()
+    batched = 0
+    if settings.gemini_bulk_tier == "batch" and predictor.gemini is not None and len(tasks) > settings.gemini_batch_min_tasks:
+        from worker.jobs import batch_drafting  # import cycle: batch_drafting reuses this module's helpers
+
+        version = predictor.model_version(pid)
+        todo = [t for t in tasks if version not in held.get(int(t["id"]), set())]
+        before = len(todo)
+        _, tasks = batch_drafting.submit(settings, predictor, connect_patient(settings.redis_url), pid, todo,
+                                         ProjectConfig.parse(label_config), label_config)
+        batched = before - len(tasks)  # drafted later by the batch's polls; the rest go on below
     stored = skipped = failed = 0
     reasons: dict[str, int] = {}
     min_batch_seconds = 60.0 * settings.prelabel_batch / settings.gemini_rpm if settings.gemini_rpm else 0.0
@@ -137,20 +154,25 @@ def _prelabel(settings: Settings, predictor: Predictor, pid: int, tasks: list[di
         chunk = tasks[start:start + settings.prelabel_batch]
         batch = [t for t in chunk if version not in held.get(int(t["id"]), set())]
         skipped += len(chunk) - len(batch)
+        drafted, lost = [t for t in chunk if t not in batch], []  # for the import status
         for task, (prediction, reason) in zip(batch, predictor.predict_detailed(batch, config, pid)):
             if reason:
                 failed += 1
+                lost.append(task)
                 reasons[reason] = reasons.get(reason, 0) + 1
                 continue
             ls.predictions.create(task=int(task["id"]), result=prediction["result"], score=prediction["score"],
                                   model_version=prediction["model_version"])
             held.setdefault(int(task["id"]), set()).add(prediction["model_version"])
             stored += 1
+            drafted.append(task)
+        tally.batch(drafted, lost)
         save_meta(total=len(tasks), done=min(start + settings.prelabel_batch, len(tasks)), stored=stored, failed=failed)
         wait = min_batch_seconds - (time.monotonic() - batch_started)
         if wait > 0 and start + settings.prelabel_batch < len(tasks):
             time.sleep(wait)  # stay under GEMINI_RPM for long imports
-    result = {"project": str(pid), "tasks": len(tasks), "stored": stored, "skipped": skipped, "failed": failed,
+    result = {"project": str(pid), "tasks": len(tasks) + batched, "batched": batched,
+              "stored": stored, "skipped": skipped, "failed": failed,
               "not_in_project": foreign, "failure_reasons": reasons, "seconds": round(time.monotonic() - started, 2)}
     log.info("pre-labeled project %s: %s", pid, result)
     return result

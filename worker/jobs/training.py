@@ -15,7 +15,8 @@ version meta (``draft_quality``) and to Redis ``lsb:quality:<p>`` for /metrics a
 
     {"project": "3", "version": "v0004", "updated_at": 1795300000.0, "val_tasks": 12,
      "sources": {"gemini": {"precision", "recall", "map50", "n", "n_gt", "n_pred"}, "yolo": {...}},
-     "model": {"version": "v0004", "map50", "map50_95", "precision", "recall"}}
+     "model": {"version": "v0004", "map50", "map50_95", "precision", "recall"},
+     "evaluation": {"per_class", "side_by_side", "confusion", "label_errors", ...}}  # worker.training.review
 
 Races: the training promotes with a compare-and-swap on the version it started from; when a rollback
 (or any other promotion) changed the current version meanwhile, the candidate stays an unpromoted
@@ -34,6 +35,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +49,17 @@ from backend.core.label_studio import LabelStudioUnavailable, client_from_settin
 from backend.core.logs import configure_logging
 from backend.core.progress import report_progress, save_meta
 from backend.core.queue import request_training
+from backend.core.rank_queue import rank_after_promotion
 from backend.core.registry import ModelRegistry, PromotionConflict
 from backend.core.settings import get_settings
 from backend.serving.predictor import ServingState
 from worker.training.dataset import NotEnoughData, build_dataset
 from worker.training.drafts import DraftSelection, select_drafts
-from worker.training.exporter import export_verified
-from worker.training.gate import draft_quality, evaluate_gate
+from worker.training.exporter import export_and_check, export_int8
+from worker.training.gate import draft_quality, evaluate_gate, held_out_metrics
 from worker.training.lock import LockLost, requeue_marker, training_slot
-from worker.training.trainer import train
+from worker.training.review import review
+from worker.training.trainer import resolve_device, train
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +75,18 @@ def _set_progress(job, **update: Any) -> None:
         report_progress(update, job)
 
 
+#: Training results kept per project for the status page (rejected and failed ones included).
+HISTORY_LENGTH = 50
+
+
 def _store_last(redis, project: str, result: dict) -> None:
     try:
-        redis.set(keys.train_last(project), json.dumps(result, default=str))
+        payload = json.dumps(result, default=str)
+        pipe = redis.pipeline(transaction=True)
+        pipe.set(keys.train_last(project), payload)
+        pipe.lpush(keys.train_history(project), payload)
+        pipe.ltrim(keys.train_history(project), 0, HISTORY_LENGTH - 1)
+        pipe.execute()
     except redis_lib.RedisError as exc:
         log.warning("could not store the training result in Redis: %s", exc)
 
@@ -83,6 +96,20 @@ def _store_quality(redis, project: str, payload: dict) -> None:
         redis.set(keys.quality(project), json.dumps(payload, default=str))
     except redis_lib.RedisError as exc:
         log.warning("could not store draft quality in Redis: %s", exc)
+
+
+def _review(decision, dataset, tasks, config, settings, project: str, version: str | None) -> dict | None:
+    """The served model's confusion matrix, Gemini vs YOLO and label-error candidates (worker.training.review),
+    from the gate's own predictions; an extra: a failure is logged, never fails the training."""
+    if not decision.predictions:
+        return None
+    try:
+        return review(dataset.val_items, decision.predictions, tasks, config, version=version, project=project,
+                      yolo_threshold=config.score_threshold(float(settings.yolo_score_threshold)),
+                      label_studio_url=settings.label_studio_url)
+    except Exception as exc:  # noqa: BLE001 - the review is for people; the training result stands without it
+        log.warning("project %s: evaluation review failed: %s: %s", project, type(exc).__name__, exc)
+        return None
 
 
 def _keep_rejected(settings, project: str, checkpoint: Path) -> Path:
@@ -95,13 +122,35 @@ def _keep_rejected(settings, project: str, checkpoint: Path) -> Path:
     return target
 
 
-def _verified_exports(settings, checkpoint: Path, dataset, imgsz: int) -> dict[str, Path]:
-    """Faster CPU formats of the candidate (EXPORT_FORMATS), kept only if they give the .pt's boxes."""
+def _verified_exports(settings, checkpoint: Path, dataset, config, imgsz: int,
+                      reference: dict) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Faster CPU formats of the candidate and how each fared (for the version meta's ``export_checks``).
+
+    f32 formats (EXPORT_FORMATS) are kept only if they give the .pt's boxes; the INT8 OpenVINO model
+    (EXPORT_INT8) only if its held-out mAP50-95 is within EXPORT_INT8_MAX_DROP of the .pt's (``reference``,
+    the gate's figures). Never raises: exports are an optimisation, a promotion must not fail for one.
+    """
+    out_dir = Path(checkpoint).parent / "exports"
+    exports: dict[str, Path] = {}
+    checks: dict[str, Any] = {}
     formats = [f.strip() for f in settings.export_formats.split(",") if f.strip()]
-    if not formats:
-        return {}
-    samples = [item.image_path for item in (dataset.val_items or dataset.items)[:8]]
-    return export_verified(checkpoint, Path(checkpoint).parent / "exports", samples, imgsz, formats=formats)
+    if formats:
+        samples = [item.image_path for item in (dataset.val_items or dataset.items)[:8]]
+        try:
+            report = export_and_check(checkpoint, out_dir, samples, imgsz, formats=formats)
+            exports.update(report.passed)
+            checks.update({fmt: asdict(check) for fmt, check in report.checks.items()})
+        except Exception as exc:
+            log.exception("exporting %s failed; the version will be served from its .pt", checkpoint)
+            checks["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    if settings.export_int8 and reference.get("map50_95") is not None:
+        check = export_int8(checkpoint, out_dir, dataset.data_yaml, imgsz,
+                            lambda path: held_out_metrics(path, dataset, config, imgsz=imgsz)["map50_95"],
+                            float(reference["map50_95"]), float(settings.export_int8_max_drop))
+        checks[check.fmt] = asdict(check)
+        if check.ok and check.path:
+            exports[check.fmt] = Path(check.path)
+    return exports, checks
 
 
 def _served_model_version(settings, project: str, current_version: str | None) -> str:
@@ -205,12 +254,16 @@ def run_training(
 
         _set_progress(job, stage="evaluating")
         decision = evaluate_gate(trained.checkpoint, current.checkpoint if current else None, dataset, config,
-                                 float(settings.promote_min_gain), device=str(settings.train_device))
+                                 float(settings.promote_min_gain), device=resolve_device(settings.train_device))
         t = lap("evaluate", t)
 
         # Exports take seconds: do them before the last lock check, never between it and publishing.
-        exports = _verified_exports(settings, trained.checkpoint, dataset,
-                                    int(trained.train_args.get("imgsz", settings.train_imgsz))) if decision.promote else {}
+        exports, export_checks = {}, {}
+        if decision.promote:
+            _set_progress(job, stage="exporting")
+            exports, export_checks = _verified_exports(settings, trained.checkpoint, dataset, config,
+                                                       int(trained.train_args.get("imgsz", settings.train_imgsz)),
+                                                       decision.candidate)
         slot.check()  # never publish after losing the lock to another worker
         candidate_metrics = decision.candidate
         current_metrics = decision.current
@@ -227,16 +280,23 @@ def run_training(
             "imgsz": int(trained.train_args.get("imgsz", settings.train_imgsz)),
             "draft_quality": quality,
             "job_id": job_id,
+            "export_checks": export_checks,
         }
         version = current.version if current else None
         rejected_path = None
         status = "promoted" if decision.promote else "rejected"
         reason = decision.reason
         candidate_version = None
+        preload = None
         if decision.promote:
             info = registry.add_version(project, trained.checkpoint, meta, extra_files=exports)
             candidate_version = info.version
             Path(trained.checkpoint).unlink(missing_ok=True)
+            shutil.rmtree(Path(trained.checkpoint).parent / "exports", ignore_errors=True)
+            # Every serving process loads the candidate now, so the promotion below is only a pointer swap.
+            _set_progress(job, stage="preloading", version=info.version)
+            preload = registry.preload(project, info.version, float(settings.model_preload_timeout))
+            slot.check()  # the wait may be long: never publish after losing the lock
             try:
                 registry.promote(project, info.version, expected=version)
                 version = info.version
@@ -262,6 +322,7 @@ def run_training(
                 "project": project, "version": version, "updated_at": _now(), "val_tasks": len(dataset.val_ids),
                 "sources": quality,
                 "model": {"version": version, **(_metrics_summary(served_metrics) or {})} if served_metrics else None,
+                "evaluation": _review(decision, dataset, snapshot.tasks, config, settings, project, version),
             })
         result = {
             **base,
@@ -283,10 +344,13 @@ def run_training(
             "draft_quality": quality,
             "rejected_checkpoint": rejected_path,
             "pruned": pruned,
+            "preload": preload,
+            "export_checks": export_checks,
             "durations": {**timings, "total": round(time.monotonic() - started, 3)},
             "finished_at": _now(),
         }
         _store_last(redis, project, result)
+        result["ranking"] = rank_after_promotion(redis, project, settings) if status == "promoted" else None  # most useful first
         _set_progress(job, stage="done", status=result["status"], version=version)
         log.info("project %s: %s (%s)", project, result["status"], reason)
         return result

@@ -24,6 +24,14 @@ Hooking it into training (``worker.jobs.training``, at promotion)::
     exports = export_verified(trained.checkpoint, export_dir, [i.image_path for i in dataset.val_items[:8]], imgsz)
     info = registry.add_version(project, trained.checkpoint, meta, extra_files=exports)
 
+INT8 (:func:`export_int8`): an INT8 OpenVINO model, quantized post-training by NNCF exactly as
+Ultralytics' ``quantize=8`` export does (calibrated on the training split of the dataset's ``data.yaml``,
+at most ``INT8_CALIBRATION_IMAGES`` images; see docs/ultralytics.md#int8-openvino). A quantized model
+never draws the same boxes, so the IoU >= 0.99 rule would always reject it: it is judged instead by
+mAP50-95 on the held-out tasks, through the one evaluation and the one inference path, and kept only
+when it loses at most ``max_drop`` (0.01) against the ``.pt``. Either way the outcome and the reason
+go to the version's meta (``export_checks``).
+
 ``python -m worker.training.exporter CHECKPOINT OUT_DIR IMAGE...`` runs it by hand and prints the report.
 """
 
@@ -36,7 +44,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +56,11 @@ from backend.core import ultralytics_env
 from backend.core.detections import Detections
 from backend.core.geometry import box_iou
 from backend.core.ultralytics_env import EXPORT_FORMATS
-from backend.detectors.yolo import YoloDetector
+from backend.detectors.yolo import INT8_FORMAT, YoloDetector
 
 log = logging.getLogger(__name__)
+
+INT8_CALIBRATION_IMAGES = 300  # what Ultralytics recommends; small projects calibrate on every training image
 
 _PACKAGES = {"onnx": ("onnx", "onnxslim", "onnxruntime"), "openvino": ("openvino",)}
 STEM = "model"  # exports are named after the checkpoint copy: model.onnx, model_openvino_model/
@@ -73,6 +83,10 @@ class FormatCheck:
     max_score_diff: float | None = None
     pt_ms_per_image: float | None = None
     export_ms_per_image: float | None = None
+    map50_95_pt: float | None = None  # INT8 only: held-out mAP50-95 of the .pt and of the export
+    map50_95: float | None = None
+    max_drop: float | None = None
+    calibration_images: int | None = None
 
 
 @dataclass
@@ -278,6 +292,72 @@ def export_verified(checkpoint: Path | str, out_dir: Path | str, sample_images: 
     except Exception:
         log.exception("exporting %s failed; the version will be served from its .pt", checkpoint)
         return {}
+
+
+# --- INT8 ------------------------------------------------------------------------------------------
+
+def _count_images(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+
+def export_int8(checkpoint: Path | str, out_dir: Path | str, data_yaml: Path | str, imgsz: int,
+                score: Callable[[Path], float], reference: float, max_drop: float = 0.01,
+                calibration_images: int = INT8_CALIBRATION_IMAGES) -> FormatCheck:
+    """Quantize ``checkpoint`` to INT8 OpenVINO and keep it (``out_dir/model_int8_openvino_model``) only if
+    ``score(export)`` (held-out mAP50-95) >= ``reference`` (the .pt's) - ``max_drop``; never raises.
+    """
+    check = FormatCheck(INT8_FORMAT, map50_95_pt=round(float(reference), 6), max_drop=float(max_drop))
+    missing = [p for p in ("openvino", "nncf") if importlib.util.find_spec(p) is None]
+    if missing:
+        check.reason = f"missing package(s): {', '.join(missing)}"
+        log.warning("INT8 export skipped: %s", check.reason)
+        return check
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-int8-", dir=out_dir))
+    threads = 0
+    try:
+        ultralytics_env.prepare()
+        import torch  # heavy: the worker imports this module only when a promotion exports
+        from ultralytics import YOLO  # heavy: ultralytics, with torch above
+        from ultralytics.data.utils import check_det_dataset  # heavy: same
+
+        threads = torch.get_num_threads()
+        train_dir = Path(check_det_dataset(str(data_yaml))["train"])
+        n_train = _count_images(train_dir) if train_dir.is_dir() else 0
+        if n_train < 1:
+            raise ValueError(f"no training images under {train_dir} to calibrate on")
+        check.calibration_images = min(n_train, int(calibration_images))
+        weights = staging / f"{STEM}.pt"
+        shutil.copyfile(checkpoint, weights)
+        started = time.monotonic()
+        # split=train: calibrate on the training images, never the held-out ones that judge the result
+        produced = Path(YOLO(str(weights)).export(
+            format="openvino", quantize=8, data=str(data_yaml), split="train",
+            fraction=min(1.0, check.calibration_images / n_train), imgsz=int(imgsz), dynamic=True, batch=1,
+            nms=False, device="cpu", verbose=False))
+        ultralytics_env.restore_torch_threads(threads)
+        check.export_s = round(time.monotonic() - started, 2)
+        check.map50_95 = round(float(score(produced)), 6)
+        if check.map50_95 < reference - max_drop:
+            check.reason = (f"held-out mAP50-95 {check.map50_95:.4f} is more than {max_drop} below the .pt's "
+                            f"{reference:.4f}")
+            log.warning("INT8 export of %s rejected: %s", checkpoint, check.reason)
+            return check
+        target = out_dir / produced.name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(str(produced), target)
+        check.ok, check.path = True, str(target)
+        log.info("INT8 export of %s verified: held-out mAP50-95 %.4f vs %.4f for the .pt (%d calibration images)",
+                 checkpoint, check.map50_95, reference, check.calibration_images)
+    except Exception as exc:
+        check.reason = f"INT8 export failed: {type(exc).__name__}: {exc}"[:500]
+        log.warning("INT8 export of %s failed: %s", checkpoint, check.reason)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if threads:
+            ultralytics_env.restore_torch_threads(threads)
+    return check
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -60,17 +60,21 @@ def held_out_metrics(
     device: str = "cpu",
     imgsz: int | None = None,
     score_threshold: float = 0.25,
+    keep: list[Detections] | None = None,
 ) -> dict:
     """mAP50-95, mAP50, P/R (at ``score_threshold``) of a checkpoint on the dataset's val split.
 
     The checkpoint runs as it serves (its trained imgsz unless ``imgsz`` is given, ``MAX_DET`` boxes).
+    ``keep`` receives the predictions (one per val item, saved pixels) for the review (worker.training.review).
     """
     started = time.monotonic()
-    if not Path(checkpoint).is_file():  # YOLO() would try to download a missing .pt
+    if not Path(checkpoint).exists():  # YOLO() would try to download a missing .pt (an export is a folder)
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     detector = YoloDetector(checkpoint, Path(checkpoint).stem, device=device, imgsz=imgsz or 0)
     items = human_held_out(dataset.val_items)
     preds = predict_items(detector, items, config)
+    if keep is not None:
+        keep.extend(preds)
     metrics = detection_metrics(zip(preds, (i.ground_truth(saved=True) for i in items)), config.class_names,
                                 score_threshold=score_threshold, max_det=detector.max_det)
     out = metrics.to_dict()
@@ -85,9 +89,11 @@ class GateDecision:
     candidate: dict
     current: dict | None
     gain: float | None
+    # The served model's held-out predictions after this decision (not serialized): the review reuses them.
+    predictions: list[Detections] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "predictions"}
 
 
 def gate(candidate: dict, current: dict | None, min_gain: float) -> GateDecision:
@@ -109,15 +115,19 @@ def evaluate_gate(
     min_gain: float,
     device: str = "cpu",
 ) -> GateDecision:
-    cand = held_out_metrics(candidate, dataset, config, device=device)
+    cand_preds: list[Detections] = []
+    cur_preds: list[Detections] = []
+    cand = held_out_metrics(candidate, dataset, config, device=device, keep=cand_preds)
     cur = None
     if current is not None:
         try:
-            cur = held_out_metrics(current, dataset, config, device=device)
+            cur = held_out_metrics(current, dataset, config, device=device, keep=cur_preds)
         except Exception as exc:  # an unloadable current model must not block a good candidate
             log.warning("could not evaluate the current model %s: %s", current, exc)
             cur = None
-    return gate(cand, cur, min_gain)
+    decision = gate(cand, cur, min_gain)
+    decision.predictions = cand_preds if decision.promote else cur_preds
+    return decision
 
 
 # --- drafts ------------------------------------------------------------------------------------

@@ -4,18 +4,20 @@
 :class:`GeminiUnavailable` with a reason, and the caller falls back to YOLO. Around the one
 ``generateContent`` call sit, in order: the answer cache (a hit costs nothing, so it is served
 even when the budget is spent or the breaker is open), the daily budget, the circuit breaker,
-and retries with backoff that honour the 429 ``RetryInfo`` inside one per-task deadline.
+and retries with backoff that honour the 429 ``RetryInfo`` inside one per-task deadline. Bulk work
+may ask the Flex tier first: one call with ``GEMINI_FLEX_TIMEOUT_S``, and on a timeout, 429 or 503
+the task goes to the standard calls (docs/gemini.md#batch-api-and-flex). Request building lives in
+request.py and error mapping in errors.py, shared with the Batch API path (batch.py).
 The API key is never logged: only model, outcome, latency and tokens.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis as redis_lib
@@ -26,161 +28,49 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponent
 
 from backend.core import keys
 from backend.core.detections import Detections
-from backend.core.geometry import scaled_size
 from backend.core.label_config import ProjectConfig
-from backend.core.metrics import GEMINI_CALLS, GEMINI_DROPPED
+from backend.core.metrics import GEMINI_CALLS, GEMINI_DROPPED, GEMINI_FLEX_FALLBACKS
 from backend.core.settings import Settings
 from backend.detectors.gemini.breaker import CircuitBreaker
 from backend.detectors.gemini.cache import AnswerCache, CachedAnswer
 from backend.detectors.gemini.cost import CostTracker, Usage
+from backend.detectors.gemini.errors import (  # noqa: F401 - re-exported: callers import them from the client
+    REASONS,
+    DeadlineReached,
+    GeminiUnavailable,
+    classify,
+    retry_delay_seconds,
+    retryable,
+)
 from backend.detectors.gemini.parsing import BadAnswer, parse_answer
-
-try:  # the SDK uses httpx2 when installed, else httpx; catch both families
-    import httpx2 as _httpx2  # optional: the SDK uses httpx2 when installed
-except ImportError:  # pragma: no cover
-    _httpx2 = None
-try:
-    import httpx as _httpx  # optional: else httpx
-except ImportError:  # pragma: no cover
-    _httpx = None
+from backend.detectors.gemini.request import (  # noqa: F401 - re-exported: callers import them from the client
+    RESPONSE_FORMAT_VERSION,
+    answer_params,
+    best_label,
+    build_prompt,
+    clip,
+    contents,
+    encode_image,
+    generation_config,
+    thinking_off_supported,
+)
 
 log = logging.getLogger(__name__)
 
-REASONS = (
-    "not_configured", "budget", "circuit_open", "blocked", "timeout",
-    "rate_limited", "server_error", "client_error", "bad_answer", "deadline",
-)
-# Bump when the prompt contract or parsing expectations change: old cached answers then miss.
-RESPONSE_FORMAT_VERSION = 1
 MIN_ATTEMPT_SECONDS = 0.25  # less time left than this: no point starting another call
-JPEG_QUALITY = 90
 _BLOCK_FINISH = {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "RECITATION"}
-_SERVICE_FAILURES = {"timeout", "rate_limited", "server_error", "client_error", "deadline"}
-_TIMEOUTS = tuple(m.TimeoutException for m in (_httpx2, _httpx) if m is not None)
-_TRANSPORT = tuple(m.TransportError for m in (_httpx2, _httpx) if m is not None)
+#: Flex refusals that send the task to the standard tier (docs/gemini.md#batch-api-and-flex).
+_FLEX_REFUSALS = {"rate_limited", "server_error", "timeout"}
 
 
-class GeminiUnavailable(Exception):
-    """Gemini cannot serve this task; ``reason`` is one of :data:`REASONS`."""
+@dataclass(frozen=True)
+class Prepared:
+    """One task's request, before any call: what the synchronous and the batch paths both send."""
 
-    def __init__(self, reason: str, message: str, *, service_fault: bool | None = None) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-        # Does this count against Gemini's health (the breaker)? Default by reason.
-        self.service_fault = reason in _SERVICE_FAILURES if service_fault is None else service_fault
-
-    def __reduce__(self):  # picklable across processes (RQ jobs) despite the keyword-only flag
-        return (_unavailable, (self.reason, self.message, self.service_fault))
-
-
-def _unavailable(reason: str, message: str, service_fault: bool) -> GeminiUnavailable:
-    return GeminiUnavailable(reason, message, service_fault=service_fault)
-
-
-class _DeadlineReached(Exception):
-    pass
-
-
-# --- error classification -----------------------------------------------------------------------
-
-def _classify(exc: BaseException) -> str:
-    if isinstance(exc, errors.APIError):
-        if exc.code == 429:
-            return "rate_limited"
-        if exc.code == 408 or (exc.code or 0) >= 500:
-            return "server_error"
-        return "client_error"
-    if isinstance(exc, _DeadlineReached):
-        return "deadline"
-    if isinstance(exc, _TIMEOUTS):
-        return "timeout"
-    if isinstance(exc, _TRANSPORT):
-        return "server_error"  # connection refused/reset/dropped
-    return "bad_answer"  # json.JSONDecodeError on a non-JSON 200, invalid response shapes
-
-
-def _retryable(exc: BaseException) -> bool:
-    return _classify(exc) in ("rate_limited", "server_error", "timeout")
-
-
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*s\s*$")
-
-
-def retry_delay_seconds(exc: BaseException | None) -> float | None:
-    """The server's requested wait: ``google.rpc.RetryInfo.retryDelay`` ("37s"), else Retry-After."""
-    if not isinstance(exc, errors.APIError):
-        return None
-    details = exc.details if isinstance(exc.details, dict) else {}
-    body = details.get("error", details)
-    for detail in (body.get("details") or []) if isinstance(body, dict) else []:
-        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
-            match = _DURATION.match(str(detail.get("retryDelay", "")))
-            if match:
-                return float(match.group(1))
-    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
-    try:
-        return float(headers.get("retry-after")) if headers.get("retry-after") else None
-    except (TypeError, ValueError):
-        return None
-
-
-# --- prompt --------------------------------------------------------------------------------------
-
-def thinking_off_supported(model: str) -> bool:
-    """Only 2.5 Flash (and Flash-Lite) accept ``thinking_budget=0``; 2.5 Pro and 3.x reject it."""
-    return "2.5-flash" in model.lower()
-
-
-def clip(text: str, max_chars: int | None) -> str:
-    """``text`` cut to ``max_chars`` characters (PROMPT_MAX_CHARS; None = as is): request data sets hints and
-    queries, and every character is paid for and makes a new cache key."""
-    return text if max_chars is None or len(text) <= max_chars else text[:max_chars].rstrip()
-
-
-def _label_lines(config: ProjectConfig, max_chars: int | None = None) -> str:
-    return "\n".join(
-        f"- {label.value}: {clip(label.hint, max_chars)}" if label.hint and label.hint != label.value else f"- {label.value}"
-        for label in config.labels
-    )
-
-
-def best_label(config: ProjectConfig, query: str) -> str:
-    """The label an interactive query talks about (its name, predicted value or hint), else the first."""
-    text = f" {re.sub(r'[^a-z0-9]+', ' ', query.lower())} "
-    for label in config.labels:
-        for name in (label.value, *label.predicted_values, label.hint):
-            words = re.sub(r"[^a-z0-9]+", " ", name.lower()).strip()
-            if words and (f" {words} " in text or f" {words}s " in text):
-                return label.value
-    return config.labels[0].value
-
-
-def build_prompt(config: ProjectConfig, query: str | None, max_objects: int, masks: bool,
-                 max_chars: int | None = None) -> tuple[str, str]:
-    """``(system_instruction, user_prompt)`` after Google's detection recipe (docs/gemini.md#prompt-recipe).
-
-    Each hint and the query are cut to ``max_chars`` characters."""
-    keys = '"box_2d", "mask" and "label"' if masks else '"box_2d" and "label"'
-    system = (
-        "You detect objects in images for a labeling tool. Answer with a JSON array only: no code "
-        f"fences, no prose. Each element is an object with the keys {keys}. \"box_2d\" is "
-        "[ymin, xmin, ymax, xmax] as integers normalized to 0-1000. \"label\" is one of the label "
-        "names given, spelled exactly as given. Give each visible instance its own element and "
-        f"never repeat an element. Limit to {max_objects} objects. If nothing matches, answer []."
-    )
-    if masks:
-        system += " \"mask\" is the segmentation mask of the object inside its box."
-    labels = _label_lines(config, max_chars)
-    if query:
-        prompt = (
-            f"Find: {clip(query.strip(), max_chars)}\n"
-            f"Label each object found with the best fitting name from this list (name: description):\n{labels}\n"
-            f"If none fits, use \"{best_label(config, query)}\"."
-        )
-    else:
-        prompt = f"Detect every instance of these labels (name: what to look for):\n{labels}"
-    return system, prompt
+    system: str
+    prompt: str
+    cache_key: str
+    fallback_label: str | None
 
 
 # --- the detector --------------------------------------------------------------------------------
@@ -197,8 +87,11 @@ class GeminiDetector:
         *,
         prefix: str = keys.Keys.GEMINI_ROOT,
         sleep: Callable[[float], None] = time.sleep,
+        tier: str = "standard",
     ) -> None:
+        """``tier``: the synchronous tier :meth:`detect` uses by default ("flex" only for bulk work)."""
         self.settings = settings
+        self.tier = tier
         self.model = settings.gemini_model
         self._key = settings.gemini_api_key.get_secret_value().strip()
         self._sleep = sleep
@@ -232,11 +125,44 @@ class GeminiDetector:
             self._client.close()
 
     # public API
-    def detect(self, image: Image.Image, image_sha256: str, config: ProjectConfig, query: str | None = None) -> Detections:
-        """Boxes on ``image`` (RGB, EXIF-transposed) in its own pixels, or :class:`GeminiUnavailable`."""
+    def detect(self, image: Image.Image, image_sha256: str, config: ProjectConfig, query: str | None = None,
+               tier: str | None = None) -> Detections:
+        """Boxes on ``image`` (RGB, EXIF-transposed) in its own pixels, or :class:`GeminiUnavailable`.
+
+        ``tier`` "flex" asks the cheaper Flex tier first and falls back to standard (bulk work only);
+        default: the detector's own tier (standard unless built for bulk work)."""
         if self._client is None:
             raise GeminiUnavailable("not_configured", self._why_off)
         started = time.monotonic()
+        tier = tier or self.tier
+        prepared = self.prepare(config, query, image_sha256)
+
+        cached = self.cache.get(prepared.cache_key)
+        if cached is not None:
+            detections = self.to_detections(cached, image.size, config, prepared.fallback_label, cached=True,
+                                            started=started, attempts=0, tier="cache")
+            self._log_outcome("cache_hit", started, 0, None, len(detections), image_sha256)
+            return detections
+
+        self.check_allowed()
+        attempts = [0]
+        answered = ["standard"]
+        try:
+            answer = self._ask(encode_image(image, self.settings.gemini_max_image_side), prepared, started, attempts,
+                               tier, answered)
+            detections = self.to_detections(answer, image.size, config, prepared.fallback_label, cached=False,
+                                            started=started, attempts=attempts[0], tier=answered[0])
+        except GeminiUnavailable as exc:
+            (self.breaker.record_failure if exc.service_fault else self.breaker.record_success)()
+            self._log_outcome(exc.reason, started, attempts[0], None, 0, image_sha256)
+            raise
+        self.breaker.record_success()
+        self.cache.put(prepared.cache_key, answer)
+        self._log_outcome("ok", started, attempts[0], answer.usage, len(detections), image_sha256)
+        return detections
+
+    def prepare(self, config: ProjectConfig, query: str | None, image_sha256: str) -> Prepared:
+        """The prompt and cache key of one task (the batch path sends the same, see batch.py)."""
         query = (query or "").strip() or None
         limit = self.settings.prompt_max_chars
         if query and len(query) > limit:
@@ -244,72 +170,47 @@ class GeminiDetector:
             query = clip(query, limit)
         masks = config.wants_masks
         system, prompt = build_prompt(config, query, self.settings.gemini_max_objects, masks, limit)
-        key = self.cache.key(image_sha256, f"{system}\n\n{prompt}", self.model, self._answer_params(masks))
-        fallback = best_label(config, query) if query else None
+        key = self.cache.key(image_sha256, f"{system}\n\n{prompt}", self.model, answer_params(self.settings, self.model, masks))
+        return Prepared(system, prompt, key, best_label(config, query) if query else None)
 
-        cached = self.cache.get(key)
-        if cached is not None:
-            detections = self._to_detections(cached, image.size, config, fallback, cached=True, started=started, attempts=0)
-            self._log_outcome("cache_hit", started, 0, None, len(detections), image_sha256)
-            return detections
-
+    def check_allowed(self) -> None:
+        """Raise :class:`GeminiUnavailable` when the budget is spent or the breaker is open."""
         if self.cost.budget_exhausted():
             raise GeminiUnavailable("budget", f"daily Gemini budget of ${self.settings.gemini_daily_budget_usd:.2f} is spent")
         if not self.breaker.allow():
             raise GeminiUnavailable("circuit_open",
                                     f"Gemini failed {self.settings.gemini_breaker_failures} tasks in a row; skipped for a while")
 
-        attempts = [0]
-        try:
-            answer = self._ask(self._encode(image), system, prompt, started, attempts)
-            detections = self._to_detections(answer, image.size, config, fallback, cached=False, started=started,
-                                             attempts=attempts[0])
-        except GeminiUnavailable as exc:
-            (self.breaker.record_failure if exc.service_fault else self.breaker.record_success)()
-            self._log_outcome(exc.reason, started, attempts[0], None, 0, image_sha256)
-            raise
-        self.breaker.record_success()
-        self.cache.put(key, answer)
-        self._log_outcome("ok", started, attempts[0], answer.usage, len(detections), image_sha256)
-        return detections
+    @property
+    def client(self) -> genai.Client:
+        if self._client is None:
+            raise GeminiUnavailable("not_configured", self._why_off)
+        return self._client
 
-    # request
-    def _answer_params(self, masks: bool) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "format": RESPONSE_FORMAT_VERSION, "max_image_side": s.gemini_max_image_side,
-            "max_objects": s.gemini_max_objects, "temperature": s.gemini_temperature,
-            "max_output_tokens": s.gemini_max_output_tokens, "thinking_off": thinking_off_supported(self.model),
-            "masks": masks,
-        }
+    # calls
+    def _ask(self, jpeg: bytes, prepared: Prepared, started: float, attempts: list[int], tier: str,
+             answered: list[str]) -> CachedAnswer:
+        """Flex first when asked (one call, its own timeout), then standard calls with retries."""
+        parts = contents(jpeg, prepared.prompt)
+        if tier == "flex":
+            attempts[0] += 1
+            try:
+                response = self._call(parts, generation_config(self.settings, self.model, prepared.system,
+                                                                timeout=self.settings.gemini_flex_timeout_s, tier="flex"))
+                answered[0] = "flex"
+                return self.read_response(response, "flex")
+            except Exception as exc:
+                reason = classify(exc)
+                if reason not in _FLEX_REFUSALS:
+                    raise self._unavailable(exc, clamped=False) from None
+                GEMINI_FLEX_FALLBACKS.labels(reason=reason).inc()
+                log.info("gemini %s: flex refused (%s); the task goes to the standard tier", self.model, reason)
+                started = time.monotonic()  # the standard tier gets the task's whole deadline
+        return self._ask_standard(parts, prepared.system, started, attempts)
 
-    def _encode(self, image: Image.Image) -> bytes:
-        """Downscaled JPEG: Gemini's 0-1000 grid is relative, so a kept aspect maps back exactly."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        size = scaled_size(image.width, image.height, self.settings.gemini_max_image_side)
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        buf = io.BytesIO()
-        image.save(buf, "JPEG", quality=JPEG_QUALITY)
-        return buf.getvalue()
-
-    def _config(self, system: str, timeout: float) -> types.GenerateContentConfig:
-        s = self.settings
-        return types.GenerateContentConfig(
-            system_instruction=system,
-            temperature=s.gemini_temperature,
-            max_output_tokens=s.gemini_max_output_tokens,
-            response_mime_type="application/json",
-            thinking_config=types.ThinkingConfig(thinking_budget=0) if thinking_off_supported(self.model) else None,
-            http_options=types.HttpOptions(timeout=max(1, int(timeout * 1000))),
-            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
-        )
-
-    def _ask(self, jpeg: bytes, system: str, prompt: str, started: float, attempts: list[int]) -> CachedAnswer:
-        """One task's calls: retries with jittered backoff (>= RetryInfo) inside the deadline."""
+    def _ask_standard(self, parts: list, system: str, started: float, attempts: list[int]) -> CachedAnswer:
+        """One task's standard calls: retries with jittered backoff (>= RetryInfo) inside the deadline."""
         deadline = started + self.settings.gemini_task_deadline
-        contents = [types.Part.from_bytes(data=jpeg, mime_type="image/jpeg"), prompt]
         backoff = wait_exponential_jitter(initial=0.5, max=8.0, jitter=0.5)
         clamped = [False]
 
@@ -323,43 +224,47 @@ class GeminiDetector:
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             log.info("gemini %s attempt %d failed (%s), retrying in %.2fs", self.model, state.attempt_number,
-                     _classify(exc) if exc else "?", state.upcoming_sleep)
+                     classify(exc) if exc else "?", state.upcoming_sleep)
 
-        retrying = Retrying(retry=retry_if_exception(_retryable), wait=wait, stop=stop, sleep=self._sleep,
+        retrying = Retrying(retry=retry_if_exception(retryable), wait=wait, stop=stop, sleep=self._sleep,
                             before_sleep=before_sleep, reraise=True)
         try:
             for attempt in retrying:
                 with attempt:
                     remaining = deadline - time.monotonic()
                     if remaining < MIN_ATTEMPT_SECONDS:
-                        raise _DeadlineReached()
+                        raise DeadlineReached()
                     timeout = min(self.settings.gemini_timeout, remaining)
                     clamped[0] = timeout < self.settings.gemini_timeout
                     attempts[0] += 1
-                    response = self._call(contents, self._config(system, timeout))
+                    response = self._call(parts, generation_config(self.settings, self.model, system, timeout=timeout))
         except Exception as exc:  # the final failure after retries, or a non-retryable one
-            reason = _classify(exc)
-            if reason == "timeout" and clamped[0]:
-                reason = "deadline"  # the task's budget, not Gemini's own timeout, ran out
-            if reason == "bad_answer" and not isinstance(exc, (ValueError, errors.APIError)):
-                log.exception("gemini %s: unexpected error", self.model)
-            message = self._redact(f"{type(exc).__name__}: {exc}")[:500]
-            raise GeminiUnavailable(reason, message,
-                                    service_fault=reason != "bad_answer" or isinstance(exc, json.JSONDecodeError)) from None
-        return self._read(response)
+            raise self._unavailable(exc, clamped=clamped[0]) from None
+        return self.read_response(response, "standard")
 
-    def _call(self, contents: list, config: types.GenerateContentConfig) -> types.GenerateContentResponse:
+    def _unavailable(self, exc: BaseException, *, clamped: bool) -> GeminiUnavailable:
+        reason = classify(exc)
+        if reason == "timeout" and clamped:
+            reason = "deadline"  # the task's budget, not Gemini's own timeout, ran out
+        if reason == "bad_answer" and not isinstance(exc, (ValueError, errors.APIError)):
+            log.exception("gemini %s: unexpected error", self.model)
+        message = self._redact(f"{type(exc).__name__}: {exc}")[:500]
+        return GeminiUnavailable(reason, message, service_fault=reason != "bad_answer" or isinstance(exc, json.JSONDecodeError))
+
+    def _call(self, parts: list, config: types.GenerateContentConfig) -> types.GenerateContentResponse:
         try:
-            response = self._client.models.generate_content(model=self.model, contents=contents, config=config)  # type: ignore[union-attr]
+            response = self.client.models.generate_content(model=self.model, contents=parts, config=config)
         except Exception as exc:
-            GEMINI_CALLS.labels(model=self.model, outcome=_classify(exc)).inc()
+            GEMINI_CALLS.labels(model=self.model, outcome=classify(exc)).inc()
             raise
         return response
 
-    def _read(self, response: types.GenerateContentResponse) -> CachedAnswer:
-        """Account the call, then extract the answer text; blocked prompts raise "blocked"."""
+    def read_response(self, response: types.GenerateContentResponse, tier: str, *, charge: bool = True) -> CachedAnswer:
+        """Account the call at ``tier``'s price, then extract the answer text; blocked prompts raise "blocked".
+
+        ``charge=False``: a batch's answer, whose spend is settled as a whole (CostTracker.settle)."""
         usage = Usage.from_metadata(response.usage_metadata)
-        self.cost.record(self.model, usage)
+        self.cost.record(self.model, usage, tier=tier, charge=charge)
         feedback = response.prompt_feedback
         if feedback is not None and feedback.block_reason:
             GEMINI_CALLS.labels(model=self.model, outcome="blocked").inc()
@@ -379,8 +284,9 @@ class GeminiDetector:
         return CachedAnswer(text, usage, response.model_version or "", finish)
 
     # answer to detections
-    def _to_detections(self, answer: CachedAnswer, size: tuple[int, int], config: ProjectConfig,
-                       fallback: str | None, *, cached: bool, started: float, attempts: int) -> Detections:
+    def to_detections(self, answer: CachedAnswer, size: tuple[int, int], config: ProjectConfig,
+                      fallback: str | None, *, cached: bool, started: float, attempts: int, tier: str) -> Detections:
+        """Parse ``answer`` into boxes in image pixels; ``tier`` (standard, flex, batch, cache) goes into meta."""
         try:
             detections, stats = parse_answer(
                 answer.text, size, config, max_objects=self.settings.gemini_max_objects,
@@ -394,7 +300,7 @@ class GeminiDetector:
                 GEMINI_DROPPED.labels(reason=reason).inc(count)
         detections.meta.update(
             cached=cached, attempts=attempts, latency_s=round(time.monotonic() - started, 3),
-            usage=answer.usage.to_dict(), cost_usd=0.0 if cached else self.cost.cost_usd(answer.usage),
+            usage=answer.usage.to_dict(), cost_usd=0.0 if cached else self.cost.cost_usd(answer.usage, tier), tier=tier,
             finish_reason=answer.finish_reason, parse=stats.as_dict(),
         )
         return detections

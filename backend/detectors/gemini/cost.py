@@ -9,6 +9,12 @@ A Redis flush (or a restore from an older snapshot) would reset the day's spend 
 budget, so every recorded call is also added to a ledger on disk, one small JSON file per day under
 ``MODEL_DIR/.spend/`` (shared storage, like the models), under a file lock. When the day's Redis key
 is missing, it is restored from the ledger before anything is added, so the budget survives.
+
+Each tier has its price: the standard per-token prices times ``GEMINI_PRICE_FLEX_FACTOR`` or
+``GEMINI_PRICE_BATCH_FACTOR`` (docs/gemini.md#batch-api-and-flex). A batch is charged when it is
+submitted (:meth:`CostTracker.reserve`, an estimate) and settled on its results (:meth:`CostTracker.settle`,
+the billed ``usageMetadata``). Lifetime spend per tier and drafted tasks per source are kept in one Redis
+hash (``lsb:gemini:money``) so ``/metrics`` shows the cost per 1,000 drafted tasks across every process.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
+from prometheus_client.core import GaugeMetricFamily
 
 from backend.core import keys
 from backend.core.connection import OutageLog
 from backend.core.file_lock import LockTimeout, file_lock
 from backend.core.files import write_json_atomic
-from backend.core.metrics import GEMINI_COST, GEMINI_TOKENS
+from backend.core.metrics import GEMINI_COST, GEMINI_TIER_COST, GEMINI_TOKENS
 from backend.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,6 +90,12 @@ class Usage:
     @property
     def total(self) -> int:
         return self.prompt_tokens + self.output_tokens + self.thinking_tokens
+
+
+def tier_factors(settings: Settings) -> dict[str, float]:
+    """Price of each tier as a share of standard (the configurable table, README and docs/gemini.md)."""
+    return {"standard": 1.0, "flex": settings.gemini_price_flex_factor, "batch": settings.gemini_price_batch_factor,
+            "cache": 0.0}
 
 
 def _utc_day(now: float) -> str:
@@ -144,6 +157,8 @@ class CostTracker:
         when there is a Redis to restore (without Redis there is nothing a ledger would restore)."""
         self.price_in = settings.gemini_price_input_per_m
         self.price_out = settings.gemini_price_output_per_m
+        self.factors = tier_factors(settings)
+        self.money_key = keys.gemini_money(prefix.rsplit(":", 1)[0]) if prefix.endswith(":spend") else f"{prefix}:money"
         self.budget = settings.gemini_daily_budget_usd
         self._redis = redis
         self._prefix = prefix
@@ -156,22 +171,65 @@ class CostTracker:
         self._outage = OutageLog(log, "cost: Redis unavailable, the budget is tracked per process until it returns",
                                  "cost: Redis is back, spend is shared again")
 
-    def cost_usd(self, usage: Usage) -> float:
-        """Estimated USD of one call from the configured per-million prices."""
-        return (usage.prompt_tokens * self.price_in + (usage.output_tokens + usage.thinking_tokens) * self.price_out) / 1e6
+    def cost_usd(self, usage: Usage, tier: str = "standard") -> float:
+        """Estimated USD of one call from the configured per-million prices at ``tier``'s factor (cache: 0)."""
+        standard = (usage.prompt_tokens * self.price_in + (usage.output_tokens + usage.thinking_tokens) * self.price_out) / 1e6
+        return standard * self.factors.get(tier, 1.0)
 
     def day_key(self, day: str | None = None) -> str:
         return keys.Keys.SPEND_DAY.format(prefix=self._prefix, day=day or _utc_day(self._clock()))
 
-    def record(self, model: str, usage: Usage) -> float:
-        """Count a billed call: token and cost metrics, today's shared spend. Returns its USD."""
-        cost = self.cost_usd(usage)
+    def record(self, model: str, usage: Usage, tier: str = "standard", *, charge: bool = True) -> float:
+        """Count a billed call: token and cost metrics, today's shared spend. Returns its USD.
+
+        ``charge=False``: metrics and the lifetime tally only, the day's spend was charged already
+        (a batch's results, settled as a whole by :meth:`settle`)."""
+        cost = self.cost_usd(usage, tier)
         GEMINI_TOKENS.labels(model=model, kind="input").inc(usage.prompt_tokens)
         GEMINI_TOKENS.labels(model=model, kind="output").inc(usage.output_tokens)
         GEMINI_TOKENS.labels(model=model, kind="thinking").inc(usage.thinking_tokens)
         GEMINI_COST.labels(model=model).inc(cost)
-        if cost <= 0:
-            return cost
+        GEMINI_TIER_COST.labels(tier=tier).inc(cost)
+        self._tally(f"usd:{tier}", cost)
+        if charge:
+            self.charge(cost)
+        return cost
+
+    def reserve(self, usd: float) -> float:
+        """Charge an estimate now (a batch at submission): the budget sees it before the results come."""
+        self.charge(usd)
+        return usd
+
+    def settle(self, reserved: float, actual: float) -> None:
+        """Replace a reservation by what the results say was billed (may give money back)."""
+        self.charge(actual - reserved)
+
+    def count_task(self, source: str) -> None:
+        """One drafted task by ``source`` (gemini:standard|flex|batch|cache, yolo): the cost per 1,000 drafts."""
+        self._tally(f"tasks:{source}", 1)
+
+    def money(self) -> dict[str, float]:
+        """Lifetime ``usd:<tier>`` and ``tasks:<source>`` across processes ({} without Redis)."""
+        if self._redis is None:
+            return {}
+        try:
+            raw = self._redis.hgetall(self.money_key)
+        except redis_lib.RedisError:
+            return {}
+        return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+
+    def _tally(self, field: str, amount: float) -> None:
+        if self._redis is None or not amount:
+            return
+        try:
+            self._redis.hincrbyfloat(self.money_key, field, amount)
+        except redis_lib.RedisError as exc:
+            self._outage.down(exc)
+
+    def charge(self, cost: float) -> None:
+        """Add ``cost`` USD (negative: a refund of a reservation) to today's shared spend and the ledger."""
+        if cost == 0:
+            return
         day = _utc_day(self._clock())
         key = self.day_key(day)
         with self._lock:
@@ -180,11 +238,10 @@ class CostTracker:
         if self._redis is not None:
             try:
                 # a missing day key (Redis flushed) starts from the ledger's total, which includes this call
-                self._redis.eval(_ADD_SPEND, 1, key, repr(cost), repr(max(on_disk or 0.0, cost)), DAY_KEY_TTL)
+                self._redis.eval(_ADD_SPEND, 1, key, repr(cost), repr(max(on_disk or 0.0, cost, 0.0)), DAY_KEY_TTL)
                 self._outage.up()
             except redis_lib.RedisError as exc:
                 self._outage.down(exc)
-        return cost
 
     def spent_today(self) -> float:
         """USD spent today (UTC): the shared Redis total (restored from the ledger if Redis lost it),
@@ -208,3 +265,19 @@ class CostTracker:
     def budget_exhausted(self) -> bool:
         """True once a daily budget is set and today's spend reached it."""
         return self.budget > 0 and self.spent_today() >= self.budget
+
+
+def money_gauges(tracker: CostTracker | None) -> list:
+    """Scrape-time gauges of the money (issue 16, lever 3), from the shared tally every process adds to:
+    lifetime USD per tier, drafted tasks per source and the cost per 1,000 drafted tasks."""
+    money = tracker.money() if tracker is not None else {}
+    spend = GaugeMetricFamily("lsb_gemini_spend_by_tier_usd", "Lifetime estimated Gemini spend in USD by tier", labels=["tier"])
+    tasks = GaugeMetricFamily("lsb_drafted_tasks", "Lifetime drafted tasks by source (gemini:<tier>, yolo)", labels=["source"])
+    for field, value in sorted(money.items()):
+        kind, _, name = field.partition(":")
+        (spend if kind == "usd" else tasks).add_metric([name], value)
+    usd = sum(v for k, v in money.items() if k.startswith("usd:"))
+    drafted = sum(v for k, v in money.items() if k.startswith("tasks:"))
+    per_1000 = GaugeMetricFamily("lsb_cost_per_1000_drafted_tasks_usd", "Estimated Gemini USD per 1,000 drafted tasks (lifetime)")
+    per_1000.add_metric([], 1000.0 * usd / drafted if drafted else 0.0)
+    return [spend, tasks, per_1000]

@@ -29,7 +29,7 @@ def _tasks(*ids: int) -> list[dict]:
 @pytest.fixture
 def prelabel_keys(redis15, project_id):
     yield
-    redis15.delete(keys.prelabel_queued(project_id))
+    redis15.delete(keys.prelabel_queued(project_id), keys.prelabel_tasks(project_id), keys.prelabel_status(project_id))
 
 
 def test_prelabel_for_tasks_already_queued_adds_nothing(redis15, project_id, qprefix, prelabel_keys):

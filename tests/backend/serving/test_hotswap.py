@@ -9,7 +9,7 @@ import uuid
 import pytest
 import redis
 
-from backend.core.keys import model_current
+from backend.core.keys import Keys, model_current
 from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings
 from backend.serving.hotswap import ModelHolder
@@ -149,3 +149,63 @@ def test_a_project_whose_versions_are_removed_stops_being_served(holder_and_regi
     registry.redis.delete(model_current(project))
     assert wait_for(lambda: project not in holder.loaded())  # the watcher drops it without a request
     assert holder.get(project) is None and holder.version(project) is None
+
+
+# --- preloading a candidate before its promotion ------------------------------------------------------
+
+def _subscribed(holder) -> bool:
+    """The holder's listener is on the candidate channel (it starts with the first request)."""
+    return holder._listener is not None and holder._listener.is_alive() and \
+        holder.registry.redis.pubsub_numsub(Keys.CANDIDATES_CHANNEL)[0][1] >= 1
+
+
+def test_a_preloaded_candidate_is_promoted_without_loading(holder_and_registry, checkpoints, project, monkeypatch):
+    holder, registry = holder_and_registry
+    registry.promote(project, registry.add_version(project, checkpoints[0], {}).version)
+    assert holder.get(project).version == "v0001"
+    assert wait_for(lambda: _subscribed(holder))
+    v2 = registry.add_version(project, checkpoints[1], {})
+
+    preload = registry.preload(project, v2.version, timeout=30)
+    assert registry.candidate_acks(project, v2.version)[holder.process_id] == "loaded"
+    assert preload["loaded"] >= 1 and not preload["timed_out"]
+    assert holder.candidates() == {project: "v0002"} and holder.loaded()[project] == "v0001"
+    candidate = holder._candidates[project][0]
+
+    def no_loading(*_args):
+        raise AssertionError("the promotion loaded a model: it should have been preloaded")
+
+    monkeypatch.setattr(holder, "_load", no_loading)
+    registry.promote(project, v2.version)
+    assert wait_for(lambda: holder.loaded().get(project) == "v0002")
+    assert holder.get(project) is candidate and holder.candidates() == {}
+
+
+def test_a_candidate_never_promoted_is_dropped_and_serving_is_untouched(holder_and_registry, checkpoints, project):
+    holder, registry = holder_and_registry
+    registry.promote(project, registry.add_version(project, checkpoints[0], {}).version)
+    served = holder.get(project)
+    assert wait_for(lambda: _subscribed(holder))
+    v2 = registry.add_version(project, checkpoints[1], {})
+    assert registry.preload(project, v2.version, timeout=30)["loaded"] >= 1
+    assert holder.candidates() == {project: "v0002"}
+    # the training crashed (or lost its compare-and-swap): nobody promotes v0002
+    holder.candidate_ttl = 0.5
+    assert wait_for(lambda: holder.candidates() == {})  # the watcher drops it by itself
+    assert holder.get(project) is served and holder.loaded()[project] == "v0001"
+    # a later promotion of it still works, by loading it then
+    registry.promote(project, v2.version)
+    assert wait_for(lambda: holder.loaded().get(project) == "v0002")
+
+
+def test_a_candidate_of_a_project_not_served_here_is_acknowledged_without_loading(holder_and_registry, checkpoints,
+                                                                                   project):
+    holder, registry = holder_and_registry
+    registry.promote(project, registry.add_version(project, checkpoints[0], {}).version)
+    assert holder.get(project) is not None and wait_for(lambda: _subscribed(holder))
+    other = str(int(project) + 1)
+    v1 = registry.add_version(other, checkpoints[1], {})
+    assert registry.preload(other, v1.version, timeout=30)["timed_out"] is False
+    assert registry.candidate_acks(other, v1.version)[holder.process_id] == "skipped"
+    assert holder.candidates() == {}
+    assert registry.preload(other, v1.version, timeout=0)["listeners"] == 0  # 0: promote at once, announce nothing

@@ -95,7 +95,8 @@ def client_for(tmp_path, redis_url, fake_ls):
     for name in ("training", "prelabel"):
         Queue(name, connection=redis.Redis.from_url(redis_url)).empty()
     client = redis.Redis.from_url(redis_url)  # the recorded project's dedupe and pre-labeling state (backend.web.webhook)
-    client.delete(keys.prelabel_queued(2), *client.scan_iter(keys.webhook_seen(2, "*")))
+    client.delete(keys.prelabel_queued(2), keys.prelabel_tasks(2), keys.prelabel_status(2),
+                  *client.scan_iter(keys.webhook_seen(2, "*")))
 
 
 def replay(client, request: dict, headers: dict | None = None):
@@ -186,7 +187,8 @@ def test_real_empty_gemini_answer_is_not_a_fallback(client_for, gemini, checkpoi
     client = client_for(gemini, yolo_model=str(checkpoint), yolo_score_threshold=0.0001)
     gemini.script(fg.ok("[]"))
     (prediction,) = client.post("/predict", json=FIXTURES[6]["body"]).json["results"]
-    assert prediction == {"result": [], "score": 0.0, "model_version": "gemini:gemini-2.5-flash+yolo:custom-fallback"}
+    # score 1.0: PREDICTION_SCORE=usefulness, and YOLO never saw a task Gemini drafted (README, Most useful tasks first)
+    assert prediction == {"result": [], "score": 1.0, "model_version": "gemini:gemini-2.5-flash+yolo:custom-fallback"}
 
 
 def test_no_detector_gives_one_empty_prediction_per_task(client_for):
@@ -390,6 +392,25 @@ def test_tasks_created_enqueues_a_prelabel_job(client_for, redis_url):
     assert response.status_code == 200 and response.json["prelabel_job"]
     job = Queue("prelabel", connection=redis.Redis.from_url(redis_url)).fetch_job(response.json["prelabel_job"])
     assert job.args[0] == "2" and job.args[1][0]["data"]["image"] == "https://example.com/b.jpg"
+
+
+def test_prelabel_status_shows_an_import_the_policy_skipped(client_for, redis_url):
+    client = client_for(None, webhook_secret="hook-secret-42", prelabel_on_import="none")
+    project = 90_000_000 + uuid.uuid4().int % 9_000_000
+    event = {"action": "TASKS_CREATED", "project": {"id": project},
+             "tasks": [{"id": i, "data": {"image": f"https://example.com/{i}.jpg"}} for i in (1, 2, 3)]}
+    try:
+        answer = client.post("/webhook?token=hook-secret-42", json=event).json
+        assert answer["prelabel_job"] is None and answer["policy"]["skipped_by_policy"] == 3
+        assert client.get(f"/prelabel/status?project={project}").status_code == 401
+        status = client.get(f"/prelabel/status?project={project}", headers={"X-Webhook-Secret": "hook-secret-42"}).json
+        assert (status["imported"], status["skipped_policy"], status["queued"]) == (3, 3, 0)
+        assert status["last_import"]["policy"] == "none" and status["last_import"]["source"] == "deployment"
+    finally:
+        store = redis.Redis.from_url(redis_url)
+        for pattern in keys.project_patterns(project):
+            for key in store.scan_iter(pattern):
+                store.delete(key)
 
 
 def test_404_and_405_are_json(client_for):

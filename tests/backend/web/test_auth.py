@@ -192,7 +192,7 @@ def test_spy_result_is_what_decides(monkeypatch):
 
 PROTECTED = [("POST", "/setup"), ("POST", "/predict"), ("GET", "/versions"), ("GET", "/metrics"),
              ("GET", "/train/status"), ("GET", "/models"), ("POST", "/webhook"), ("POST", "/train"),
-             ("POST", "/prelabel"), ("POST", "/models/rollback")]
+             ("POST", "/prelabel"), ("GET", "/prelabel/status"), ("POST", "/models/rollback")]
 
 
 def hooked_app(settings: Settings):

@@ -13,7 +13,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 
-from backend.core import keys, lifecycle, prelabel_queue
+from backend.core import import_status, keys, lifecycle, prelabel_queue
 from backend.core import queue as wq
 from backend.web.webhook import BadEvent, handle_event
 from tests.paths import RECORDED_REQUESTS
@@ -246,3 +246,28 @@ def test_grace_zero_enqueues_the_cleanup_at_once(redis15, pid, qprefix, tmp_path
     out = handle_event({"action": "PROJECT_DELETED", "project": pid}, redis15, settings).body
     assert [j.id for j in _queued(redis15, qprefix, "training")] == [out["cleanup_job"]]
     assert time.time() - out["deleted_at"] < 60
+
+
+# --- PRELABEL_ON_IMPORT --------------------------------------------------------------------------------
+
+def _import(pid: int, n: int, view: str = "<View>", first: int = 100) -> dict:
+    body = recorded("TASKS_CREATED", pid)
+    body["project"]["label_config"] = body["project"]["label_config"].replace("<View>", view, 1)
+    body["tasks"] = [{"id": first + i, "data": {"image": f"https://example.com/{i}.jpg"}} for i in range(n)]
+    return body
+
+
+def test_tasks_created_drafts_what_the_policy_says(redis15, pid, qprefix, tmp_path):
+    sample = make_settings(tmp_path, None, prelabel_on_import="sample:4")
+    out = handle_event(_import(pid, 20), redis15, sample).body
+    (job,) = _queued(redis15, qprefix, "prelabel")
+    assert out["prelabel_job"] == job.id and len(job.args[1]) == 4
+    assert out["policy"] == {"policy": "sample:4", "source": "deployment", "skipped_by_policy": 16}
+
+    # the project's label config wins: none, whatever the deployment says
+    quiet = handle_event(_import(pid, 3, '<View prelabel_on_import="none">', first=500), redis15,
+                         make_settings(tmp_path, None)).body
+    assert quiet["prelabel_job"] is None and quiet["policy"]["source"] == "project"
+    assert len(_queued(redis15, qprefix, "prelabel")) == 1
+    status = import_status.read(redis15, pid)
+    assert (status["imported"], status["queued"], status["skipped_policy"]) == (23, 4, 19)

@@ -305,6 +305,28 @@ def test_eval_saved_predictions_perfect_and_shifted(env, capsys, drafted):
     code, summary, _ = lsb(capsys, "eval", "--truth", env / "truth.json", "--images", env / "photos",
                            "--predictions", env / "shifted", "--out", env / "report2")
     assert code == 0 and summary["map50_95"] < 1.0 and summary["mean_iou"] < 1.0 and summary["masks"]["instance_miou"] < 1.0
+    perfect = json.loads((env / "report" / "metrics.json").read_text())
+    confusion = perfect["confusion"]
+    assert confusion["columns"][-1] == "missed" and confusion["rows"][-1] == "background"
+    assert sum(confusion["matrix"][i][i] for i in range(len(CLASSES))) == perfect["n_gt"] and perfect["label_errors"] == []
+    assert "## Confusion matrix" in report and (env / "report" / "plots" / "confusion.png").is_file()
+
+    # boxes moved off their objects: every confident box contradicts the labels; side by side with the true drafts
+    write_results(env / "far", env / "photos", items, xml, shift=40.0)
+    code, summary, err = lsb(capsys, "eval", "--truth", env / "truth.json", "--images", env / "photos", "--predictions",
+                             env / "far", "--compare", env / "drafts", "--max-errors", "5", "--out", env / "report3")
+    assert code == 0, err
+    far = json.loads((env / "report3" / "metrics.json").read_text())
+    assert [c["kind"] for c in far["label_errors"]] == ["missed_label"] * 5
+    scores = [c["score"] for c in far["label_errors"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] == 0.9
+    assert sum(row[-1] for row in far["confusion"]["matrix"][:-1]) > 0  # true boxes missed
+    assert sum(far["confusion"]["matrix"][-1]) > 0  # predictions on background
+    sides = far["side_by_side"]
+    assert sides["gemini (compared)"]["map50"] == 1.0 and sides["gemini (evaluated)"]["map50"] < 0.5
+    assert sides["gemini (compared)"]["n_images"] == sides["gemini (evaluated)"]["n_images"] == 8
+    text = (env / "report3" / "report.md").read_text()
+    assert "## Sources side by side" in text and "## Label-error candidates" in text and "| missed_label |" in text
 
 
 def test_eval_runs_a_source_on_a_yolo_dataset_and_a_registry_version(env, capsys, drafted, tiny_models, redis_url):

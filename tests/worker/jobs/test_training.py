@@ -47,6 +47,16 @@ def test_first_training_promotes_then_skip_then_gate(fake_ls, tmp_path, redis15,
     assert dq["yolo"]["recall"] < 1.0 and dq["gemini"]["n"] == result["counts"]["val"]
     stored = json.loads(redis15.get(keys.quality(pid)))
     assert stored["sources"] == dq and stored["version"] == "v0001" and stored["model"]["version"] == "v0001"
+    review = stored["evaluation"]  # worker.training.review, from the gate's own predictions
+    n_val = result["counts"]["val"]
+    assert review["version"] == "v0001" and review["tasks"] == n_val and review["compared_tasks"] == n_val
+    assert set(review["side_by_side"]) == {"yolo", "gemini"} and review["side_by_side"]["gemini"]["map50"] == 1.0
+    assert set(review["per_class"]) == {"Car", "Person"} and set(review["per_class"]["Car"]) == {"yolo", "gemini"}
+    confusion = review["confusion"]
+    assert confusion["rows"][-1] == "background" and confusion["columns"][-1] == "missed"
+    assert sum(map(sum, confusion["matrix"][:-1])) == review["side_by_side"]["yolo"]["n_gt"]  # every true box counted once
+    assert len(review["label_errors"]) <= 20 and all(c["link"].endswith(f"/projects/{pid}/data?task={c['task_id']}")
+                                                     for c in review["label_errors"])
     assert json.loads(redis15.get(keys.train_last(pid)))["status"] == "promoted"
     assert redis15.get(keys.train_running(pid)) is None and redis15.get(keys.train_events(pid)) == b"0"
     assert not list((tmp_path / "data" / "candidates").glob("*.pt"))  # the registry holds the only copy
@@ -121,6 +131,20 @@ def test_promotion_exports_verified_fast_formats_that_the_server_then_uses(fake_
         assert served.version == "v0001" and served.format == "onnx"
     finally:
         holder.stop()
+
+
+@pytest.mark.slow
+def test_an_int8_export_failing_its_map_check_is_kept_out_with_the_reason_in_the_meta(fake_ls, tmp_path, redis15,
+                                                                                       project_id):
+    pid, _, _ = populate(fake_ls, n=12, project=project_id)
+    settings = make_settings(tmp_path, fake_ls, export_formats="", export_int8=True, export_int8_max_drop=-1.0,
+                             model_preload_timeout=5.0)
+    result = run_training(pid, settings=settings, redis=redis15)
+    assert result["status"] == "promoted" and result["preload"]["timed_out"] is False
+    info = ModelRegistry(settings.model_dir, redis15).current(pid)
+    check = info.meta["export_checks"]["openvino_int8"]
+    assert info.meta["exports"] == {} and check["ok"] is False and check["map50_95"] is not None
+    assert "below the .pt's" in check["reason"] and check["map50_95_pt"] == result["candidate_metrics"]["map50_95"]
 
 
 @pytest.mark.slow

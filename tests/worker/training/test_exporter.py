@@ -16,12 +16,14 @@ import redis
 from backend.core.label_config import ProjectConfig
 from backend.core.registry import ModelRegistry
 from backend.core.settings import Settings
-from backend.detectors.yolo import YoloDetector, export_metadata, model_format
+from backend.detectors.yolo import INT8_FORMAT, YoloDetector, export_metadata, model_format
 from backend.serving.hotswap import ModelHolder
 from tests.models import make_checkpoint
 from tests.paths import ROOT
 from tests.synthetic import label_config, make_images
-from worker.training.exporter import _Boxes, compare_boxes, export_and_check, export_verified
+from tests.worker_fixtures import GOOD_MODEL, good_model
+from worker.training.exporter import _Boxes, compare_boxes, export_and_check, export_int8, export_verified
+from worker.training.gate import held_out_metrics
 
 CLASSES = ["Car", "Person"]
 IMGSZ = 96
@@ -254,3 +256,56 @@ def test_a_swapped_in_openvino_model_warms_up_at_low_priority_and_serves_at_norm
     assert out["formats"] == ["openvino", "openvino"]
     assert out["lowered"] == [[], [1]], "only the swapped-in model should warm up at nice 19, and only its warm-up"
     assert out["busy_nice"] and set(out["busy_nice"]) == {0}, f"inference ran on threads at nice {out['busy_nice']}"
+
+
+# --- INT8: judged by held-out mAP, not by boxes ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibration_yaml(tmp_path_factory, samples):
+    """A dataset yaml whose training split holds the sample images (calibration needs no labels)."""
+    root = tmp_path_factory.mktemp("calibration")
+    (root / "images" / "train").mkdir(parents=True)
+    for i, image in enumerate(samples):
+        image.save(root / "images" / "train" / f"{i}.png")
+    data = root / "data.yaml"
+    data.write_text(json.dumps({"path": str(root), "train": "images/train", "val": "images/train",
+                                "names": dict(enumerate(CLASSES))}))
+    return data
+
+
+def test_an_int8_export_failing_its_accuracy_check_is_kept_out(tmp_path, checkpoint, calibration_yaml):
+    scored: list[Path] = []
+
+    def score(path: Path) -> float:
+        scored.append(path)
+        return 0.5
+
+    check = export_int8(checkpoint, tmp_path, calibration_yaml, IMGSZ, score, reference=0.5, max_drop=-1.0)
+    assert [p.name for p in scored] == ["model_int8_openvino_model"], "the INT8 model was exported and scored"
+    assert check.calibration_images == 4 and check.map50_95 == 0.5 and check.export_s > 0
+    assert not check.ok and check.path is None and "below the .pt's" in check.reason
+    assert list(tmp_path.iterdir()) == [], "a rejected export (and its staging) is deleted"
+
+
+@pytest.mark.slow
+def test_an_int8_export_within_a_point_of_the_pt_is_kept_and_served_first(tmp_path, redis_url):
+    good = good_model()
+    dataset, config, reference = good["dataset"], good["config"], good["metrics"]["map50_95"]
+    check = export_int8(good["checkpoint"], tmp_path / "exports", dataset.data_yaml, GOOD_MODEL["imgsz"],
+                        lambda path: held_out_metrics(path, dataset, config)["map50_95"], reference)
+    assert check.ok, check.reason
+    assert check.calibration_images == len(dataset.train_ids) and check.map50_95_pt == pytest.approx(reference)
+    assert check.map50_95 >= reference - 0.01
+    assert Path(check.path).name == "model_int8_openvino_model" and Path(check.path).is_dir()
+
+    holder, registry = _holder(tmp_path, redis_url)
+    project = str(930000 + uuid.uuid4().int % 9999)
+    try:
+        info = registry.add_version(project, good["checkpoint"], {}, extra_files={INT8_FORMAT: Path(check.path)})
+        registry.promote(project, info.version)
+        served = holder.get(project)
+        assert served.format == "openvino" and served.path.name == "model_int8_openvino_model"
+        no_int8 = ModelHolder(Settings(model_dir=registry.model_dir, redis_url=redis_url, yolo_serve_int8=False), registry)
+        assert no_int8._load(info.checkpoint, info.version).format == "pt"
+    finally:
+        holder.stop()

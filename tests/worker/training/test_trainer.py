@@ -164,3 +164,61 @@ def test_training_from_scratch_runs_the_raised_epochs(tmp_path):
     assert train_images(ds.data_yaml) <= 8  # one batch an epoch: 3 steps need 3 epochs
     result = train(ds.data_yaml, settings, progress=None)
     assert result.epochs_run == 3 and result.train_args["epochs"] == 3
+
+
+def test_recipe_defaults_time_budget_and_auto_device():
+    """The defaults the 5-minute recipe was measured with (BENCHMARKS.md, Annotation efficiency)."""
+    from backend.core.settings import Settings as AppSettings
+
+    fields = AppSettings.model_fields  # tests/conftest.py pins TRAIN_TIME_LIMIT_MIN=0 in the environment
+    assert fields["train_time_limit_min"].default == 5.0
+    assert fields["train_device"].default == "auto"
+    assert fields["train_batch"].default == 8 and fields["train_imgsz"].default == 320
+
+
+def test_auto_device_follows_what_torch_sees(monkeypatch):
+    import torch
+
+    from worker.training.trainer import resolve_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device(None) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda:0" and resolve_device("AUTO") == "cuda:0"
+    assert resolve_device("cpu") == "cpu" and resolve_device("0,1") == "0,1"  # an explicit device is kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == "mps"
+
+
+def test_auto_device_is_cpu_on_this_host():
+    import torch
+
+    from worker.training.trainer import resolve_device
+
+    assert resolve_device("auto") == ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.slow
+def test_time_budget_goes_to_ultralytics_and_refits_the_epochs(tmp_path, monkeypatch):
+    """time= (hours) reaches Ultralytics, which replaces TRAIN_EPOCHS by what fits the budget; device auto -> cpu."""
+    from backend.core.label_config import ProjectConfig
+    from tests.synthetic import label_config
+    from worker.training.dataset import build_dataset
+
+    monkeypatch.chdir(tmp_path)
+    tasks, loader, _ = synthetic_tasks(12, seed=6)
+    settings = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "m", train_imgsz=64, train_epochs=500,
+                        train_min_steps=0, train_batch=8, yolo_base_model="yolov8n.yaml", train_device="auto",
+                        train_time_limit_min=0.1)  # 6 s
+    ds = build_dataset("9", tasks, ProjectConfig.parse(label_config(CLASSES)), settings, loader=loader)
+    updates = []
+    result = train(ds.data_yaml, settings, progress=updates.append)
+
+    assert result.train_args["time"] == pytest.approx(0.1 / 60)
+    assert result.train_args["device"] == "cpu" and result.train_args["amp"] is False
+    assert result.train_args["batch"] == result.train_args["nbs"] == 8
+    # Ultralytics re-estimated the epoch count from the budget: far below the 500 asked for
+    assert updates and updates[-1]["epochs"] < 500 and result.epochs_run < 500
+    assert result.checkpoint.is_file()
