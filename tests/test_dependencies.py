@@ -48,8 +48,9 @@ DEV = ROOT / "requirements-dev.txt"
 #: Each lock and the one it builds on (its only ``-r`` include).
 INCLUDES = {RUNTIME: None, OWLVIT: RUNTIME, DEV: OWLVIT}
 #: Tests, lint and fuzzing tools, and what only the OWL-ViT/SAM source needs: never in the image's lock.
+# safetensors is not here: nncf (the INT8 export, a runtime need of the worker) requires it.
 NOT_RUNTIME = {"pytest", "pytest-timeout", "hypothesis", "schemathesis", "ruff", "import-linter", "grimp",
-               "transformers", "tokenizers", "safetensors", "huggingface-hub"}
+               "transformers", "tokenizers", "huggingface-hub"}
 #: Ignored by ``pip freeze`` (so never pinned) although some packages require them.
 INSTALLER_PACKAGES = {"pip", "setuptools", "wheel"}
 #: Marker environments the locks must be complete for (make install uses --no-deps): the first and
