@@ -33,6 +33,7 @@ from backend.core.ultralytics_env import prepare
 
 prepare()  # before anything imports ultralytics
 
+from backend.core import keys  # noqa: E402
 from backend.core.settings import Settings  # noqa: E402
 from tests.fake_label_studio import FakeLabelStudio  # noqa: E402
 from tests.paths import TEST_REDIS_URL  # noqa: E402
@@ -60,7 +61,8 @@ def redis15():
 
 
 def cleanup_project(client: redis_lib.Redis, project: str | int) -> None:
-    for pattern in (f"lsb:train:{project}:*", f"lsb:quality:{project}", f"lsb:model:{project}:*", f"test:*:{project}"):
+    """Every key of ``project`` (keys.project_patterns, the service's own list) and the tests' own ``test:*:<p>``."""
+    for pattern in (*keys.project_patterns(project), f"test:*:{project}"):
         for k in client.scan_iter(pattern):
             client.delete(k)
 
