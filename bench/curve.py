@@ -11,12 +11,11 @@ every size: the model and the drafts are scored on the same human-labelled tasks
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
-from bench.common import CACHE, CLASSES, ROOT, TRAIN_ENV, Context, package_version, project_id
-from bench.fixtures import synthetic, train_in_subprocess, write_yolo_dataset
+from bench.common import CLASSES, ROOT, TRAIN_ENV, Context, package_version, project_id
+from bench.fixtures import cached_training, synthetic, train_in_subprocess
 from bench.results import Result, Row, goal_row
 
 NAME = "curve"
@@ -85,30 +84,12 @@ def project(seed: int, n_max: int, size: tuple[int, int]) -> dict:
 
 def pretrained_standin(ctx: Context, imgsz: int) -> Path:
     """A checkpoint pretrained on a DIFFERENT synthetic set (noisy backgrounds, other seed): the stand-in for COCO weights."""
-    import hashlib
-    import os
-    import shutil
+    from tests.synthetic import make_images
 
     params = {"n": ctx.pick(200, 16), "time_min": ctx.pick(3.0, None), "epochs": ctx.pick(None, 1), "imgsz": imgsz,
               "ultralytics": package_version("ultralytics"), "v": 1}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    target = CACHE / f"standin-{key}" / "model.pt"
-    if target.is_file():
-        return target
-    from tests.synthetic import make_images
-
-    ctx.log(f"curve: pretraining the stand-in checkpoint once ({params})")
-    work = ctx.tmp("standin")
-    items = make_images(params["n"], seed=777, size=(320, 240), noisy=True)
-    cut = int(len(items) * 0.85)
-    data = write_yolo_dataset(work / "data", items[:cut], items[cut:], CLASSES)
-    r = train_in_subprocess(data, work / "r.json", work / "train.log", epochs=params["epochs"], time_min=params["time_min"],
-                            imgsz=imgsz, data_dir=work, env=TRAIN_ENV)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(r["checkpoint"], target.with_suffix(".tmp"))
-    os.replace(target.with_suffix(".tmp"), target)
-    (target.parent / "train.json").write_text(json.dumps(r, indent=2, default=str))
-    return target
+    return cached_training(ctx, "standin", params,
+                           lambda: make_images(params["n"], seed=777, size=(320, 240), noisy=True), train_share=0.85)
 
 
 def one_point(ctx: Context, proj: dict, n: int, drafts: bool, base: str, budget: dict) -> dict:

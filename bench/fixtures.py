@@ -79,6 +79,31 @@ def train_in_subprocess(data_yaml: Path, out_json: Path, log_path: Path, *, epoc
     return result
 
 
+def cached_training(ctx: Context, name: str, params: dict, items, *, train_share: float,
+                    classes: Sequence[str] = CLASSES) -> Path:
+    """Train once on ``items()`` (split ``train_share`` / rest) with ``params`` (epochs, time_min, imgsz) and keep
+    the checkpoint at var/bench/cache/<name>-<hash of params>/model.pt; later runs with the same params reuse it."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    target = CACHE / f"{name}-{key}" / "model.pt"
+    if target.is_file():
+        return target
+    ctx.log(f"training the {name} once ({params}); cached at {target}")
+    work = ctx.tmp(name)
+    images = items()
+    cut = int(len(images) * train_share)
+    data = write_yolo_dataset(work / "data", images[:cut], images[cut:], classes)
+    result = train_in_subprocess(data, work / "result.json", work / "train.log", epochs=params["epochs"],
+                                 time_min=params["time_min"], imgsz=params["imgsz"], data_dir=work, env=TRAIN_ENV)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    shutil.copyfile(result["checkpoint"], tmp)
+    os.replace(tmp, target)
+    (target.parent / "train.json").write_text(json.dumps(result, indent=2, default=str))
+    return target
+
+
 def trained_checkpoint(ctx: Context) -> Path:
     """A small detector trained on synthetic shapes at imgsz 320, cached under var/bench/cache.
 
@@ -87,27 +112,9 @@ def trained_checkpoint(ctx: Context) -> Path:
     on an idle machine); quick: 48 images, 4 epochs (finds nothing: a smoke test only).
     Cached by those parameters and the Ultralytics version, so only the first run pays.
     """
-    import hashlib
-
     params = {"n": ctx.pick(120, 48), "time_min": None, "epochs": ctx.pick(30, 4), "imgsz": 320,
               "ultralytics": package_version("ultralytics"), "v": 1}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    target = CACHE / f"checkpoint-{key}" / "model.pt"
-    if target.is_file():
-        return target
-    ctx.log(f"training the shared benchmark checkpoint once ({params}); cached at {target}")
-    work = ctx.tmp("ckpt")
-    items = synthetic(params["n"], seed=101)
-    cut = int(len(items) * 0.8)
-    data = write_yolo_dataset(work / "data", items[:cut], items[cut:])
-    result = train_in_subprocess(data, work / "result.json", work / "train.log", epochs=params["epochs"],
-                                 time_min=params["time_min"], imgsz=320, data_dir=work, env=TRAIN_ENV)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    shutil.copyfile(result["checkpoint"], tmp)
-    os.replace(tmp, target)
-    (target.parent / "train.json").write_text(json.dumps(result, indent=2, default=str))
-    return target
+    return cached_training(ctx, "checkpoint", params, lambda: synthetic(params["n"], seed=101), train_share=0.8)
 
 
 def label_config() -> str:
