@@ -58,7 +58,7 @@ from worker.training.drafts import DraftSelection, select_drafts
 from worker.training.exporter import export_and_check, export_int8
 from worker.training.gate import draft_quality, evaluate_gate, held_out_metrics
 from worker.training.lock import LockLost, requeue_marker, training_slot
-from worker.training.review import review
+from worker.training.review import review_after_gate
 from worker.training.trainer import resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -96,20 +96,6 @@ def _store_quality(redis, project: str, payload: dict) -> None:
         redis.set(keys.quality(project), json.dumps(payload, default=str))
     except redis_lib.RedisError as exc:
         log.warning("could not store draft quality in Redis: %s", exc)
-
-
-def _review(decision, dataset, tasks, config, settings, project: str, version: str | None) -> dict | None:
-    """The served model's confusion matrix, Gemini vs YOLO and label-error candidates (worker.training.review),
-    from the gate's own predictions; an extra: a failure is logged, never fails the training."""
-    if not decision.predictions:
-        return None
-    try:
-        return review(dataset.val_items, decision.predictions, tasks, config, version=version, project=project,
-                      yolo_threshold=config.score_threshold(float(settings.yolo_score_threshold)),
-                      label_studio_url=settings.label_studio_url)
-    except Exception as exc:  # noqa: BLE001 - the review is for people; the training result stands without it
-        log.warning("project %s: evaluation review failed: %s: %s", project, type(exc).__name__, exc)
-        return None
 
 
 def _keep_rejected(settings, project: str, checkpoint: Path) -> Path:
@@ -322,7 +308,7 @@ def run_training(
                 "project": project, "version": version, "updated_at": _now(), "val_tasks": len(dataset.val_ids),
                 "sources": quality,
                 "model": {"version": version, **(_metrics_summary(served_metrics) or {})} if served_metrics else None,
-                "evaluation": _review(decision, dataset, snapshot.tasks, config, settings, project, version),
+                "evaluation": review_after_gate(decision, dataset, snapshot.tasks, config, settings, project, version),
             })
         result = {
             **base,

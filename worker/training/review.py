@@ -8,6 +8,7 @@ Bounded: one Detections per held-out task and source, a capped candidate list.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -21,6 +22,8 @@ from backend.evaluation.label_errors import label_errors
 from backend.evaluation.metrics import detection_metrics
 from worker.training.dataset import DatasetItem
 from worker.training.gate import draft_detections, human_held_out
+
+log = logging.getLogger(__name__)
 
 STORED_LABEL_ERRORS = 20
 CLASS_FIGURES = ("ap50", "ap50_95", "precision", "recall", "n_gt", "n_pred")
@@ -88,3 +91,20 @@ def review(items: Sequence[DatasetItem], yolo_predictions: Sequence[Detections],
         "confusion": confusion_matrix(yolo_all, classes, score_threshold=yolo_threshold),
         "label_errors": label_errors(triples, min_score, project=project, label_studio_url=label_studio_url, limit=limit),
     }
+
+
+def review_after_gate(decision, dataset, tasks, config: ProjectConfig, settings, project: str,
+                      version: str | None) -> dict | None:
+    """:func:`review` of the training job's gate decision with the deployment's thresholds and Label Studio URL.
+
+    An extra for people: without the gate's predictions it is None, and a failure is logged, never fails the training.
+    """
+    if not decision.predictions:
+        return None
+    try:
+        return review(dataset.val_items, decision.predictions, tasks, config, version=version, project=project,
+                      yolo_threshold=config.score_threshold(float(settings.yolo_score_threshold)),
+                      label_studio_url=settings.label_studio_url)
+    except Exception as exc:  # noqa: BLE001 - the review is for people; the training result stands without it
+        log.warning("project %s: evaluation review failed: %s: %s", project, type(exc).__name__, exc)
+        return None
