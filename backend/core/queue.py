@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -128,11 +129,9 @@ def age_s(stamp: datetime | None) -> float | None:
     return (datetime.now(UTC) - stamp).total_seconds()
 
 
-def _pending(redis: redis_lib.Redis, project: str) -> tuple[str | None, str | None, str, Job | None]:
-    """(raw marker, job id, verdict, job) where verdict is live / stale / none."""
-    raw = text(redis.get(keys.train_pending(project)))
-    if not raw:
-        return None, None, "none", None
+def marker_verdict(redis: redis_lib.Redis, raw: str, statuses=LIVE_STATUSES) -> tuple[str, str, Job | None]:
+    """(job id, verdict, job) of a pending marker: ``live`` while its job is in ``statuses`` (or is still being
+    enqueued, ENQUEUE_GRACE_S), else ``stale``; a started job whose heartbeat stopped is stale too."""
     job_id, _, stamp = raw.partition(" ")
     job = fetch_job(redis, job_id)
     if job is None:
@@ -140,15 +139,49 @@ def _pending(redis: redis_lib.Redis, project: str) -> tuple[str | None, str | No
             young = time.time() - float(stamp) < ENQUEUE_GRACE_S
         except ValueError:
             young = False
-        return raw, job_id, "live" if young else "stale", None
+        return job_id, "live" if young else "stale", None
     status = job.get_status(refresh=False)
-    if status not in LIVE_STATUSES:
-        return raw, job_id, "stale", job
+    if status not in statuses:
+        return job_id, "stale", job
     if status == JobStatus.STARTED:
         age = age_s(job.last_heartbeat or job.started_at)
         if age is not None and age > STALE_HEARTBEAT_S:
-            return raw, job_id, "stale", job  # its worker died; RQ will call it abandoned later
-    return raw, job_id, "live", job
+            return job_id, "stale", job  # its worker died; RQ will call it abandoned later
+    return job_id, "live", job
+
+
+def _pending(redis: redis_lib.Redis, project: str) -> tuple[str | None, str | None, str, Job | None]:
+    """(raw marker, job id, verdict, job) where verdict is live / stale / none."""
+    raw = text(redis.get(keys.train_pending(project)))
+    if not raw:
+        return None, None, "none", None
+    return raw, *marker_verdict(redis, raw)
+
+
+def coalesce_or_enqueue(redis: redis_lib.Redis, pkey: str, job_prefix: str, enqueue: Callable[[str], None],
+                        statuses=LIVE_STATUSES) -> tuple[str, str]:
+    """("coalesced", its job id) while the job named by the pending marker ``pkey`` is live, else mark a new job
+    ``<job_prefix>-<random>`` (SET NX, so one of racing requests wins) and ``enqueue(job_id)`` it: ("queued", id).
+
+    The one coalescing request of trainings and re-scores; a failed enqueue removes its marker again.
+    """
+    for _attempt in range(5):
+        raw = text(redis.get(pkey))
+        if raw:
+            job_id, verdict, _job = marker_verdict(redis, raw, statuses)
+            if verdict == "live":
+                return "coalesced", job_id
+            delete_if_equal(redis, pkey, raw)
+        job_id = f"{job_prefix}-{uuid.uuid4().hex[:12]}"
+        if not redis.set(pkey, pending_marker(job_id), nx=True, ex=PENDING_TTL_S):
+            continue  # another request won the race: look again
+        try:
+            enqueue(job_id)
+        except BaseException:
+            delete_if_prefixed(redis, pkey, job_id + " ")
+            raise
+        return "queued", job_id
+    raise RuntimeError(f"could not queue {job_prefix}: pending marker {pkey} kept changing")
 
 
 # --- requests ------------------------------------------------------------------------------------
@@ -167,29 +200,17 @@ def request_training(
     """
     settings = settings if settings is not None else get_settings()
     project = keys.project_key(project)
-    pkey = keys.train_pending(project)
     if redis.exists(keys.project_deleted(project)):  # PROJECT_DELETED seen: see backend.core.lifecycle
         return {"status": "refused", "reason": "project deleted in Label Studio", "job_id": None, "project": project,
                 "queue": queue_name()}
-    for _attempt in range(5):
-        raw, job_id, verdict, _job = _pending(redis, project)
-        if verdict == "live":
-            if force:
-                redis.set(keys.train_force(project), "1", ex=PENDING_TTL_S)
-            return {"status": "coalesced", "job_id": job_id, "project": project, "queue": queue_name()}
-        if verdict == "stale":
-            delete_if_equal(redis, pkey, raw)
-        job_id = f"train-{project}-{uuid.uuid4().hex[:12]}"
-        if not redis.set(pkey, pending_marker(job_id), nx=True, ex=PENDING_TTL_S):
-            continue  # another request won the race: look again
-        try:
-            _enqueue(redis, project, job_id, label_config, force, settings)
-        except BaseException:
-            delete_if_prefixed(redis, pkey, job_id + " ")
-            raise
+    status, job_id = coalesce_or_enqueue(redis, keys.train_pending(project), f"train-{project}",
+                                         lambda job_id: _enqueue(redis, project, job_id, label_config, force, settings))
+    if status == "coalesced":
+        if force:
+            redis.set(keys.train_force(project), "1", ex=PENDING_TTL_S)
+    else:
         log.info("training of project %s queued as %s (force=%s)", project, job_id, force)
-        return {"status": "queued", "job_id": job_id, "project": project, "queue": queue_name()}
-    raise RuntimeError(f"could not queue a training for project {project}: pending marker kept changing")
+    return {"status": status, "job_id": job_id, "project": project, "queue": queue_name()}
 
 
 def _enqueue(redis, project: str, job_id: str, label_config: str | None, force: bool, settings) -> None:

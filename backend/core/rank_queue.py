@@ -13,26 +13,13 @@ follow-up (the run may have listed the tasks before the new model was current).
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 
 import redis as redis_lib
 from rq import Queue
 from rq.job import JobStatus
 
 from backend.core import keys
-from backend.core.queue import (
-    ENQUEUE_GRACE_S,
-    PENDING_TTL_S,
-    PRELABEL_QUEUE,
-    RESULT_TTL_S,
-    delete_if_equal,
-    delete_if_prefixed,
-    fetch_job,
-    pending_marker,
-    queue_name,
-    text,
-)
+from backend.core.queue import PRELABEL_QUEUE, RESULT_TTL_S, coalesce_or_enqueue, delete_if_prefixed, queue_name
 
 log = logging.getLogger(__name__)
 
@@ -42,47 +29,24 @@ RANK_JOB_TIMEOUT_S = 4 * 3600
 _WAITING = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.CREATED}
 
 
-def _waiting_job(redis: redis_lib.Redis, raw: str) -> str | None:
-    """The job id of a pending marker whose job has not started yet (or is being enqueued), else None."""
-    job_id, _, stamp = raw.partition(" ")
-    job = fetch_job(redis, job_id)
-    if job is None:
-        try:
-            return job_id if time.time() - float(stamp) < ENQUEUE_GRACE_S else None
-        except ValueError:
-            return None
-    return job_id if job.get_status(refresh=False) in _WAITING else None
-
-
 def request_ranking(redis: redis_lib.Redis, project: str | int, reason: str = "") -> dict:
-    """Queue a re-score of ``project``'s drafts unless one is already waiting.
+    """Queue a re-score of ``project``'s drafts unless one is already waiting (a started one does not count).
 
     Returns ``{"status": "queued" | "coalesced", "job_id", "project"}``.
     """
     project = keys.project_key(project)
-    pkey = keys.rank_pending(project)
-    for _attempt in range(5):
-        raw = text(redis.get(pkey))
-        if raw:
-            waiting = _waiting_job(redis, raw)
-            if waiting is not None:
-                return {"status": "coalesced", "job_id": waiting, "project": project}
-            delete_if_equal(redis, pkey, raw)
-        job_id = f"rank-{project}-{uuid.uuid4().hex[:12]}"
-        if not redis.set(pkey, pending_marker(job_id), nx=True, ex=PENDING_TTL_S):
-            continue  # another request won the race: look again
-        try:
-            Queue(queue_name(PRELABEL_QUEUE), connection=redis).enqueue(
-                RANK_FUNC, project, job_id=job_id, job_timeout=RANK_JOB_TIMEOUT_S, result_ttl=RESULT_TTL_S,
-                failure_ttl=RESULT_TTL_S,
-                description=f"re-score the drafts of project {project}" + (f" ({reason})" if reason else ""),
-                meta={"project": project, "kind": "ranking"})
-        except BaseException:
-            delete_if_prefixed(redis, pkey, job_id + " ")
-            raise
+
+    def enqueue(job_id: str) -> None:
+        Queue(queue_name(PRELABEL_QUEUE), connection=redis).enqueue(
+            RANK_FUNC, project, job_id=job_id, job_timeout=RANK_JOB_TIMEOUT_S, result_ttl=RESULT_TTL_S,
+            failure_ttl=RESULT_TTL_S,
+            description=f"re-score the drafts of project {project}" + (f" ({reason})" if reason else ""),
+            meta={"project": project, "kind": "ranking"})
+
+    status, job_id = coalesce_or_enqueue(redis, keys.rank_pending(project), f"rank-{project}", enqueue, _WAITING)
+    if status == "queued":
         log.info("re-score of project %s queued as %s (%s)", project, job_id, reason or "asked")
-        return {"status": "queued", "job_id": job_id, "project": project}
-    raise RuntimeError(f"could not queue a re-score for project {project}: pending marker kept changing")
+    return {"status": status, "job_id": job_id, "project": project}
 
 
 def ranking_started(redis: redis_lib.Redis, project: str | int, job_id: str) -> None:
