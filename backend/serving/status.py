@@ -26,6 +26,7 @@ from backend.core import metrics as prom
 from backend.core import queue as training_queue
 from backend.core.registry import ModelRegistry, VersionInfo
 from backend.core.settings import Settings
+from backend.detectors.gemini.cost import money_tally
 from backend.serving import quality
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,7 @@ def money(redis: redis_lib.Redis, totals: dict[str, Any]) -> dict[str, Any]:
     """
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     today = redis.get(keys.Keys.SPEND_DAY.format(prefix=keys.gemini_spend(), day=day))
-    raw = redis.hgetall(keys.gemini_money())
-    lifetime = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+    lifetime = money_tally(redis)
     total_usd = sum(v for k, v in lifetime.items() if k.startswith("usd:"))
     gemini_tasks = sum(v for k, v in lifetime.items() if k.startswith("tasks:gemini") and k != "tasks:gemini:cache")
     per_task = total_usd / gemini_tasks if gemini_tasks else None

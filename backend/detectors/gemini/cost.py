@@ -213,10 +213,9 @@ class CostTracker:
         if self._redis is None:
             return {}
         try:
-            raw = self._redis.hgetall(self.money_key)
+            return money_tally(self._redis, self.money_key)
         except redis_lib.RedisError:
             return {}
-        return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
 
     def _tally(self, field: str, amount: float) -> None:
         if self._redis is None or not amount:
@@ -265,6 +264,12 @@ class CostTracker:
     def budget_exhausted(self) -> bool:
         """True once a daily budget is set and today's spend reached it."""
         return self.budget > 0 and self.spent_today() >= self.budget
+
+
+def money_tally(redis: redis_lib.Redis, key: str | None = None) -> dict[str, float]:
+    """The lifetime tally every process adds to (``usd:<tier>``, ``tasks:<source>``); RedisError propagates."""
+    raw = redis.hgetall(key or keys.gemini_money())
+    return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
 
 
 def money_gauges(tracker: CostTracker | None) -> list:
