@@ -425,6 +425,8 @@ class FakeGemini:
         batch = self.batches.handles(request.method, request.path)
         if (request.method != "POST" or route is None) and not batch:
             return error(404, "NOT_FOUND", f"Requested entity was not found: {request.method} {request.path}")
+        if not batch:  # a generateContent call, refused or not (FakeGemini.calls)
+            request.version, request.model = route.group("version"), route.group("model")
         key = request.api_key
         if not key:
             return missing_key()
@@ -434,7 +436,6 @@ class FakeGemini:
             if request.method == "POST" and not isinstance(request.body, Mapping) and request.path.endswith("Content"):
                 return bad_request("Invalid JSON payload received.")
             return _from_reply(self.batches.answer(request.method, request.path, request.body))
-        request.version, request.model = route.group("version"), route.group("model")
         if not isinstance(request.body, Mapping):
             return bad_request("Invalid JSON payload received.")
         if is_flex(request.body):

@@ -526,7 +526,8 @@ def test_bootstrap_installs_only_what_is_missing(tmp_path):
     """On a machine without make and redis-server, bootstrap.sh asks apt-get for exactly those two
     (this Python has venv and ensurepip); without root it prints the command instead."""
     calls = tmp_path / "apt-calls"
-    bin_dir = _tool_dir(tmp_path, without=("redis-server",), fake={"apt-get": f'echo "$@" >> {calls}\n'})
+    browser = {"chromium": "exit 0\n", "chromedriver": "exit 0\n"}  # present: the browser tests' packages
+    bin_dir = _tool_dir(tmp_path, without=("redis-server",), fake={"apt-get": f'echo "$@" >> {calls}\n', **browser})
     env = {"PATH": str(bin_dir), "PYTHON": sys.executable}
     result = subprocess.run([str(bin_dir / "bash"), str(BOOTSTRAP_SH)], cwd=ROOT, capture_output=True, text=True,
                             timeout=60, env=env)
@@ -540,6 +541,12 @@ def test_bootstrap_installs_only_what_is_missing(tmp_path):
     result = subprocess.run([str(bin_dir / "bash"), str(BOOTSTRAP_SH)], cwd=ROOT, capture_output=True, text=True,
                             timeout=60, env=env)
     assert result.returncode == 1 and "apt-get install -y make redis-server" in result.stderr, result.stderr
+    for name in browser:  # without them, Debian's chromium and chromium-driver are asked for too
+        (bin_dir / name).unlink()
+    result = subprocess.run([str(bin_dir / "bash"), str(BOOTSTRAP_SH)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 1 and "apt-get install -y make redis-server chromium chromium-driver" in result.stderr, \
+        result.stderr
 
 
 def test_make_dry_run():

@@ -211,7 +211,9 @@ def test_label_studio_down_is_retried_with_backoff(redis15, project_id, qprefix,
 def test_worse_candidate_is_not_promoted_by_the_worker(redis15, project_id, qprefix, tmp_path, fake_ls):
     good = good_model()
     pid, _, _ = populate(fake_ls, n=16, project=project_id, seed=21)
-    s = make_settings(tmp_path, fake_ls, train_imgsz=32)  # a candidate that cannot see the shapes
+    # A candidate that cannot see the shapes. One batch holds the whole training split (at most 12 of 16 tasks):
+    # the split follows the random project id, and a last batch of one image at imgsz 32 is refused by Ultralytics.
+    s = make_settings(tmp_path, fake_ls, train_imgsz=32, train_batch=16)
     registry = ModelRegistry(s.model_dir, redis15)
     registry.promote(pid, registry.add_version(pid, good["checkpoint"], {"classes": ["Car", "Person"]}).version)
     worker = _worker(tmp_path, qprefix, s)

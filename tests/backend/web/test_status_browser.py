@@ -63,7 +63,8 @@ def test_status_page_in_a_real_browser(tmp_path, redis15, project_id, fake_ls):
         pytest.fail("chromium and chromium-driver are missing: run scripts/bootstrap.sh "
                     "(apt-get install chromium chromium-driver)")
     pid, _images, _ids = populate(fake_ls, n=16, project=project_id)
-    settings = make_settings(tmp_path, fake_ls, train_epochs=3, promote_min_gain=-1.0)
+    # Enough epochs that the page (it polls every 3 s) sees two of them even on an idle machine (~1 s an epoch).
+    settings = make_settings(tmp_path, fake_ls, train_epochs=12, promote_min_gain=-1.0)
     # v0001: a real (untrained) checkpoint, so the training fine-tunes it into v0002 and a rollback has somewhere to go.
     registry = ModelRegistry(settings.model_dir, redis15)
     first = registry.add_version(pid, make_checkpoint(tmp_path / "start.pt", list(CLASSES)), {
