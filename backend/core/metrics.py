@@ -32,6 +32,8 @@ GEMINI_TIER_COST = Counter("lsb_gemini_tier_cost_usd_total", "Estimated Gemini s
                            ["tier"])
 GEMINI_FLEX_FALLBACKS = Counter("lsb_gemini_flex_fallbacks_total", "Flex calls refused or timed out, sent to the standard tier",
                                 ["reason"])
+GEMINI_FLEX_RETRIES = Counter("lsb_gemini_flex_retries_total", "Refused Flex calls (429/503) retried on Flex before any fallback",
+                              ["reason"])
 GEMINI_BATCHES = Counter("lsb_gemini_batches_total", "Gemini Batch API jobs by outcome (submitted, succeeded, failed, "
                          "cancelled, expired)", ["outcome"])
 REQUEST_SECONDS = Histogram("lsb_request_seconds", "HTTP request latency", ["route"],

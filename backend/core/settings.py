@@ -100,13 +100,22 @@ class Settings(BaseSettings):
                      "above GEMINI_BATCH_MIN_TASKS tasks (flex below it). docs/gemini.md#batch-api-and-flex."),
     )
     gemini_flex_timeout_s: float = Field(
-        60.0, gt=0, description="Seconds a Flex call may take before the task falls back to the standard tier (so do a 429/503).")
+        60.0, gt=0, description=("Seconds a task's Flex calls (and the waits between refusals) may take before it falls back "
+                                 "to the standard tier."))
+    gemini_flex_retries: int = Field(
+        2, ge=0, description=("Retries on Flex after a refused (429/503) Flex call, with jittered backoff of at least the "
+                              "server's RetryInfo/Retry-After and within GEMINI_FLEX_TIMEOUT_S, before the standard tier. "
+                              "A refused call is billed nothing."))
     gemini_batch_min_tasks: int = Field(
         100, ge=1, description="A bulk job uses the Batch API only with more tasks than this; fewer go through flex.")
     gemini_batch_chunk: int = Field(
         200, ge=1, description="Tasks per submitted Gemini batch (images held in memory while one is built).")
     gemini_batch_poll_initial_s: float = Field(30.0, gt=0, description="Seconds before a submitted batch is first polled.")
     gemini_batch_poll_max_s: float = Field(600.0, gt=0, description="Longest wait between two polls of a batch (back-off x1.5).")
+    gemini_batch_sweep_s: float = Field(
+        60.0, gt=0, description=("Seconds between two sweeps of the live Gemini batches while any is live: a batch whose "
+                                 "poll job is missing, ended or ran on a dead worker gets a new poll (and a dead poll's lock "
+                                 "is broken)."))
     gemini_price_flex_factor: float = Field(
         0.5, ge=0, description="Flex price as a share of the standard per-token prices (Google: about half).")
     gemini_price_batch_factor: float = Field(
@@ -182,6 +191,12 @@ class Settings(BaseSettings):
         "auto",
         description="Training device: auto (cuda:0 when torch sees a GPU on the worker host, else mps, else cpu), cpu, 0, 0,1.",
     )
+    train_freeze: int = Field(
+        0, ge=0,
+        description=("Layers of the model frozen (Ultralytics freeze=) when a first training starts from pretrained .pt weights "
+                     "(YOLO_BASE_MODEL); never from a model yaml nor when fine-tuning the project's own model. 10 = yolo11n's "
+                     "backbone. BENCHMARKS.md \"Freeze\"."),
+    )
     train_time_limit_min: float = Field(
         5.0, ge=0,
         description=("Training wall-time budget in minutes: Ultralytics' time= re-fits the epoch count and the learning-rate "
@@ -231,6 +246,12 @@ class Settings(BaseSettings):
                      "demand). A project's prelabel_on_import attribute on its label config's <View> wins (README, "
                      "Pre-labeling on import)."),
     )
+    ls_webhook_batch_size: int = Field(
+        5000, ge=1, description=("Label Studio's WEBHOOK_BATCH_SIZE (its default 5000): an import of more tasks arrives as "
+                                 "several TASKS_CREATED events of this many tasks, counted as one import by sample:N."))
+    prelabel_import_window_s: float = Field(
+        120.0, gt=0, description=("Seconds after a full TASKS_CREATED chunk during which the next chunk counts as the same "
+                                  "import for sample:N."))
     prelabel_batch: int = Field(16, ge=1, description="Tasks predicted per batch by the pre-labeling job.")
     predict_max_tasks: int = Field(
         256, ge=1,
