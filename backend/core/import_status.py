@@ -1,4 +1,4 @@
-"""The visible state of a project's pre-labeling: imported, skipped by policy, queued, drafted, failed, spent.
+"""The visible state of a project's pre-labeling: imported, skipped by policy, queued, batched, drafted, failed, spent.
 
 A large import is drafted over hours, partly on purpose (``PRELABEL_ON_IMPORT=sample:N``), so the
 numbers a user needs are kept in Redis as the work happens, per project and cumulative:
@@ -7,10 +7,17 @@ numbers a user needs are kept in Redis as the work happens, per project and cumu
   state it already has changes nothing, so a redelivered webhook, an RQ retry or a second ``lsb push``
   never counts a task twice, and the counts always add up to the number of tasks known.
 - ``lsb:prelabel:<p>:status`` holds the count per state, ``imported`` (tasks first seen in a
-  ``TASKS_CREATED``), ``spent_usd`` (Gemini spend of the pre-labeling jobs) and the last import's policy.
+  ``TASKS_CREATED``), ``spent_usd`` (Gemini spend of the pre-labeling jobs and settled batches),
+  ``reserved_usd`` (charged against the budget for Gemini batches still running) and the last import's policy.
 
-Writers: the webhook (:func:`record_import`), :mod:`backend.core.prelabel_queue` (:func:`mark_queued`)
-and the pre-labeling job (:class:`JobTally`). Readers: ``GET /prelabel/status`` and the status page,
+A task handed to a Gemini batch (``GEMINI_BULK_TIER=batch``) is ``batched`` until the batch's poll stores
+its draft (``drafted``) or gives up on it (``failed``); the batch's estimate is ``reserved_usd`` from its
+submission until its results settle it, when the billed amount moves to ``spent_usd``
+(:func:`batch_submitted`, :func:`batch_settled`, written by :mod:`worker.jobs.batch_drafting`).
+
+Writers: the webhook (:func:`record_import`), :mod:`backend.core.prelabel_queue` (:func:`mark_queued`),
+the pre-labeling job (:class:`JobTally`) and the batch polls (:func:`mark`, :func:`batch_settled`).
+Readers: ``GET /prelabel/status`` and the status page,
 through :func:`read`. Each change is also counted in Prometheus (``lsb_prelabel_tasks_total{state}``,
 ``lsb_prelabel_cost_usd_total``).
 
@@ -35,7 +42,7 @@ from backend.core.queue import text
 
 log = logging.getLogger(__name__)
 
-STATES = ("skipped_policy", "queued", "drafted", "failed", "not_in_project")
+STATES = ("skipped_policy", "queued", "batched", "drafted", "failed", "not_in_project")
 CHUNK = 5_000  # task ids per script call: a 50,000-task import never blocks Redis for long
 
 #: Move tasks (ARGV[3..]) to state ARGV[1]; ARGV[2] = "1": only tasks not seen before, counted as imported.
@@ -101,6 +108,28 @@ def mark_queued(redis: redis_lib.Redis, project: str | int, tasks: list[dict]) -
     _move(redis, project, tasks, "queued")
 
 
+def mark(redis: redis_lib.Redis, project: str | int, tasks: Iterable[dict | int | str], state: str) -> int:
+    """Move tasks (objects or ids) to ``state``; returns how many changed (a task already there does not count)."""
+    return _move(redis, project, tasks, state)
+
+
+def batch_submitted(redis: redis_lib.Redis, project: str | int, tasks: Iterable[dict | int | str], reserved_usd: float) -> None:
+    """Tasks handed to a Gemini batch, and the USD reserved for it against the budget."""
+    _move(redis, project, tasks, "batched")
+    redis.hincrbyfloat(keys.prelabel_status(project), "reserved_usd", reserved_usd)
+
+
+def batch_settled(redis: redis_lib.Redis, project: str | int, reserved_usd: float, spent_usd: float) -> None:
+    """A batch's reservation is released and what its results were billed is spent (called once per batch)."""
+    pipe = redis.pipeline()
+    pipe.hincrbyfloat(keys.prelabel_status(project), "reserved_usd", -reserved_usd)
+    pipe.hincrbyfloat(keys.prelabel_status(project), "spent_usd", spent_usd)
+    pipe.hset(keys.prelabel_status(project), "updated_at", repr(time.time()))
+    pipe.execute()
+    if spent_usd > 0:
+        PRELABEL_COST.inc(spent_usd)
+
+
 def _number(raw: dict, name: str) -> float:
     try:
         return float(raw.get(name) or 0)
@@ -111,8 +140,8 @@ def _number(raw: dict, name: str) -> float:
 def read(redis: redis_lib.Redis, project: str | int) -> dict:
     """The project's pre-labeling status, for ``GET /prelabel/status`` and the status page.
 
-    ``{"project", "imported", "skipped_policy", "queued", "drafted", "failed", "not_in_project", "tasks",
-    "spent_usd", "updated_at", "last_import"}``; ``tasks`` is every task with a state, ``last_import`` is
+    ``{"project", "imported", "skipped_policy", "queued", "batched", "drafted", "failed", "not_in_project", "tasks",
+    "spent_usd", "reserved_usd", "updated_at", "last_import"}``; ``tasks`` is every task with a state, ``last_import`` is
     None before the first ``TASKS_CREATED`` (else its time, task count, policy, where the policy came
     from, how many tasks it drafted at once, and the project policy's error if it did not parse).
     """
@@ -127,7 +156,8 @@ def read(redis: redis_lib.Redis, project: str | int) -> dict:
         if raw.get("last_import_error"):
             last["error"] = raw["last_import_error"]
     return {"project": project, "imported": int(_number(raw, "imported")), **counts, "tasks": sum(counts.values()),
-            "spent_usd": round(_number(raw, "spent_usd"), 6), "updated_at": _number(raw, "updated_at") or None,
+            "spent_usd": round(_number(raw, "spent_usd"), 6),
+            "reserved_usd": round(max(_number(raw, "reserved_usd"), 0.0), 6), "updated_at": _number(raw, "updated_at") or None,
             "last_import": last}
 
 

@@ -19,6 +19,8 @@ Webhook and project lifecycle (:mod:`backend.web.webhook`, :mod:`backend.core.pr
     lsb:prelabel:<p>:queued         hash task id (or "*" = all tasks) -> "<rq job id> <unix time>"
     lsb:prelabel:<p>:tasks          hash task id -> its pre-labeling state (:mod:`backend.core.import_status`)
     lsb:prelabel:<p>:status         hash: tasks per state, imported, spent_usd, the last import's policy
+    lsb:prelabel:<p>:import         hash drafted, last_id, full: the sample:N count of the import whose chunks
+                                    (TASKS_CREATED events) are arriving (:mod:`backend.core.prelabel_policy`; TTL)
     lsb:project:<p>:deleted         "<unix time> <cleanup job id>": PROJECT_DELETED seen, cleanup scheduled
     lsb:rank:<p>:pending            "<rq job id> <unix time>": a queued re-score of the drafts (:mod:`backend.core.rank_queue`)
 
@@ -36,14 +38,20 @@ Gemini state shared by every replica, under a root prefix (tests and the bench u
     lsb:gemini:spend:<YYYY-MM-DD>       USD spent that UTC day (:mod:`backend.detectors.gemini.cost`)
     lsb:gemini:breaker:failures|opened_at|trial   circuit breaker (:mod:`backend.detectors.gemini.breaker`)
     lsb:gemini:money                    hash usd:<tier>, tasks:<source>: lifetime spend and drafts (cost per 1,000)
+    lsb:gemini:money:<p>                the same hash for one project's drafted tasks (the status page's money per project)
 
 Gemini Batch API drafting (:mod:`worker.jobs.batch_drafting`, :mod:`backend.core.batch_queue`)::
 
-    lsb:gbatch:<p>:<id>           hash: the batch's name at Google, model_version, label config, state, reserved USD
+    lsb:gbatch:<p>:<id>           hash: the batch's name at Google, label config, state, reserved/settled USD, its
+                                  current poll job (poll_job, attempt, queue; compare-and-set), resumes
     lsb:gbatch:<p>:<id>:tasks     hash task id -> task JSON, the tasks still waiting for their result
     lsb:gbatch:<p>:<id>:done      hash task id -> "stored" | "failed <reason>" (HSETNX: the per-task claim)
-    lsb:gbatch:<p>:<id>:lock      the poll job reading the batch's results (one at a time; with a TTL)
-    lsb:gbatch:live               set of "<p>:<id>": batches not finished (resumed by ``resume_batches``)
+    lsb:gbatch:<p>:<id>:lock      JSON {job, worker, host, pid, since}: the poll job reading the batch (one at a time;
+                                  with a TTL; broken by the sweep when its holder is dead)
+    lsb:gbatch:live               set of "<p>:<id>": batches not finished (resumed by the sweep,
+                                  :func:`backend.core.batch_queue.sweep`)
+    lsb:gbatch:sweep:<queue>      "<rq job id> <unix time>": the scheduled sweep of the live batches polled on that
+                                  RQ queue (one at a time)
 
 RQ's own keys (``rq:job:*``, ``rq:queue:*``) are RQ's business: read them through rq's public API only.
 """
@@ -67,6 +75,7 @@ class Keys:
     PRELABEL_QUEUED = "lsb:prelabel:{project}:queued"
     PRELABEL_TASKS = "lsb:prelabel:{project}:tasks"
     PRELABEL_STATUS = "lsb:prelabel:{project}:status"
+    PRELABEL_IMPORT = "lsb:prelabel:{project}:import"
     PROJECT_DELETED = "lsb:project:{project}:deleted"
     RANK_PENDING = "lsb:rank:{project}:pending"
     MODEL_CURRENT = "lsb:model:{project}:current"
@@ -85,16 +94,18 @@ class Keys:
     BREAKER_OPENED_AT = "{prefix}:opened_at"
     BREAKER_TRIAL = "{prefix}:trial"
     GEMINI_MONEY = "{root}:money"
+    GEMINI_PROJECT_MONEY = "{root}:money:{project}"
     GBATCH = "lsb:gbatch:{project}:{batch}"
     GBATCH_TASKS = "lsb:gbatch:{project}:{batch}:tasks"
     GBATCH_DONE = "lsb:gbatch:{project}:{batch}:done"
     GBATCH_LIVE = "lsb:gbatch:live"
     GBATCH_LOCK = "lsb:gbatch:{project}:{batch}:lock"
+    GBATCH_SWEEP = "lsb:gbatch:sweep:{queue}"
 
     #: SCAN patterns of everything stored for one project (cleanup in tests and the bench).
     PROJECT_PATTERNS = ("lsb:train:{project}:*", "lsb:model:{project}:*", "lsb:quality:{project}",
                         "lsb:webhook:{project}:*", "lsb:prelabel:{project}:*", "lsb:project:{project}:*",
-                        "lsb:rank:{project}:*", "lsb:gbatch:{project}:*")
+                        "lsb:rank:{project}:*", "lsb:gbatch:{project}:*", "lsb:gemini:money:{project}")
 
 
 
@@ -170,6 +181,10 @@ def prelabel_status(project: str | int) -> str:
     return _for(Keys.PRELABEL_STATUS, project)
 
 
+def prelabel_import(project: str | int) -> str:
+    return _for(Keys.PRELABEL_IMPORT, project)
+
+
 def project_deleted(project: str | int) -> str:
     return _for(Keys.PROJECT_DELETED, project)
 
@@ -207,6 +222,10 @@ def gemini_money(root: str = Keys.GEMINI_ROOT) -> str:
     return Keys.GEMINI_MONEY.format(root=root)
 
 
+def gemini_project_money(project: str | int, root: str = Keys.GEMINI_ROOT) -> str:
+    return Keys.GEMINI_PROJECT_MONEY.format(root=root, project=project_key(project))
+
+
 def gbatch(project: str | int, batch: str) -> str:
     return Keys.GBATCH.format(project=project_key(project), batch=batch)
 
@@ -225,6 +244,10 @@ def gbatch_lock(project: str | int, batch: str) -> str:
 
 def gbatch_live() -> str:
     return Keys.GBATCH_LIVE
+
+
+def gbatch_sweep(queue: str) -> str:
+    return Keys.GBATCH_SWEEP.format(queue=queue)
 
 
 def gemini_breaker(root: str = Keys.GEMINI_ROOT) -> str:

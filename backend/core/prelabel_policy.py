@@ -10,6 +10,15 @@ of each import, the others on demand). A project overrides it with one attribute
 
 The project's value wins. A project value that does not parse drafts nothing (a typo must not spend
 money) and says why in the webhook answer and the import status.
+
+N counts per import, not per event: Label Studio 1.23.2 cuts the ``TASKS_CREATED`` of an import into events
+of ``WEBHOOK_BATCH_SIZE`` (5,000) tasks, one after the other (webhooks/utils.py
+``emit_webhooks_for_instance_sync``, its flag ``fflag_fix_back_plt_843_webhook_memory_improvement`` is
+stale = always on; docs/label-studio.md#webhook-events). :func:`decide_import` keeps the count of the import
+whose chunks are arriving in Redis (``keys.prelabel_import``): a full chunk (``LS_WEBHOOK_BATCH_SIZE`` tasks)
+followed within ``PRELABEL_IMPORT_WINDOW_S`` by one with higher task ids continues the same import. The
+total is unknown until the last chunk, so each full chunk gets half of what is left (rounded up) and the last
+chunk the rest: never more than N per import, spread over all of it.
 """
 
 from __future__ import annotations
@@ -20,8 +29,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+import redis as redis_lib
 from defusedxml import ElementTree
 from defusedxml.common import DefusedXmlException
+
+from backend.core import keys
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +151,34 @@ def decide(project: str, tasks: list[dict] | None, label_config: str | None, dep
     chosen = sample(project, tasks, policy.n) if policy.mode == "sample" else []
     kept = {id(task) for task in chosen}
     return Decision(policy, source, chosen, [task for task in tasks if id(task) not in kept], error)
+
+
+def _str(value: bytes | str) -> str:
+    """A Redis reply as text (backend.core.queue.text, which this module cannot import: settings imports it)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _task_ids(tasks: list[dict]) -> list[int]:
+    return [int(t["id"]) for t in tasks if str(t.get("id", "")).isdigit()]
+
+
+def decide_import(redis: redis_lib.Redis, project: str, tasks: list[dict] | None, label_config: str | None,
+                  deployment: str, chunk_size: int, window_s: float) -> Decision:
+    """:func:`decide` for one ``TASKS_CREATED``, with ``sample:N`` counted over every chunk of the same import."""
+    decision = decide(project, tasks, label_config, deployment)
+    ids = _task_ids(tasks or [])
+    if decision.policy.mode != "sample" or not tasks or not ids:
+        return decision
+    key = keys.prelabel_import(project)
+    previous = {_str(k): _str(v) for k, v in redis.hgetall(key).items()}
+    continued = previous.get("full") == "1" and min(ids) > int(previous.get("last_id") or 0)
+    used = int(previous.get("drafted") or 0) if continued else 0
+    left = max(decision.policy.n - used, 0)
+    full = len(tasks) >= chunk_size  # more chunks of this import may follow
+    chosen = sample(project, tasks, (left + 1) // 2 if full else left) if left else []
+    pipe = redis.pipeline()
+    pipe.hset(key, mapping={"drafted": used + len(chosen), "last_id": max(ids), "full": "1" if full else "0"})
+    pipe.expire(key, max(1, int(window_s)))
+    pipe.execute()
+    kept = {id(task) for task in chosen}
+    return Decision(decision.policy, decision.source, chosen, [t for t in tasks if id(t) not in kept], decision.error)

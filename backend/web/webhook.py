@@ -196,7 +196,8 @@ def _route(action: str, payload: dict, annotation: dict, project: ProjectRef, re
     if action == "TASKS_CREATED":
         tasks = payload.get("tasks")
         # which tasks to draft now: PRELABEL_ON_IMPORT or the project's label-config attribute
-        decision = prelabel_policy.decide(project.id, tasks, project.label_config, settings.prelabel_on_import)
+        decision = prelabel_policy.decide_import(redis, project.id, tasks, project.label_config, settings.prelabel_on_import,
+                                                 settings.ls_webhook_batch_size, settings.prelabel_import_window_s)
         import_status.record_import(redis, project.id, tasks, decision)  # before the job exists: it counts from there
         result = {"status": "skipped_policy", "job_id": None, "project": project.id, "tasks": 0, "coalesced": 0}
         if decision.chosen != []:

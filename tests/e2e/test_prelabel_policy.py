@@ -66,3 +66,35 @@ def test_label_studio_keeps_the_attribute_and_sends_it_with_tasks_created(ls_api
         server.shutdown()
         if project is not None:
             ls_api.delete(f"/api/projects/{project}/")
+
+
+def test_a_large_import_arrives_as_several_events_and_sample_n_counts_over_all_of_them(ls_api, redis15, project_id):
+    """Label Studio 1.23.2 cuts the TASKS_CREATED of an import into events of WEBHOOK_BATCH_SIZE (5,000) tasks:
+    5,003 tasks come as 5,000 + 3, and ``sample:6`` on them drafts 6 tasks in all (not 6 per event)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    project = None
+    try:
+        response = ls_api.post("/api/projects/", json={"title": "chunked import", "label_config": label_config(("Car",))})
+        assert response.status_code == 201, response.text
+        project = response.json()["id"]
+        hook = ls_api.post("/api/webhooks/", json={"project": project, "url": f"http://127.0.0.1:{server.server_port}/webhook",
+                                                   "send_payload": True, "send_for_all_actions": False,
+                                                   "actions": ["TASKS_CREATED"]})
+        assert hook.status_code == 201, hook.text
+        tasks = [{"image": f"https://example.com/{i}.jpg"} for i in range(5003)]
+        assert ls_api.post(f"/api/projects/{project}/import", json=tasks).status_code == 201
+
+        def events():
+            mine = [e for e in _Recorder.received if e.get("action") == "TASKS_CREATED" and e["project"]["id"] == project]
+            return mine if sum(len(e["tasks"]) for e in mine) == 5003 else None
+
+        sent = wait_for(events, timeout=120, message="5,003 tasks in TASKS_CREATED events at the recording server")
+        assert [len(e["tasks"]) for e in sent] == [5000, 3]  # one import, two events
+        chosen = [pp.decide_import(redis15, str(project_id), e["tasks"], e["project"]["label_config"], "sample:6",
+                                   chunk_size=5000, window_s=120).chosen for e in sent]
+        assert [len(c) for c in chosen] == [3, 3]
+    finally:
+        server.shutdown()
+        if project is not None:
+            ls_api.delete(f"/api/projects/{project}/")

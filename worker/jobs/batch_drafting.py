@@ -11,7 +11,14 @@ Exactly once: a poll holds the batch's lock, skips tasks already marked done and
 Studio predictions already hold the current version (a poll killed between the POST and the mark),
 and marks each task done (``HSETNX``) after storing it. Per-request failures, and every task of a batch
 that ended FAILED, CANCELLED or EXPIRED, go through the synchronous path (flex, then standard, then
-YOLO); what still fails is counted as failed in the result and the log.
+YOLO); what still fails is counted as failed in the result and the log. The reservation is settled once
+(``HSETNX settled_usd``) to the billed cost of all the batch's results, whichever poll gets there.
+
+A poll killed mid-run (SIGKILL with its worker) is resumed by :func:`sweep_batches`, a scheduled job that
+runs every ``GEMINI_BATCH_SWEEP_S`` while a batch is live (backend/core/batch_queue.py: it breaks the dead
+poll's lock and schedules a new poll, which replaces the dead one as the batch's only poll chain). The
+import status (backend/core/import_status.py) shows the batch's tasks as ``batched`` and its reservation
+until they are drafted or failed and the batch is settled.
 """
 
 from __future__ import annotations
@@ -22,9 +29,19 @@ import time
 import uuid
 
 import redis as redis_lib
+from rq import get_current_job
 
-from backend.core import keys
-from backend.core.batch_queue import poll_delay, schedule_poll
+from backend.core import import_status, keys
+from backend.core.batch_queue import (
+    LOCK_S,
+    break_dead_lock,
+    ensure_sweep,
+    lock_value,
+    poll_delay,
+    release_sweep,
+    schedule_poll,
+    sweep,
+)
 from backend.core.connection import connect_patient
 from backend.core.images import ImageError
 from backend.core.label_config import ProjectConfig
@@ -39,9 +56,6 @@ from worker.jobs.prelabeling import existing_versions, label_studio
 
 log = logging.getLogger(__name__)
 STATE_TTL_S = 3 * 24 * 3600  # longer than a batch can live at Google (about 48 h)
-#: The poll's lock outlives a poll job (1800 s timeout): a poll killed with the worker is retried by RQ
-#: (Retry on the job), and a poll that finds the lock still held polls again later instead of giving up.
-LOCK_S = 1900
 
 
 def submit(settings: Settings, predictor: Predictor, redis: redis_lib.Redis, pid: int, tasks: list[dict],
@@ -85,8 +99,26 @@ def submit(settings: Settings, predictor: Predictor, redis: redis_lib.Redis, pid
         pipe.sadd(keys.gbatch_live(), f"{pid}:{batch}")
         pipe.execute()
         schedule_poll(redis, pid, batch, 0, settings.gemini_batch_poll_initial_s)
+        _count(import_status.batch_submitted, redis, pid, list(held), reserved)
         ids.append(batch)
+    if ids:
+        ensure_sweep(redis, settings.gemini_batch_sweep_s)
     return ids, leftover
+
+
+def _reconcile(redis: redis_lib.Redis, pid: int, done_key: str) -> None:
+    """Every task the batch is done with, in the import status (a poll killed before counting them included)."""
+    done = {text(k): text(v) or "" for k, v in redis.hgetall(done_key).items()}
+    import_status.mark(redis, pid, [t for t, v in done.items() if v == "stored"], "drafted")
+    import_status.mark(redis, pid, [t for t, v in done.items() if v.startswith("failed")], "failed")
+
+
+def _count(write, *args) -> None:
+    """Import-status bookkeeping never fails a batch: a Redis error is logged, the drafts stay stored."""
+    try:
+        write(*args)
+    except redis_lib.RedisError as exc:
+        log.warning("gemini batch: could not update the import status: %s", exc)
 
 
 def poll_batch(project: str, batch: str, attempt: int = 0) -> dict:
@@ -97,22 +129,48 @@ def poll_batch(project: str, batch: str, attempt: int = 0) -> dict:
     state = {text(k): text(v) for k, v in redis.hgetall(keys.gbatch(project, batch)).items()}
     if state.get("status") != "running":
         return {"batch": batch, "status": state.get("status", "gone")}
+    job = get_current_job()
+    me = job.id if job is not None else state.get("poll_job")
+    if job is not None and state.get("poll_job") not in (None, job.id):
+        # an RQ retry of a poll the sweep replaced: the batch has its own poll chain again
+        return {"batch": batch, "status": "superseded", "current": state.get("poll_job")}
+    ensure_sweep(redis, settings.gemini_batch_sweep_s)
     lock = keys.gbatch_lock(project, batch)
-    token = uuid.uuid4().hex
-    if not redis.set(lock, token, nx=True, ex=LOCK_S):  # another poll of this batch runs, or died holding it
-        schedule_poll(redis, project, batch, attempt + 1, settings.gemini_batch_poll_max_s)
+    value = lock_value(job.id if job is not None else None, job.worker_name if job is not None else None)
+    acquired = redis.set(lock, value, nx=True, ex=LOCK_S)
+    if not acquired and break_dead_lock(redis, project, batch):  # its holder died mid-poll
+        acquired = redis.set(lock, value, nx=True, ex=LOCK_S)
+    if not acquired:  # another poll of this batch runs (a CLI run, or one we cannot prove dead yet)
+        schedule_poll(redis, project, batch, attempt + 1, settings.gemini_batch_poll_max_s, expect=me or "")
         return {"batch": batch, "status": "locked"}
     predictor = build_predictor(settings, redis, bulk=True)
     try:
-        return _poll(settings, redis, predictor, int(project), batch, attempt, state)
+        return _poll(settings, redis, predictor, int(project), batch, attempt, state, me or "")
     finally:
         predictor.close()
-        if text(redis.get(lock)) == token:
+        if text(redis.get(lock)) == value:
             redis.delete(lock)
 
 
+def sweep_batches() -> dict:
+    """RQ job: resume live batches whose poll died (backend/core/batch_queue.py), then schedule the next sweep
+    while any batch is live."""
+    settings = get_settings()
+    configure_logging(settings)
+    redis = connect_patient(settings.redis_url)
+    job = get_current_job()
+    if job is not None:
+        release_sweep(redis, job.id)
+    counts = sweep(redis)
+    if counts["live"]:
+        ensure_sweep(redis, settings.gemini_batch_sweep_s)
+    if counts["resumed"] or counts["locks_broken"] or counts["forgotten"]:
+        log.info("gemini batches swept: %s", counts)
+    return counts
+
+
 def _poll(settings: Settings, redis: redis_lib.Redis, predictor: Predictor, pid: int, batch: str, attempt: int,
-          state: dict[str, str]) -> dict:
+          state: dict[str, str], me: str) -> dict:
     batches = GeminiBatches(predictor.gemini)  # type: ignore[arg-type]
     try:
         poll = batches.poll(state["name"])
@@ -125,16 +183,17 @@ def _poll(settings: Settings, redis: redis_lib.Redis, predictor: Predictor, pid:
             poll, running = None, True
     if running:
         delay = poll_delay(attempt + 1, settings.gemini_batch_poll_initial_s, settings.gemini_batch_poll_max_s)
-        schedule_poll(redis, pid, batch, attempt + 1, delay)
+        if schedule_poll(redis, pid, batch, attempt + 1, delay, expect=me) is None:
+            return {"batch": batch, "status": "superseded"}
         return {"batch": batch, "status": "running", "next_poll_s": delay}
 
     ls = label_studio(settings)
     config = ProjectConfig.parse(state["label_config"])
     pending = {text(k): json.loads(v) for k, v in redis.hgetall(keys.gbatch_tasks(pid, batch)).items()}
     held = existing_versions(ls, pid)
+    version = predictor.model_version(pid)
     done_key = keys.gbatch_done(pid, batch)
     counts = {"stored": 0, "failed": 0, "retried": 0}
-    actual = 0.0
     retry: list[dict] = []
 
     def store(task: dict, prediction: dict) -> None:
@@ -148,35 +207,50 @@ def _poll(settings: Settings, redis: redis_lib.Redis, predictor: Predictor, pid:
         redis.hsetnx(done_key, tid, "stored")
         redis.expire(done_key, STATE_TTL_S)
         redis.hdel(keys.gbatch_tasks(pid, batch), tid)
+        _count(import_status.mark, redis, pid, [tid], "drafted")
 
     results = {r.key: r for r in (poll.results or [])} if poll is not None else {}
+    actual = sum(r.cost_usd for r in results.values())  # every result is billed, whichever poll stores it
     for tid, task in pending.items():
         if redis.hexists(done_key, tid):
+            continue
+        if version in held.get(int(tid), set()):
+            store(task, {"model_version": version})  # stored by a poll killed before its mark: only mark it
             continue
         result = results.get(tid)
         if result is None or result.answer is None:
             retry.append(task)
             continue
-        actual += result.cost_usd
         try:
             detections = batches.detections(result.answer, tuple(task["size"]), config)
         except GeminiUnavailable:
             retry.append(task)
             continue
         store(task, predictor.draft(int(tid), config, pid, detections))
-    actual += sum(r.cost_usd for r in results.values() if r.answer is None)
+    tally = import_status.JobTally(redis, pid)  # from here on: the synchronous retries' own spend
+    failed: list[str] = []
     for task, (prediction, reason) in zip(retry, predictor.predict_detailed(
             [{"id": t["id"], "data": t["data"]} for t in retry], config, pid)):
         counts["retried"] += 1
         if reason:
             counts["failed"] += 1
             redis.hsetnx(done_key, str(task["id"]), f"failed {reason.split(':')[0]}")
+            failed.append(str(task["id"]))
             continue
         store(task, prediction)
+    tally.batch([], failed)
+    reserved = float(state.get("reserved_usd") or 0.0)
     if redis.hsetnx(keys.gbatch(pid, batch), "settled_usd", repr(actual)):
-        predictor.gemini.cost.settle(float(state.get("reserved_usd") or 0.0), actual)  # type: ignore[union-attr]
+        predictor.gemini.cost.settle(reserved, actual)  # type: ignore[union-attr]
+        _count(import_status.batch_settled, redis, pid, reserved, actual)
+    # the batch's totals over every poll that worked on it (a killed one included): its done hash
+    done = [text(v) or "" for v in redis.hvals(done_key)]
+    _count(_reconcile, redis, pid, done_key)
     outcome = "succeeded" if poll is not None and poll.results is not None else (poll.state if poll else "gone")
-    redis.hset(keys.gbatch(pid, batch), mapping={"status": "finished", "outcome": outcome, **{k: v for k, v in counts.items()}})
+    redis.hincrby(keys.gbatch(pid, batch), "retried", counts["retried"])
+    redis.hset(keys.gbatch(pid, batch), mapping={"status": "finished", "outcome": outcome,
+                                                 "stored": sum(v == "stored" for v in done),
+                                                 "failed": sum(v.startswith("failed") for v in done)})
     redis.srem(keys.gbatch_live(), f"{pid}:{batch}")
     result = {"batch": batch, "status": "finished", "outcome": outcome, "tasks": len(pending), "spent_usd": round(actual, 6),
               **counts}

@@ -56,10 +56,29 @@ def test_the_job_is_charged_what_this_process_spent_on_gemini_since_its_last_bat
     assert import_status.read(redis15, project_id)["spent_usd"] == pytest.approx(0.75)
 
 
+def test_batched_tasks_and_their_reservation_until_the_batch_settles(redis15, project_id):
+    imported = tasks(*range(1, 6))
+    import_status.record_import(redis15, project_id, imported, pp.decide(str(project_id), imported, None, "all"))
+    import_status.batch_submitted(redis15, project_id, imported[:4], 0.004)  # one batch of 4; task 5 drafted at once
+    import_status.JobTally(redis15, project_id).batch(imported[4:], [])
+    status = import_status.read(redis15, project_id)
+    assert (status["queued"], status["batched"], status["drafted"], status["tasks"]) == (0, 4, 1, 5)
+    assert status["reserved_usd"] == pytest.approx(0.004)
+
+    assert import_status.mark(redis15, project_id, [1, 2, "3"], "drafted") == 3  # stored as the results come
+    assert import_status.mark(redis15, project_id, [1], "drafted") == 0  # a resumed poll counts nothing twice
+    import_status.mark(redis15, project_id, [4], "failed")
+    import_status.batch_settled(redis15, project_id, 0.004, 0.0015)
+    status = import_status.read(redis15, project_id)
+    assert (status["batched"], status["drafted"], status["failed"], status["tasks"]) == (0, 4, 1, 5)
+    assert status["reserved_usd"] == pytest.approx(0.0) and status["spent_usd"] == pytest.approx(0.0015)
+
+
 def test_an_unknown_project_reads_as_zeros(redis15, project_id):
     status = import_status.read(redis15, str(project_id))
-    assert status == {"project": str(project_id), "imported": 0, "skipped_policy": 0, "queued": 0, "drafted": 0, "failed": 0,
-                      "not_in_project": 0, "tasks": 0, "spent_usd": 0.0, "updated_at": None, "last_import": None}
+    assert status == {"project": str(project_id), "imported": 0, "skipped_policy": 0, "queued": 0, "batched": 0, "drafted": 0,
+                      "failed": 0, "not_in_project": 0, "tasks": 0, "spent_usd": 0.0, "reserved_usd": 0.0, "updated_at": None,
+                      "last_import": None}
 
 
 # --- end to end ------------------------------------------------------------------------------------

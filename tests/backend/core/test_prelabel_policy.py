@@ -120,3 +120,24 @@ def test_a_sample_as_large_as_the_import_drafts_all_and_keeps_the_order():
     imported = tasks(5, 3, 9)
     assert pp.sample("7", imported, 3) == imported and pp.sample("7", imported, 50) == imported
     assert [t["id"] for t in pp.sample("7", tasks(*range(1, 21)), 20)] == list(range(1, 21))
+
+
+def _chunk(first: int, n: int) -> list[dict]:
+    return [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}} for i in range(first, first + n)]
+
+
+def test_sample_n_counts_per_import_over_the_chunked_events_of_a_large_import(redis15, project_id):
+    """Label Studio sends an import of 12 as events of 5, 5 and 2 (WEBHOOK_BATCH_SIZE=5): sample:4 drafts 4 in all."""
+    def decide(tasks):
+        return pp.decide_import(redis15, str(project_id), tasks, None, "sample:4", chunk_size=5, window_s=60)
+
+    chosen = [decide(_chunk(1, 5)).chosen, decide(_chunk(6, 5)).chosen, decide(_chunk(11, 2)).chosen]
+    assert [len(c) for c in chosen] == [2, 1, 1]  # half of what is left per full chunk, the rest in the last one
+    assert all(t["id"] in range(1, 6) for t in chosen[0]) and all(t["id"] in range(6, 11) for t in chosen[1])
+    # the next import (after a chunk that was not full) gets its own N, and so does an import that starts
+    # over with lower ids after a full chunk
+    assert len(decide(_chunk(13, 3)).chosen) == 3
+    assert len(decide(_chunk(20, 5)).chosen) == 2
+    assert len(decide(_chunk(2, 4)).chosen) == 4
+    # other policies are per event, as before
+    assert pp.decide_import(redis15, str(project_id), _chunk(30, 5), None, "all", 5, 60).chosen == _chunk(30, 5)
