@@ -182,9 +182,10 @@ class Predictor:
         for control in config.controls:
             regions.extend(CONTROL_MODELS[control.tag](control, self._threshold(control, detections)).regions(detections))
         PREDICTIONS.labels(detections.source).inc()
-        if self.gemini is not None:  # lifetime drafts per source, for the cost per 1,000 drafted tasks
+        if self.gemini is not None:  # lifetime drafts per source (and per project), for the cost per 1,000 drafted tasks
             tier = detections.meta.get("tier") if detections.source == "gemini" else None
-            self.gemini.cost.count_task(f"gemini:{tier or 'standard'}" if detections.source == "gemini" else detections.source)
+            self.gemini.cost.count_task(f"gemini:{tier or 'standard'}" if detections.source == "gemini" else detections.source,
+                                        state.project, float(detections.meta.get("cost_usd") or 0.0))
         log.info("task %s: %d regions from %s (%s)", task_id, len(regions), detections.source, detections.model)
         return {"result": regions, "score": self._score(config, detections, regions), "model_version": state.model_version}
 

@@ -26,7 +26,7 @@ from backend.core import metrics as prom
 from backend.core import queue as training_queue
 from backend.core.registry import ModelRegistry, VersionInfo
 from backend.core.settings import Settings
-from backend.detectors.gemini.cost import money_tally
+from backend.detectors.gemini.cost import cost_per_1000, money_tally, project_money_tally
 from backend.serving import quality
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,31 @@ def prometheus_totals() -> dict[str, Any]:
     return totals
 
 
+def tally_summary(tally: dict[str, float], fallback_per_task: float | None = None) -> dict[str, Any]:
+    """Spend per tier, drafted tasks per source and each source's share, the cost per 1,000 drafted tasks,
+    Gemini's measured cost per billed draft and what YOLO's drafts saved, from one money tally.
+
+    The cost per task is measured (USD over billed Gemini drafts, cache hits excluded); a tally without a
+    billed Gemini draft uses ``fallback_per_task`` (the service-wide figure) and says so, else None.
+    """
+    by_tier = {k.partition(":")[2]: v for k, v in tally.items() if k.startswith("usd:")}
+    tasks = {k.partition(":")[2]: v for k, v in tally.items() if k.startswith("tasks:")}
+    total_usd, drafted = sum(by_tier.values()), sum(tasks.values())
+    families: dict[str, float] = {}
+    for source, n in tasks.items():
+        families[source.partition(":")[0]] = families.get(source.partition(":")[0], 0.0) + n
+    billed = sum(n for source, n in tasks.items() if source.startswith("gemini") and source != "gemini:cache")
+    per_task = total_usd / billed if billed else fallback_per_task
+    yolo_tasks = tasks.get("yolo", 0.0)
+    return {
+        "total_usd": total_usd, "spend_by_tier_usd": by_tier, "tasks_by_source": tasks, "drafted_tasks": drafted,
+        "share_by_source": {f: n / drafted for f, n in families.items()} if drafted else {},
+        "cost_per_1000_tasks_usd": cost_per_1000(tally), "gemini_cost_per_task_usd": per_task,
+        "cost_per_task_measured": bool(billed), "yolo_tasks": yolo_tasks,
+        "yolo_savings_usd": None if per_task is None else yolo_tasks * per_task,
+    }
+
+
 def money(redis: redis_lib.Redis, totals: dict[str, Any]) -> dict[str, Any]:
     """Gemini spend today and in total, and what YOLO drafts saved (tasks YOLO drafted x Gemini's cost per task).
 
@@ -154,15 +179,20 @@ def money(redis: redis_lib.Redis, totals: dict[str, Any]) -> dict[str, Any]:
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     today = redis.get(keys.Keys.SPEND_DAY.format(prefix=keys.gemini_spend(), day=day))
     lifetime = money_tally(redis)
-    total_usd = sum(v for k, v in lifetime.items() if k.startswith("usd:"))
-    gemini_tasks = sum(v for k, v in lifetime.items() if k.startswith("tasks:gemini") and k != "tasks:gemini:cache")
-    per_task = total_usd / gemini_tasks if gemini_tasks else None
-    yolo_tasks = lifetime.get("tasks:yolo", totals["predictions"].get("yolo", 0.0))
+    summary = tally_summary(lifetime)
+    if "tasks:yolo" not in lifetime:  # Gemini off: no tally is kept, this process's counter is what there is
+        summary["yolo_tasks"] = yolo = totals["predictions"].get("yolo", 0.0)
+        per_task = summary["gemini_cost_per_task_usd"]
+        summary["yolo_savings_usd"] = None if per_task is None else yolo * per_task
     return {
-        "today_usd": float(today or 0.0), "total_usd": total_usd, "tasks": lifetime, "gemini_cost_per_task_usd": per_task,
-        "yolo_tasks": yolo_tasks, "yolo_savings_usd": None if per_task is None else yolo_tasks * per_task,
-        "tokens": totals["tokens"], "cache": totals["cache"],
+        **summary, "today_usd": float(today or 0.0), "tasks": lifetime, "tokens": totals["tokens"], "cache": totals["cache"],
     }
+
+
+def project_money(redis: redis_lib.Redis, project: str, service_per_task: float | None) -> dict[str, Any]:
+    """One project's spend per tier, drafts per source, cost per 1,000 drafts and YOLO's savings
+    (``lsb:gemini:money:<p>``, written as each drafted task is counted)."""
+    return tally_summary(project_money_tally(redis, project), service_per_task)
 
 
 def routing_choice(settings: Settings, info: VersionInfo | None) -> dict[str, Any]:
@@ -203,7 +233,7 @@ def _part(name: str, errors: dict[str, str], func, *args, default=None):
 
 
 def project_status(settings: Settings, redis: redis_lib.Redis, registry: ModelRegistry, project: str | int,
-                   totals: dict[str, Any] | None = None) -> dict[str, Any]:
+                   totals: dict[str, Any] | None = None, service_per_task: float | None = None) -> dict[str, Any]:
     """Everything the page shows for one project (see the module docstring for where each part comes from)."""
     project = keys.project_key(project)
     errors: dict[str, str] = {}
@@ -224,6 +254,7 @@ def project_status(settings: Settings, redis: redis_lib.Redis, registry: ModelRe
         "quality": drafts,
         "evaluation": (drafts or {}).get("evaluation"),
         "routing": routing_choice(settings, info),
+        "money": _part("money", errors, project_money, redis, project, service_per_task),
         "failures": {"jobs": _part("failed_jobs", errors, failed_jobs, redis, project, default=[]),
                      "predictions": (totals or {}).get("prediction_failures", {})},
         "links": _label_studio_links(settings, project),
@@ -239,13 +270,15 @@ def collect(settings: Settings, redis: redis_lib.Redis, registry: ModelRegistry,
         listed = [keys.project_key(project)]
     else:
         listed = _part("registry", errors, registry.projects, default=[]) or []
+    shared = _part("money", errors, money, redis, totals or {"predictions": {}, "tokens": {}, "cache": {}})
+    per_task = (shared or {}).get("gemini_cost_per_task_usd")
     return {
         "generated_at": round(time.time(), 3),
         "routing": settings.routing,
         "gemini_enabled": settings.gemini_enabled,
         "label_studio_url": settings.label_studio_url or None,
         "totals": totals,
-        "money": _part("money", errors, money, redis, totals or {"predictions": {}, "tokens": {}, "cache": {}}),
-        "projects": [project_status(settings, redis, registry, p, totals) for p in sorted(listed, key=int)],
+        "money": shared,
+        "projects": [project_status(settings, redis, registry, p, totals, per_task) for p in sorted(listed, key=int)],
         "errors": errors,
     }

@@ -15,6 +15,10 @@ Each tier has its price: the standard per-token prices times ``GEMINI_PRICE_FLEX
 submitted (:meth:`CostTracker.reserve`, an estimate) and settled on its results (:meth:`CostTracker.settle`,
 the billed ``usageMetadata``). Lifetime spend per tier and drafted tasks per source are kept in one Redis
 hash (``lsb:gemini:money``) so ``/metrics`` shows the cost per 1,000 drafted tasks across every process.
+The same tally per project (``lsb:gemini:money:<p>``) is written when a drafted task is counted
+(:meth:`CostTracker.count_task`, which the predictor calls with the task's project and its draft's USD):
+the Gemini call itself does not know its project, the task does. Calls that drafted no task (a blocked
+prompt, an answer that did not parse) are billed in the global hash only.
 """
 
 from __future__ import annotations
@@ -158,7 +162,8 @@ class CostTracker:
         self.price_in = settings.gemini_price_input_per_m
         self.price_out = settings.gemini_price_output_per_m
         self.factors = tier_factors(settings)
-        self.money_key = keys.gemini_money(prefix.rsplit(":", 1)[0]) if prefix.endswith(":spend") else f"{prefix}:money"
+        self.money_root = prefix.rsplit(":", 1)[0] if prefix.endswith(":spend") else prefix
+        self.money_key = keys.gemini_money(self.money_root)
         self.budget = settings.gemini_daily_budget_usd
         self._redis = redis
         self._prefix = prefix
@@ -204,9 +209,23 @@ class CostTracker:
         """Replace a reservation by what the results say was billed (may give money back)."""
         self.charge(actual - reserved)
 
-    def count_task(self, source: str) -> None:
-        """One drafted task by ``source`` (gemini:standard|flex|batch|cache, yolo): the cost per 1,000 drafts."""
+    def count_task(self, source: str, project: str | int | None = None, usd: float = 0.0) -> None:
+        """One drafted task by ``source`` (gemini:standard|flex|batch|cache, yolo): the cost per 1,000 drafts.
+
+        With ``project``, also the project's own tally: the task, and ``usd`` (what its draft cost, the
+        detections' ``cost_usd``) under the source's tier, so a project's spend per tier sums its drafts."""
         self._tally(f"tasks:{source}", 1)
+        if project is None or self._redis is None:
+            return
+        key = keys.gemini_project_money(project, self.money_root)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hincrbyfloat(key, f"tasks:{source}", 1)
+            if usd:
+                pipe.hincrbyfloat(key, f"usd:{source.partition(':')[2] or source}", usd)
+            pipe.execute()
+        except redis_lib.RedisError as exc:
+            self._outage.down(exc)
 
     def money(self) -> dict[str, float]:
         """Lifetime ``usd:<tier>`` and ``tasks:<source>`` across processes ({} without Redis)."""
@@ -272,6 +291,18 @@ def money_tally(redis: redis_lib.Redis, key: str | None = None) -> dict[str, flo
     return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
 
 
+def project_money_tally(redis: redis_lib.Redis, project: str | int, root: str = keys.Keys.GEMINI_ROOT) -> dict[str, float]:
+    """One project's lifetime tally (``usd:<tier>``, ``tasks:<source>``), {} before its first draft."""
+    return money_tally(redis, keys.gemini_project_money(project, root))
+
+
+def cost_per_1000(tally: dict[str, float]) -> float | None:
+    """USD per 1,000 drafted tasks of a tally (every source counts as a drafted task); None before the first."""
+    usd = sum(v for k, v in tally.items() if k.startswith("usd:"))
+    drafted = sum(v for k, v in tally.items() if k.startswith("tasks:"))
+    return 1000.0 * usd / drafted if drafted else None
+
+
 def money_gauges(tracker: CostTracker | None) -> list:
     """Scrape-time gauges of the money (issue 16, lever 3), from the shared tally every process adds to:
     lifetime USD per tier, drafted tasks per source and the cost per 1,000 drafted tasks."""
@@ -281,8 +312,6 @@ def money_gauges(tracker: CostTracker | None) -> list:
     for field, value in sorted(money.items()):
         kind, _, name = field.partition(":")
         (spend if kind == "usd" else tasks).add_metric([name], value)
-    usd = sum(v for k, v in money.items() if k.startswith("usd:"))
-    drafted = sum(v for k, v in money.items() if k.startswith("tasks:"))
     per_1000 = GaugeMetricFamily("lsb_cost_per_1000_drafted_tasks_usd", "Estimated Gemini USD per 1,000 drafted tasks (lifetime)")
-    per_1000.add_metric([], 1000.0 * usd / drafted if drafted else 0.0)
+    per_1000.add_metric([], cost_per_1000(money) or 0.0)
     return [spend, tasks, per_1000]

@@ -142,20 +142,97 @@
         el("td", { class: "num" }, num(f.recall)), el("td", { class: "num" }, num(f.map50)), f.n ?? "–"]);
       parts.push(table(["source", "precision", "recall", "mAP50", "tasks"], rows, "quality-" + p.project));
     }
+    return el("section", { class: "card" }, el("h3", {}, "Draft quality"), parts);
+  }
+
+  const SOURCE_ORDER = ["yolo", "gemini"];
+  const bySource = (a, b) => (SOURCE_ORDER.indexOf(a) + 1 || 99) - (SOURCE_ORDER.indexOf(b) + 1 || 99) || a.localeCompare(b);
+  const FIGURES = [["map50", "mAP50"], ["map50_95", "mAP50-95"], ["precision", "P"], ["recall", "R"]];
+
+  // Gemini vs YOLO on the same held-out tasks: one row per source, the better figure of each column marked.
+  function sideBySide(p, ev) {
+    const sbs = ev.side_by_side || {}, sources = Object.keys(sbs).sort(bySource);
+    if (!sources.length) return [];
+    const best = {};
+    for (const [k] of FIGURES) {
+      const values = sources.map((s) => sbs[s][k]).filter((v) => v !== null && v !== undefined);
+      if (sources.length > 1 && values.length > 1) best[k] = Math.max(...values);
+    }
+    const rows = sources.map((s) => {
+      const f = sbs[s];
+      return [el("td", { "data-source": s }, s), ...FIGURES.map(([k]) => el("td",
+        { class: "num" + (best[k] !== undefined && f[k] === best[k] ? " best" : ""), "data-figure": k }, num(f[k]))),
+      el("td", { class: "num" }, f.n_images ?? "–"), el("td", { class: "num" }, f.n_gt ?? "–")];
+    });
+    const note = sources.length > 1 ? "on the same " + (ev.compared_tasks ?? "–") + " held-out tasks (best of each column in bold)"
+      : "only " + sources[0] + " on the " + (ev.compared_tasks ?? "–") + " held-out tasks (no Gemini draft among them)";
+    return [el("h3", {}, "Gemini vs YOLO"), el("p", { class: "muted" }, note),
+      table(["source", ...FIGURES.map(([, h]) => h), "tasks", "GT boxes"], rows, "side-by-side-" + p.project)];
+  }
+
+  function perClass(p, ev) {
+    const rows = [];
+    for (const [cls, sources] of Object.entries(ev.per_class || {})) {
+      const names = Object.keys(sources || {}).sort(bySource);
+      names.forEach((src, i) => {
+        const f = sources[src] || {};
+        rows.push([i === 0 ? el("td", { rowspan: names.length, class: "cls" }, cls) : null, src,
+          ...["ap50", "ap50_95", "precision", "recall"].map((k) => el("td", { class: "num" }, num(f[k]))),
+          el("td", { class: "num" }, f.n_gt ?? "–")].filter((c) => c !== null));
+      });
+    }
+    return rows.length ? [el("h3", {}, "Per class"), table(["class", "source", "AP50", "AP50-95", "P", "R", "GT"], rows, "per-class-" + p.project)] : [];
+  }
+
+  // rows: true class (then "background": predictions matching nothing); columns: predicted class (then "missed").
+  function confusion(p, cm) {
+    if (!cm || !cm.rows || !cm.matrix) return [];
+    const rows = cm.matrix.map((line, i) => [el("th", { scope: "row" }, cm.rows[i]),
+      ...line.map((n, j) => el("td", { class: "num" + (i === j && i < cm.classes.length ? " diag" : n ? " off" : " zero") }, n))]);
+    const head = el("tr", {}, el("th", {}, "true \\ predicted"), cm.columns.map((c) => el("th", { class: "num" }, c)));
+    return [el("h3", {}, "Confusion (YOLO, IoU ≥ " + cm.iou_threshold + ", " + cm.n_images + " tasks)"),
+      el("div", { class: "scroll" }, el("table", { id: "confusion-" + p.project, class: "confusion" },
+        el("thead", {}, head), el("tbody", {}, rows.map((r) => el("tr", {}, r))))),
+      el("p", { class: "muted" }, "row background: predictions that match no true box; column missed: true boxes nothing found")];
+  }
+
+  function evaluationCard(p) {
     const ev = p.evaluation;
     if (!ev) {
-      parts.push(el("p", { class: "muted" }, "Per-class AP, confusion and label-error candidates: not measured yet"));
-    } else {
-      const perClass = Object.entries(ev.per_class || {}).map(([cls, f]) => [cls,
-        el("td", { class: "num" }, num(typeof f === "object" ? (f.ap50 ?? f.map50 ?? f.ap) : f))]);
-      if (perClass.length) parts.push(el("h3", {}, "Per class"), table(["class", "AP50"], perClass));
-      const errors = (ev.label_errors || []).map((e) => [
-        p.links.task ? el("a", { href: p.links.task + e.task_id, target: "_blank", rel: "noopener" }, "task " + e.task_id) : "task " + e.task_id,
-        e.label, e.kind, el("td", { class: "num" }, num(e.score, 2))]);
-      if (errors.length) parts.push(el("h3", {}, "Label-error candidates"), table(["task", "label", "kind", "score"], errors));
-      if (ev.confusion) parts.push(el("h3", {}, "Confusion"), el("pre", { class: "scroll" }, JSON.stringify(ev.confusion, null, 1)));
+      return el("section", { class: "card" }, el("h3", {}, "Evaluation"),
+        el("p", { class: "muted" }, "Per-class AP, Gemini vs YOLO, confusion and label-error candidates: not measured yet"));
     }
-    return el("section", { class: "card" }, el("h3", {}, "Draft quality"), parts);
+    const errors = (ev.label_errors || []).map((e) => [
+      e.link || p.links.task ? el("a", { href: e.link || p.links.task + e.task_id, target: "_blank", rel: "noopener" }, "task " + e.task_id)
+        : "task " + e.task_id,
+      e.label, e.kind, el("td", { class: "num" }, num(e.score, 2))]);
+    return el("section", { class: "card evaluation" },
+      el("h3", {}, "Evaluation of " + (ev.version || "the served model") + " (" + when(ev.measured_at) + ")"),
+      sideBySide(p, ev), perClass(p, ev), confusion(p, ev.confusion),
+      errors.length ? [el("h3", {}, "Label-error candidates"), table(["task", "label", "kind", "score"], errors, "label-errors-" + p.project)]
+        : el("p", { class: "muted" }, "no label-error candidates"));
+  }
+
+  const pct = (v) => (v === null || v === undefined ? "–" : (100 * v).toFixed(1) + "%");
+
+  function moneyCard(p) {
+    const m = p.money;
+    if (!m) return el("section", { class: "card" }, el("h3", {}, "Money"), el("p", { class: "muted" }, "not readable"));
+    const id = (k) => "money-" + p.project + "-" + k;
+    const tiers = Object.entries(m.spend_by_tier_usd || {}).sort().map(([t, v]) => [t, el("td", { class: "num" }, usd(v))]);
+    const sources = Object.entries(m.tasks_by_source || {}).sort().map(([s, n]) => [s, el("td", { class: "num" }, n),
+      el("td", { class: "num" }, pct(m.drafted_tasks ? n / m.drafted_tasks : null))]);
+    const share = Object.entries(m.share_by_source || {}).sort().map(([s, v]) => s + " " + pct(v)).join(" · ") || "–";
+    return el("section", { class: "card money", id: "money-" + p.project }, el("h3", {}, "Money (this project)"),
+      el("div", { class: "kv" },
+        el("div", {}, "Gemini spend", el("b", { id: id("total") }, usd(m.total_usd))),
+        el("div", {}, "drafted tasks", el("b", { id: id("drafted") }, m.drafted_tasks ?? 0)),
+        el("div", {}, "share of drafts", el("b", { id: id("share") }, share)),
+        el("div", {}, "cost per 1,000 drafts", el("b", { id: id("per1000") }, usd(m.cost_per_1000_tasks_usd))),
+        el("div", {}, "YOLO saved", el("b", { id: id("saved") }, usd(m.yolo_savings_usd)),
+          m.cost_per_task_measured || m.gemini_cost_per_task_usd === null ? "" : el("small", { class: "muted" }, "at the service-wide cost per task"))),
+      tiers.length ? table(["tier", "spend"], tiers, "money-tiers-" + p.project) : el("p", { class: "muted" }, "no Gemini spend yet"),
+      sources.length ? table(["drafted by", "tasks", "share"], sources, "money-sources-" + p.project) : el("p", { class: "muted" }, "no drafted task yet"));
   }
 
   function failuresCard(p) {
@@ -177,6 +254,9 @@
       el("div", {}, "cache hits", el("b", { id: "money-cache" }, cache.hit || 0)),
       el("div", {}, "drafts Gemini / YOLO", el("b", { id: "predictions" }, (pred.gemini || 0) + " / " + (pred.yolo || 0))),
       el("div", {}, "Gemini cost per task", el("b", {}, usd(m.gemini_cost_per_task_usd))),
+      el("div", {}, "cost per 1,000 drafts", el("b", { id: "money-per1000" }, usd(m.cost_per_1000_tasks_usd))),
+      el("div", {}, "spend by tier", el("b", { id: "money-tiers", class: "list" },
+        Object.entries(m.spend_by_tier_usd || {}).sort().map(([k, v]) => el("span", {}, k + " " + usd(v))))),
       el("div", {}, "YOLO saved", el("b", { id: "money-saved" }, usd(m.yolo_savings_usd)))));
   }
 
@@ -186,7 +266,7 @@
     renderMoney(data);
     document.getElementById("projects").replaceChildren(...data.projects.map((p) => el("section", { class: "project", id: "project-" + p.project },
       el("h2", {}, "Project " + p.project + " ", p.links.project ? el("a", { href: p.links.project, target: "_blank", rel: "noopener" }, "open in Label Studio") : ""),
-      liveCard(p), versionsCard(p), trainingsCard(p), qualityCard(p), failuresCard(p))));
+      liveCard(p), versionsCard(p), moneyCard(p), evaluationCard(p), qualityCard(p), trainingsCard(p), failuresCard(p))));
     document.getElementById("updated").textContent = "updated " + when(data.generated_at);
     document.body.dataset.generatedAt = data.generated_at;
   }

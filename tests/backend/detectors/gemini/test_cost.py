@@ -11,7 +11,7 @@ from google.genai import types
 from prometheus_client import REGISTRY
 
 from backend.core.settings import Settings
-from backend.detectors.gemini.cost import CostTracker, Usage
+from backend.detectors.gemini.cost import CostTracker, Usage, cost_per_1000, project_money_tally
 
 DOWN_URL = "redis://127.0.0.1:1/15"  # nothing listens there
 DAY = 1_750_000_000.0  # 2025-06-15T15:06:40Z
@@ -102,3 +102,24 @@ def test_redis_outage_is_not_an_error_and_is_logged_once(caplog):
     tracker.record("m", Usage(0, 300, 0))
     assert tracker.budget_exhausted()  # falls back to this process's tally
     assert len([r for r in caplog.records if "Redis unavailable" in r.getMessage()]) == 1
+
+
+def test_count_task_keeps_a_tally_per_project_beside_the_global_one(rdb):
+    client, prefix = rdb
+    tracker = CostTracker(settings(), client, prefix=f"{prefix}:spend")
+    tracker.count_task("gemini:standard", 7, 0.002)
+    tracker.count_task("gemini:flex", "07", 0.001)  # the same project, however the id arrives
+    tracker.count_task("gemini:cache", 7, 0.0)
+    tracker.count_task("yolo", 7)
+    tracker.count_task("yolo", 8)
+    tracker.count_task("gemini:standard")  # no project known: the global tally only
+
+    seven = project_money_tally(client, 7, root=prefix)
+    assert seven == pytest.approx({"tasks:gemini:standard": 1, "tasks:gemini:flex": 1, "tasks:gemini:cache": 1,
+                                   "tasks:yolo": 1, "usd:standard": 0.002, "usd:flex": 0.001})
+    assert project_money_tally(client, 8, root=prefix) == {"tasks:yolo": 1}
+    assert project_money_tally(client, 9, root=prefix) == {}
+    assert tracker.money() == {"tasks:gemini:standard": 2, "tasks:gemini:flex": 1, "tasks:gemini:cache": 1, "tasks:yolo": 2}
+    assert cost_per_1000(seven) == pytest.approx(1000 * 0.003 / 4)
+    assert cost_per_1000({}) is None
+    CostTracker(settings()).count_task("yolo", 7)  # without Redis: nothing to keep, nothing raised
