@@ -14,7 +14,9 @@ COCOeval's own matching). :func:`evaluate` computes, over ``(prediction, truth)`
 - ``coco``: mAP50-95, mAP50, mAP75, mAP and AR by object size (small < 32², medium < 96², large;
   the area is the mask's when the truth has masks, else the box's);
 - ``gate``: the :func:`detection_metrics` figures, as a version's ``meta.json`` records them;
-- ``per_class``: AP50 / AP50-95, counts;
+- ``per_class``: AP50 / AP50-95, precision / recall at IoU 0.5 and ``score_threshold`` (``tp50`` of
+  ``n_kept`` predictions kept, ``n_gt`` true boxes; None where a ratio is 0/0, unlike the overall
+  figures, which keep the gate's rule), counts;
 - ``iou``: for every true box, the IoU of the best predicted box of the same label (0 = missed):
   histogram, mean, median, share >= 0.5;
 - ``sizes``: per size bucket, the number of true boxes, recall at IoU 0.5, mean best IoU and mAP;
@@ -154,26 +156,31 @@ def coco_eval(pairs: Sequence[tuple[Detections, Detections]], classes: Sequence[
 
 
 def _true_positives_at_50(evaluator: COCOeval | None, pairs: Sequence[tuple[Detections, Detections]],
-                          classes: Sequence[str], score_threshold: float) -> tuple[int, int]:
-    """(true positives at IoU 0.5, predictions kept) among predictions scoring >= ``score_threshold``.
+                          classes: Sequence[str], score_threshold: float) -> dict[str, tuple[int, int]]:
+    """Per class: (true positives at IoU 0.5, predictions kept) among predictions scoring >= ``score_threshold``.
 
     Read from COCOeval's own greedy matching (best score first, each prediction to the unmatched
     true box of highest IoU): thresholding after matching equals matching only the kept predictions.
+    Per class, so the per-class precision / recall and the overall ones come from one count.
     """
+    counts = {c: [0, 0] for c in classes}
     if evaluator is None:  # no truth or no prediction: nothing matches
-        known = set(classes)
-        return 0, sum(int(np.sum(p.scores[[label in known for label in p.labels]] >= score_threshold))
-                      for p, _ in pairs if len(p))
+        for pred, _ in pairs:
+            for label, score in zip(pred.labels, pred.scores):
+                if label in counts and score >= score_threshold:
+                    counts[label][1] += 1
+        return {c: (tp, kept) for c, (tp, kept) in counts.items()}
     t50 = int(np.argmin(np.abs(evaluator.params.iouThrs - 0.5)))
     whole = evaluator.params.areaRng[0]
-    tp = kept = 0
+    name_of = {cat["id"]: cat["name"] for cat in evaluator.cocoGt.dataset["categories"]}
     for entry in evaluator.evalImgs:
         if entry is None or entry["aRng"] != whole:
             continue
         above = np.asarray(entry["dtScores"], dtype=float) >= score_threshold
-        kept += int(above.sum())
-        tp += int(((np.asarray(entry["dtMatches"])[t50] > 0) & above).sum())
-    return tp, kept
+        row = counts[name_of[entry["category_id"]]]
+        row[1] += int(above.sum())
+        row[0] += int(((np.asarray(entry["dtMatches"])[t50] > 0) & above).sum())
+    return {c: (tp, kept) for c, (tp, kept) in counts.items()}
 
 
 @dataclass
@@ -199,7 +206,8 @@ def _detection_metrics(pairs: Sequence[tuple[Detections, Detections]], classes: 
     evaluator, note = _run_cocoeval(pairs, classes, "bbox", max_det)
     coco = {**_summary(evaluator), "max_det": int(max_det)} if evaluator is not None else \
         {**_EMPTY_COCO, "max_det": int(max_det), "note": note}
-    tp50, kept = _true_positives_at_50(evaluator, pairs, classes, score_threshold)
+    counts = _true_positives_at_50(evaluator, pairs, classes, score_threshold)
+    tp50, kept = sum(tp for tp, _ in counts.values()), sum(k for _, k in counts.values())
     known = set(classes)
     n_gt = {c: 0 for c in classes}
     n_pred = {c: 0 for c in classes}
@@ -212,7 +220,9 @@ def _detection_metrics(pairs: Sequence[tuple[Detections, Detections]], classes: 
                 n_pred[label] += 1
     total_gt = sum(n_gt.values())
     per_class = {c: {"ap50": coco["per_class"].get(c, {}).get("ap50"), "ap50_95": coco["per_class"].get(c, {}).get("ap50_95"),
-                     "n_gt": n_gt[c], "n_pred": n_pred[c]} for c in classes}
+                     "precision": round(counts[c][0] / counts[c][1], 6) if counts[c][1] else None,
+                     "recall": round(counts[c][0] / n_gt[c], 6) if n_gt[c] else None,
+                     "n_gt": n_gt[c], "n_pred": n_pred[c], "tp50": counts[c][0], "n_kept": counts[c][1]} for c in classes}
     metrics = DetectionMetrics(
         map50=round(float(coco["map50"]), 6), map50_95=round(float(coco["map50_95"]), 6),
         precision=round(tp50 / kept, 6) if kept else (1.0 if total_gt == 0 else 0.0),

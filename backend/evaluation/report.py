@@ -146,22 +146,14 @@ def action_sections(metrics: dict, plots: dict[str, str]) -> list[str]:
             lines += [f"![Confusion matrix](plots/{plots['confusion']})", ""]
     compared = metrics.get("side_by_side")
     if compared:
-        sources = list(compared)
-        lines += ["## Sources side by side (same images, same truth)", "", "| metric | " + " | ".join(sources) + " |",
-                  "|---" * (len(sources) + 1) + "|"]
-        for key, label in (("map50", "mAP50"), ("map50_95", "mAP50-95"), ("precision", "precision"), ("recall", "recall"),
-                           ("score_threshold", "score threshold"), ("n_images", "images"), ("n_pred", "predictions")):
-            lines.append(f"| {label} | " + " | ".join(_fmt(compared[s].get(key)) for s in sources) + " |")
-        classes = sorted({c for s in sources for c in (compared[s].get("per_class") or {})})
-        for c in classes:
-            lines.append(f"| AP50 {c} | " + " | ".join(_fmt((compared[s].get("per_class") or {}).get(c, {}).get("ap50"))
-                                                      for s in sources) + " |")
-        lines.append("")
+        lines += side_by_side_table(compared)
     errors = metrics.get("label_errors")
     if errors is not None:
         lines += ["## Label-error candidates", "",
                   "Annotations the model contradicts with high confidence, most confident first: open each and fix the "
                   "label if the model is right.", ""]
+        if metrics.get("label_error_links"):
+            lines += [f"_{metrics['label_error_links']}._", ""]
         if not errors:
             lines += ["None.", ""]
         else:
@@ -171,6 +163,30 @@ def action_sections(metrics: dict, plots: dict[str, str]) -> list[str]:
                 lines.append(f"| {task} | {c['kind']} | {c.get('predicted') or '–'} | {c.get('labeled') or '–'} | "
                              f"{_fmt(c['score'])} | {', '.join(f'{v:g}' for v in c['box'])} |")
             lines.append("")
+    return lines
+
+
+def side_by_side_table(compared: dict[str, dict]) -> list[str]:
+    """One table of every source on the same images and truth: all classes, then each class, a row per source."""
+    sources = list(compared)
+    lines = ["## Sources side by side (same images, same truth)", "",
+             "Precision and recall at IoU 0.5 over each source's predictions scoring at least its threshold ("
+             + ", ".join(f"{s}: {_fmt(compared[s].get('score_threshold'))}" for s in sources)
+             + f"); {_fmt(compared[sources[0]].get('n_images'))} images.", "",
+             "| class | source | true | predicted ≥ threshold | AP50 | AP50-95 | precision | recall |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in sources:
+        f = compared[s]
+        kept = sum(row.get("n_kept") or 0 for row in (f.get("per_class") or {}).values())
+        lines.append(f"| all | {s} | {_fmt(f.get('n_gt'))} | {kept} | {_fmt(f.get('map50'))} | "
+                     f"{_fmt(f.get('map50_95'))} | {_fmt(f.get('precision'))} | {_fmt(f.get('recall'))} |")
+    classes = list(dict.fromkeys(c for s in sources for c in (compared[s].get("per_class") or {})))
+    for c in classes:
+        for s in sources:
+            row = (compared[s].get("per_class") or {}).get(c) or {}
+            lines.append(f"| {c} | {s} | " + " | ".join(_fmt(row.get(k)) for k in
+                                                         ("n_gt", "n_kept", "ap50", "ap50_95", "precision", "recall")) + " |")
+    lines.append("")
     return lines
 
 
@@ -205,9 +221,13 @@ def write_report(metrics: dict, folder: Path | str, *, title: str = "Draft quali
               f"| mean best IoU per true box | {_fmt(metrics['iou']['mean'])} |", ""]
     if c.get("note"):
         lines += [f"Note: {c['note']}.", ""]
-    lines += ["### By class", "", "| class | true | predicted | AP50 | AP50-95 |", "|---|---|---|---|---|"]
+    lines += ["### By class", "",
+              f"Precision and recall at IoU 0.5 over the predictions scoring at least {g['score_threshold']:g}.",
+              "", f"| class | true | predicted | predicted ≥ {g['score_threshold']:g} | AP50 | AP50-95 | precision | recall |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, row in metrics["per_class"].items():
-        lines.append(f"| {name} | {row['n_gt']} | {row['n_pred']} | {_fmt(row['ap50'])} | {_fmt(row['ap50_95'])} |")
+        lines.append(f"| {name} | {row['n_gt']} | {row['n_pred']} | {_fmt(row.get('n_kept'))} | {_fmt(row['ap50'])} | "
+                     f"{_fmt(row['ap50_95'])} | {_fmt(row.get('precision'))} | {_fmt(row.get('recall'))} |")
     lines += ["", "### By object size", "", "| size | true | recall@0.5 | mean IoU | mAP50-95 |", "|---|---|---|---|---|"]
     for s in SIZES:
         row = metrics["sizes"][s]

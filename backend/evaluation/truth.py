@@ -36,12 +36,16 @@ class TruthError(ValueError):
 
 @dataclass
 class TruthImage:
-    """One image's human labels. ``truth.image_size`` is (0, 0) until known (LS tasks without regions)."""
+    """One image's human labels. ``truth.image_size`` is (0, 0) until known (LS tasks without regions).
+
+    ``task_id`` and ``project`` are the Label Studio task's (exports only), so a report can link to the task."""
 
     name: str
     truth: Detections
     path: Path | None = None
     url: str | None = None
+    task_id: int | None = None
+    project: int | None = None
 
 
 @dataclass
@@ -194,8 +198,22 @@ def load_label_studio(path: Path, tasks: list[dict], *, label_config: str | None
         truth = Detections(parsed.xyxy, parsed.labels, np.ones(len(parsed)), size or (0, 0), "human",
                            f"label-studio:{task.annotation_id}", parsed.stacked_masks())
         local, name = _ls_local_path(url, document_root, images_root)
-        images.append(TruthImage(name, truth, local, None if local else url))
+        images.append(TruthImage(name, truth, local, None if local else url, task.id, _project_of(raw)))
     return TruthSet(images, config.class_names, "label-studio", str(path), xml, notes)
+
+
+def _project_of(raw: dict) -> int | None:
+    """The task's project id: a JSON export carries it on the task and on each annotation
+    (docs/evaluation.md#label-studio-exports)."""
+    value = raw.get("project")
+    if value is None:
+        value = next((a.get("project") for a in raw.get("annotations") or [] if isinstance(a, dict) and a.get("project")), None)
+    if isinstance(value, dict):  # an expanded project
+        value = value.get("id")
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _ls_local_path(url: str, document_root, images_root) -> tuple[Path | None, str]:

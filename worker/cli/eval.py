@@ -15,8 +15,9 @@ the whole ranking); precision/recall are counted at ``--pr-threshold`` (default:
 threshold for YOLO, 0 otherwise). Writes ``report.md``, ``metrics.json`` and ``plots/*.png``
 (:mod:`backend.evaluation.metrics`); prints the headline metrics as JSON. The report also holds the
 confusion matrix with "missed" and "background" (:mod:`backend.evaluation.confusion`), label-error
-candidates (:mod:`backend.evaluation.label_errors`, named by image) and, with ``--compare DIR``, the
-two sources side by side on the images both have.
+candidates (:mod:`backend.evaluation.label_errors`; with a Label Studio export as truth each one is a task
+with a link to it in Label Studio, ``--label-studio-url`` or LABEL_STUDIO_URL; else named by image) and,
+with ``--compare DIR``, the two sources side by side on the images both have, overall and per class.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--error-score", type=float, default=0.5,
                    help="label-error candidates: the model's minimum score to contradict a label (default 0.5)")
     p.add_argument("--max-errors", type=int, default=50, help="label-error candidates listed (default 50)")
+    p.add_argument("--label-studio-url", help="label-error links to the tasks in Label Studio (default LABEL_STUDIO_URL); "
+                                             "needs a Label Studio export as --truth (task ids; the project from the "
+                                             "export, else --project)")
     common.add_config_args(p)
     common.add_source_args(p, required=False)
     common.common_flags(p)
@@ -95,16 +99,39 @@ def _match_predictions(truth_images, folder: Path) -> tuple[list[tuple[Detection
     return pairs, latencies, missing
 
 
+def _link_target(truth, args: argparse.Namespace) -> tuple[str, int | str | None, str]:
+    """(Label Studio URL, project, note) for the label-error links; the URL is "" when no link can be made.
+
+    Only a Label Studio export names tasks; COCO and YOLO truth name images, which have no task page.
+    """
+    url = (args.label_studio_url if args.label_studio_url is not None else common.settings().label_studio_url).strip()
+    projects = {t.project for t in truth.images if t.project is not None}
+    project = next(iter(projects)) if len(projects) == 1 else args.project
+    if not any(t.task_id is not None for t in truth.images):
+        return "", None, "no links: the truth is not a Label Studio export, candidates are named by image"
+    if not url:
+        return "", project, "no links: set LABEL_STUDIO_URL or --label-studio-url"
+    if not project:
+        return "", None, "no links: the export names no single project, give --project"
+    return url, project, f"links open the task in {url.rstrip('/')}/projects/{project}/data"
+
+
 def _act_on(metrics: dict, pairs: list[tuple[Detections, Detections]], truth, args: argparse.Namespace,
             pr_threshold: float) -> None:
     """Adds the confusion matrix, label-error candidates and (``--compare``) the side-by-side figures to ``metrics``."""
     from backend.evaluation.confusion import confusion_matrix  # heavy: supervision, kept out of lsb --help
     from worker.training.review import source_figures  # heavy: pycocotools and the YOLO detector, kept out of lsb --help
 
-    name_of = {id(t.truth): t.name for t in truth.images}
+    image_of = {id(t.truth): t for t in truth.images}
     metrics["confusion"] = confusion_matrix(pairs, truth.classes, score_threshold=pr_threshold)
-    metrics["label_errors"] = label_errors(((name_of.get(id(g), "?"), p, g) for p, g in pairs), args.error_score,
+    url, project, note = _link_target(truth, args)
+    items = []
+    for p, g in pairs:
+        t = image_of.get(id(g))
+        items.append((t.task_id if t is not None and t.task_id is not None else (t.name if t else "?"), p, g))
+    metrics["label_errors"] = label_errors(items, args.error_score, project=project or "", label_studio_url=url,
                                            limit=args.max_errors)
+    metrics["label_error_links"] = note
     if not args.compare:
         return
     other, _, _ = _match_predictions(truth.images, args.compare)
