@@ -12,7 +12,8 @@ count and the LR schedule to fill the budget), ``TRAIN_EPOCHS`` (only without a 
 ``TRAIN_MIN_STEPS`` from random init, see :func:`epochs_for`), ``TRAIN_IMGSZ`` (320), ``TRAIN_BATCH``
 (8; ``nbs`` = batch, so every batch is an optimizer step: on 40 images in 5 CPU-minutes batch 8 reached
 held-out mAP50 0.996 where 16 reached 0.891 and imgsz 416 0.950, BENCHMARKS.md "Annotation efficiency"),
-``TRAIN_DEVICE`` (``auto``: :func:`resolve_device`). Ultralytics' augmentation defaults are kept (mosaic,
+``TRAIN_DEVICE`` (``auto``: :func:`resolve_device`), ``TRAIN_FREEZE`` (only from pretrained .pt weights:
+:func:`freeze_layers`). Ultralytics' augmentation defaults are kept (mosaic,
 off for the last ``close_mosaic`` = 10 epochs). Always ``amp=False`` on CPU, ``workers=0``, ``plots=False``,
 ``project=`` a temporary folder under ``DATA_DIR/runs`` (deleted afterwards), and torch threads =
 all cores (Ultralytics would use ``cpu_count - 1``). Progress goes to the current RQ job's meta
@@ -102,6 +103,17 @@ def epochs_for(settings, n_train: int, fine_tune: bool) -> int:
     return max(epochs, math.ceil(settings.train_min_steps / steps_per_epoch))
 
 
+def freeze_layers(settings, base: BaseModel | None) -> int:
+    """``TRAIN_FREEZE`` layers when the training starts from pretrained .pt weights (``YOLO_BASE_MODEL``), else 0.
+
+    Freezing keeps generic pretrained features from being overwritten by a few dozen images and makes each step
+    cheaper; random-init weights (a yaml) have nothing worth keeping, and the project's own model (``base`` None)
+    is already adapted to its images. Measured in BENCHMARKS.md "Freeze"."""
+    if base is None or not base.pretrained or not str(base.used).lower().endswith(".pt"):
+        return 0
+    return int(getattr(settings, "train_freeze", 0) or 0)
+
+
 def resolve_device(requested: str | None) -> str:
     """``TRAIN_DEVICE``: ``auto`` is ``cuda:0`` when torch sees a GPU on this (worker) host, else ``mps``, else ``cpu``."""
     device = str(requested or "auto").strip()
@@ -182,6 +194,9 @@ def train(
         args["time"] = float(settings.train_time_limit_min) / 60.0
     if not fine_tune:
         args["pretrained"] = False
+    freeze = freeze_layers(settings, base)
+    if freeze:
+        args["freeze"] = freeze
     args.update(overrides)
 
     history: list[dict] = []

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.worker_fixtures import CLASSES, Settings, good_model, synthetic_tasks
-from worker.training.trainer import resolve_start, train
+from worker.training.base_model import BaseModel
+from worker.training.trainer import freeze_layers, resolve_start, train
 
 
 def test_resolve_start(tmp_path):
@@ -27,6 +28,18 @@ def test_resolve_start(tmp_path):
     current.write_bytes(b"x")
     assert resolve_start(Settings(yolo_base_model=str(local)), current) == (str(current), True, None)
     assert resolve_start(s, tmp_path / "gone.pt")[:2] == ("yolo11n.yaml", False)
+
+
+def test_freeze_only_when_starting_from_pretrained_weights(tmp_path):
+    """TRAIN_FREEZE applies to a first training from pretrained .pt weights, never to a yaml (random init), a yaml
+    fallback of weights that could not be had, or the project's own checkpoint (base None)."""
+    s = Settings(train_freeze=10, model_dir=tmp_path)
+    weights = BaseModel("yolo11n.pt", str(tmp_path / "base" / "yolo11n.pt"), True, "cached")
+    assert freeze_layers(s, weights) == 10
+    assert freeze_layers(Settings(model_dir=tmp_path), weights) == Settings.model_fields["train_freeze"].default
+    assert freeze_layers(s, BaseModel("yolo11n.yaml", "yolo11n.yaml", False, "model_yaml")) == 0
+    assert freeze_layers(s, BaseModel("yolo11n.pt", "yolo11n.yaml", False, "download_disabled")) == 0
+    assert freeze_layers(s, None) == 0
 
 
 @pytest.mark.slow
