@@ -1,6 +1,8 @@
 """End to end against a real Label Studio 1.23.2: the backend as scripts/run.sh starts it, Gemini faked.
 
-One flow in ordered steps sharing module state (a failed step skips the ones after it):
+One flow in ordered steps sharing module state (a failed step skips the ones after it). The fake Gemini
+answers with realistic errors: the truth jittered, some objects missed, some spurious boxes
+(``tests.synthetic.perturb`` with bench.curve's ``DRAFT_NOISE``, the simulated drafts of the benchmark).
 
 1. a project from the repository's label_config.xml, created with label-studio-sdk;
 2. the backend connected with ``POST /api/ml`` (Basic auth): Label Studio called /health and /setup
@@ -8,148 +10,68 @@ One flow in ordered steps sharing module state (a failed step skips the ones aft
    which the backend then requires;
 3. synthetic images uploaded as tasks: drafts appear WITHOUT anyone asking (TASKS_CREATED -> the
    worker's pre-labeling job -> ``POST /api/predictions``; Label Studio never calls /predict), one per
-   task, valid for the config, of the version /setup reports, with Gemini's boxes (= the truth);
+   task, valid for the config, of the version /setup reports, with exactly the boxes Gemini answered;
 4. "Retrieve Predictions" on a task whose draft was deleted and on tasks that hold one: one /predict
    call for the missing task only, and exactly one prediction of the current version per task;
-5. annotations for every task (counted through ANNOTATION_CREATED webhooks, no automatic training),
-   "Start Training": a fine-tuned YOLO version is promoted, /setup reports ``...+yolo:v0001``; with
-   Gemini answering 500 the next import is drafted by YOLO v0001 in the worker, and Retrieve has the
-   web workers draft it again with v0001 (the boxes the promoted checkpoint finds here) while tasks
-   of the old version get exactly one prediction of the new one; gunicorn and the rq worker were
-   never restarted, and no secret reached their log.
+5. the loop pays off (issue 13) with the default training recipe (drafts of the unannotated tasks
+   trained on, TRAIN_TIME_LIMIT_MIN shortened for the suite): annotators correct only part of the tasks,
+   "Start Training" promotes ``...+yolo:v0001`` through a hot-swap, and the promoted model, scored
+   through backend.evaluation against the synthetic truth of the tasks nobody annotated, beats the
+   Gemini drafts on those same tasks;
+6. the re-score after the promotion (issue 16) changes the un-annotated tasks' prediction scores, and
+   Label Studio's own Data Manager order by Prediction score (descending) follows them, once the project's
+   model version is the drafts' one (test 5 selects it: docs/label-studio.md#sorting-by-prediction-score);
+7. with ``ROUTING=auto`` new imports are drafted by YOLO (at least 90%, Gemini not asked), and Retrieve
+   has the web workers draft with v0001 (the boxes the promoted checkpoint finds); gunicorn and the rq
+   worker were never restarted, and no secret reached their log.
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
+from backend.core.detections import Detections
+from backend.core.label_studio import DRAFTED_FILTER
 from backend.core.settings import Settings
-from tests.e2e.conftest import CLASSES, TIMINGS
-from tests.fake_gemini import server_error
+from tests.e2e.conftest import CLASSES
+from tests.e2e.flow import (
+    CONFIG,
+    PARSED_CONFIG,
+    Flow,
+    LocalYolo,
+    assert_matches,
+    assert_valid,
+    assert_yolo_draft,
+    map50,
+    pick_yolo_friendly_image,
+    region_boxes,
+    start_training_and_wait,
+    stored,
+    timed,
+    truth,
+    unannotated,
+)
 from tests.live import wait_for
-from tests.synthetic import SyntheticImage, ls_result, make_image, make_images
+from tests.synthetic import ls_result, make_image, make_images
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = (ROOT / "label_config.xml").read_text()
 GEMINI_VERSION = f"gemini:{Settings.model_fields['gemini_model'].default}"
-N_TASKS = 16
+#: Issue 13's project: most tasks corrected by annotators, the rest left with their drafts only.
+N_ANNOTATED = 36
+N_UNANNOTATED = 16  # plus test 4's extra task
+N_TASKS = N_ANNOTATED + N_UNANNOTATED
+N_AFTER = 10  # tasks imported after the promotion, plus one the promoted model surely finds objects on
 SECRET_HEADER = "X-Webhook-Secret"
-
-
-# --- geometry of stored regions --------------------------------------------------------------------
-
-def region_boxes(result: list[dict]) -> list[tuple[str, np.ndarray, str | None, float | None]]:
-    """(label, xyxy in original pixels, meta.source, score) of each rectangle region."""
-    out = []
-    for region in result:
-        value, w, h = region["value"], region["original_width"], region["original_height"]
-        x0, y0 = value["x"] / 100 * w, value["y"] / 100 * h
-        xyxy = np.array([x0, y0, x0 + value["width"] / 100 * w, y0 + value["height"] / 100 * h])
-        out.append((value["rectanglelabels"][0], xyxy, (region.get("meta") or {}).get("source"), region.get("score")))
-    return out
-
-
-def iou(a, b) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def assert_valid(prediction, interface: LabelInterface, task_id: int) -> None:
-    errors = interface.validate_prediction({"result": prediction.result, "score": prediction.score}, return_errors=True)
-    assert not errors, f"task {task_id}: the stored prediction is not valid for label_config.xml: {errors}"
-    for region in prediction.result:
-        assert (region["from_name"], region["to_name"], region["type"]) == ("label", "image", "rectanglelabels"), region
-
-
-def assert_matches_truth(prediction, image: SyntheticImage, task_id: int, min_iou: float = 0.9) -> None:
-    boxes = region_boxes(prediction.result)
-    assert len(boxes) == len(image.boxes), f"task {task_id}: {len(boxes)} regions for {len(image.boxes)} objects: {boxes}"
-    for truth in image.boxes:
-        best = max((iou(truth.xyxy, xyxy) for label, xyxy, _, _ in boxes if label == truth.label), default=0.0)
-        assert best >= min_iou, f"task {task_id}: no {truth.label!r} region on {truth.xyxy} (best IoU {best:.2f}): {boxes}"
-
-
-# --- the shared state of the flow ------------------------------------------------------------------
-
-@dataclass
-class Flow:
-    ls: object  # label_studio_sdk.LabelStudio
-    api: object  # conftest.LSApi
-    backend: object  # conftest.Backend
-    gemini: object  # conftest.GeminiFake
-    base_model: object  # conftest.BaseModel
-    seed: int
-    interface: LabelInterface = field(default_factory=lambda: LabelInterface(CONFIG))
-    project: int | None = None
-    ml_id: int | None = None
-    images: dict[int, SyntheticImage] = field(default_factory=dict)  # task id -> its image
-    done: set[str] = field(default_factory=set)
-
-    def need(self, *steps: str) -> None:
-        missing = [s for s in steps if s not in self.done]
-        if missing:
-            pytest.skip(f"needs the earlier step(s) {missing}")
-
-    def upload(self, images: list[SyntheticImage], prefix: str) -> dict[int, SyntheticImage]:
-        """Teach the fake Gemini the images, upload them as files (one import), return task id -> image."""
-        names = [f"{prefix}-{self.seed}-{i:03d}.png" for i in range(len(images))]
-        for image in images:
-            self.gemini.oracle.add(image.image, [(box.xyxy, box.label) for box in image.boxes])
-        files = {name: (name, image.encode(), "image/png") for name, image in zip(names, images)}
-        response = self.api.post(f"/api/projects/{self.project}/import", files=files)
-        assert response.status_code == 201, f"import failed: HTTP {response.status_code} {response.text[:500]}"
-        assert response.json().get("task_count") == len(images), response.json()
-        by_name = dict(zip(names, images))
-        new: dict[int, SyntheticImage] = {}
-        for task in self.ls.tasks.list(project=self.project, fields="all"):
-            url = (task.data or {}).get("image", "")
-            for name, image in by_name.items():
-                if url.endswith(f"-{name}") or url.endswith(f"/{name}"):
-                    new[task.id] = image
-        assert len(new) == len(images), f"could not find the {len(images)} uploaded tasks (found {len(new)})"
-        self.images.update(new)
-        return new
-
-    def predictions(self) -> dict[int, list]:
-        """task id -> its stored predictions (GET /api/predictions never makes Label Studio call /predict)."""
-        out: dict[int, list] = collections.defaultdict(list)
-        for prediction in self.ls.predictions.list(project=self.project):
-            out[int(prediction.task)].append(prediction)
-        return out
-
-    def wait_predictions(self, task_ids, timeout: float, what: str) -> dict[int, list]:
-        def ready():
-            current = self.predictions()
-            return current if all(current.get(t) for t in task_ids) else None
-
-        return wait_for(ready, timeout, what, interval=1.0, on_timeout=self._missing(task_ids))
-
-    def _missing(self, task_ids):
-        def describe() -> str:
-            current = self.predictions()
-            missing = [t for t in task_ids if not current.get(t)]
-            return f"tasks without a prediction: {missing}\n{self.backend.story(self.project)}"
-        return describe
-
-    def retrieve(self, task_ids) -> dict:
-        """Data Manager "Retrieve Predictions" on ``task_ids`` (synchronous without LS's Redis)."""
-        response = self.api.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": self.project},
-                                 json={"selectedItems": {"all": False, "included": list(task_ids)}})
-        assert response.status_code == 200, f"retrieve_tasks_predictions: HTTP {response.status_code} {response.text[:500]}"
-        return response.json()
+#: The Data Manager's descending order by the Prediction score column (docs/label-studio.md#sorting-by-prediction-score).
+BY_SCORE_DESC = ["-tasks:predictions_score"]
+#: Every box counts for mAP, as in the promotion gate (worker/training/gate.py, COCO's rule).
+ALL_BOXES = 0.001
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +84,6 @@ def flow(base_model, backend, ls_sdk, ls_api, gemini) -> Flow:
     yield state
     gemini.restore()
 
-
-def timed(name: str, since: float) -> float:
-    TIMINGS[name] = time.monotonic() - since
-    return time.monotonic()
 
 
 # --- 1. the project ----------------------------------------------------------------------------------
@@ -242,21 +160,23 @@ def test_3_import_gets_drafts_without_asking(flow: Flow):
 
     images = make_images(N_TASKS, seed=flow.seed, classes=CLASSES, max_objects=2)
     tasks = flow.upload(images, "site")
-    t = timed("3a. upload 16 images", started)
+    t = timed(f"3a. upload {N_TASKS} images", started)
     predictions = flow.wait_predictions(list(tasks), 180, "a draft on every imported task (TASKS_CREATED pre-labeling)")
-    timed("3b. drafts for 16 imported tasks", t)
+    timed(f"3b. drafts for {N_TASKS} imported tasks", t)
 
     version = backend.setup_version(flow.project, CONFIG)
     assert version == GEMINI_VERSION
-    for task_id, image in tasks.items():
+    for task_id in tasks:
         stored = predictions[task_id]
         assert len(stored) == 1, f"task {task_id}: {len(stored)} predictions"
         prediction = stored[0]
         assert prediction.model_version == version
         assert_valid(prediction, flow.interface, task_id)
         sources = {source for _, _, source, _ in region_boxes(prediction.result)}
-        assert sources == {"gemini"}, f"task {task_id}: region sources {sources}"
-        assert_matches_truth(prediction, image, task_id)
+        assert sources <= {"gemini"}, f"task {task_id}: region sources {sources}"  # {} where Gemini missed everything
+        assert_matches(prediction, flow.drafts[task_id], task_id)
+    assert sum(len(flow.drafts[t]) != len(image.boxes) or any(a.xyxy != b.xyxy for a, b in zip(flow.drafts[t], image.boxes))
+               for t, image in tasks.items()) >= N_TASKS // 2, "the fake Gemini's drafts are (nearly) perfect"
 
     # Nobody asked: Label Studio never called /predict; its TASKS_CREATED webhook carried the secret.
     assert len(backend.access("POST", "/predict", agent="heartex/")) == predict_calls, "Label Studio called /predict on import"
@@ -273,7 +193,7 @@ def test_4_retrieve_predictions_stores_no_duplicate(flow: Flow):
     flow.need("drafts")
     backend, started = flow.backend, time.monotonic()
     extra = flow.upload([make_image(np.random.default_rng(flow.seed + 1), classes=CLASSES, n_objects=2)], "extra")
-    (task_id, image), = extra.items()
+    (task_id, _), = extra.items()
     draft = flow.wait_predictions([task_id], 120, "the draft of the extra task")[task_id]
     assert len(draft) == 1
     flow.ls.predictions.delete(id=draft[0].id)
@@ -290,7 +210,7 @@ def test_4_retrieve_predictions_stores_no_duplicate(flow: Flow):
         versions = [p.model_version for p in predictions[tid]]
         assert versions == [version], f"task {tid}: predictions of versions {versions}, expected exactly one {version}"
     assert_valid(predictions[task_id][0], flow.interface, task_id)
-    assert_matches_truth(predictions[task_id][0], image, task_id)
+    assert_matches(predictions[task_id][0], flow.drafts[task_id], task_id)
     assert sum(len(p) for p in predictions.values()) == len(flow.images)
     # One /predict request: Label Studio skipped the tasks that hold the current version.
     assert len(backend.access("POST", "/predict", 200, "heartex/")) == predict_calls + 1
@@ -303,87 +223,53 @@ def test_4_retrieve_predictions_stores_no_duplicate(flow: Flow):
     flow.done.add("retrieve")
 
 
-# --- 5. Start Training, promotion, hot-swap, YOLO fallback ------------------------------------------
+# --- 5.-7. the loop: corrections, Start Training, the model beats the drafts, re-score, auto routing ----
 
-class LocalYolo:
-    """The promoted checkpoint run here the way backend.detectors.yolo runs it (trained imgsz, conf)."""
-
-    def __init__(self, checkpoint: Path):
-        from ultralytics import YOLO
-
-        self.model = YOLO(str(checkpoint))
-        self.imgsz = self.model.overrides.get("imgsz") or 640
-
-    def detect(self, image: SyntheticImage, conf: float) -> list[tuple[str, np.ndarray, float]]:
-        result = self.model.predict(image.image, imgsz=self.imgsz, conf=conf, device="cpu", verbose=False)[0]
-        return [(self.model.names[int(c)], np.asarray(xyxy, float), float(s))
-                for c, xyxy, s in zip(result.boxes.cls.tolist(), result.boxes.xyxy.tolist(), result.boxes.conf.tolist())]
-
-
-def pick_yolo_friendly_image(local: LocalYolo, seed: int) -> tuple[SyntheticImage, list]:
-    """A fresh image the promoted model finds objects on above label_config.xml's threshold (0.3)."""
-    rng = np.random.default_rng(seed)
-    best, best_score = None, -1.0
-    for _ in range(12):
-        image = make_image(rng, classes=CLASSES, n_objects=int(rng.integers(1, 3)))
-        found = local.detect(image, conf=0.3)
-        good = [d for d in found if any(d[0] == b.label and iou(d[1], b.xyxy) >= 0.5 for b in image.boxes)]
-        score = len(good) + (max(d[2] for d in good) if good else 0.0) - 0.5 * (len(found) - len(good))
-        if good and score > best_score:
-            best, best_score = (image, found), score
-    assert best is not None, "the promoted YOLO model finds no object above 0.3 on 12 fresh images"
-    return best
-
-
-def assert_yolo_draft(prediction, local: list, task_id: int) -> None:
-    """Regions from YOLO, above the config's threshold, the boxes the promoted checkpoint finds here."""
-    boxes = region_boxes(prediction.result)
-    assert boxes, f"task {task_id}: the YOLO fallback stored no region: {prediction.result}"
-    assert {source for _, _, source, _ in boxes} == {"yolo"}, boxes
-    assert all(score is not None and score >= 0.3 for _, _, _, score in boxes), boxes
-    # (an export may differ from the .pt in the last digits: compare boxes, and only clear scores)
-    for label, xyxy, _, _ in boxes:
-        assert any(label == name and iou(xyxy, box) >= 0.8 for name, box, _ in local), (
-            f"{label} {xyxy} not found locally: {local}")
-    for name, box, score in local:
-        if score >= 0.4:
-            assert any(label == name and iou(xyxy, box) >= 0.8 for label, xyxy, _, _ in boxes), (
-                f"{name} {box} {score:.2f} missing: {boxes}")
-
-
-def test_5_start_training_promotes_and_hot_swaps(flow: Flow):
+def test_5_corrections_train_a_model_that_beats_the_drafts(flow: Flow):
     flow.need("retrieve")
     backend, started = flow.backend, time.monotonic()
 
-    # Ground truth for every task; each ANNOTATION_CREATED webhook is counted, none starts a training.
-    for task_id, image in sorted(flow.images.items()):
+    # Annotators correct N_ANNOTATED tasks (ground truth); each ANNOTATION_CREATED webhook is counted, none trains.
+    for task_id in sorted(flow.images)[:N_ANNOTATED]:
+        image = flow.images[task_id]
         flow.ls.annotations.create(id=task_id, result=ls_result(image.boxes, image.width, image.height),
                                    was_cancelled=False, ground_truth=True)
-    n_annotated = len(flow.images)
-    status = wait_for(lambda: (s := backend.train_status(flow.project))["events_since_training"] >= n_annotated and s,
-                      30, f"{n_annotated} ANNOTATION_CREATED webhooks counted by the backend")
-    assert status["events_since_training"] == n_annotated
+        flow.annotated.add(task_id)
+    status = wait_for(lambda: (s := backend.train_status(flow.project))["events_since_training"] >= N_ANNOTATED and s,
+                      30, f"{N_ANNOTATED} ANNOTATION_CREATED webhooks counted by the backend")
+    assert status["events_since_training"] == N_ANNOTATED
     assert status["queued"] is None and status["running"] is None and status["current_version"] is None, status
-    t = timed("5a. annotate every task", started)
+    assert len(unannotated(flow)) == N_UNANNOTATED + 1
+    # The Data Manager view test 6 reads: un-annotated drafted tasks, most useful first; its order before any re-score.
+    # Label Studio 1.23.2 averages, for the Prediction score column, only the predictions of the project's model_version,
+    # which "Connect Model" set to the ML backend's title, a version no prediction carries: the column stays empty and
+    # ordering by it does nothing (measured: id order). So first pick the drafts' version, as Settings -> Annotation ->
+    # Prelabeling does (docs/label-studio.md#sorting-by-prediction-score).
+    project = flow.api.get(f"/api/projects/{flow.project}/").json()
+    assert project["model_version"] == "Gemini + YOLO", project["model_version"]  # the title test 2 connected
+    response = flow.api.patch(f"/api/projects/{flow.project}/", json={"model_version": GEMINI_VERSION})
+    assert response.status_code == 200, f"PATCH model_version: HTTP {response.status_code} {response.text[:500]}"
+    response = flow.api.post("/api/dm/views", json={"project": flow.project, "data": {
+        "title": "most useful first", "ordering": BY_SCORE_DESC, **DRAFTED_FILTER}})
+    assert response.status_code == 201, f"POST /api/dm/views: HTTP {response.status_code} {response.text[:500]}"
+    flow.view = response.json()["id"]
+    flow.order_before = flow.view_order()
+    assert sorted(flow.order_before) == unannotated(flow), flow.order_before
+    t = timed(f"5a. annotate {N_ANNOTATED} of {len(flow.images)} tasks", started)
 
     flow.base_model.wait()
     t = timed("5b. wait for the YOLO base checkpoint", t)
-    response = flow.api.post(f"/api/ml/{flow.ml_id}/train")
-    assert response.status_code == 200, f"Start Training: HTTP {response.status_code} {response.text[:500]}"
-    assert wait_for(lambda: backend.access("POST", "/webhook", 201, "heartex/"), 10, "START_TRAINING accepted by /webhook")
-
-    def finished():
-        current = backend.train_status(flow.project)
-        last = current.get("last") or {}
-        return current if last.get("status") in ("promoted", "rejected", "skipped", "failed") else None
-
-    status = wait_for(finished, 420, "the training started from Label Studio to finish", interval=2.0,
-                      on_timeout=lambda: str(backend.train_status(flow.project)))
+    status = start_training_and_wait(flow, 600)
     t = timed("5c. training (Start Training -> promoted)", t)
     last = status["last"]
     assert last["status"] == "promoted", f"training did not promote: {last}"
     assert status["current_version"] == "v0001" and last["version"] == "v0001", status
-    print(f"\n[e2e] training: {last.get('durations')} candidate {(last.get('candidate_metrics') or {}).get('map50')}", flush=True)
+    held_out, drafts_held_out = last["candidate_metrics"]["map50"], (last["draft_quality"].get("gemini") or {}).get("map50")
+    print(f"\n[e2e] training: {last.get('durations')} epochs {last.get('epochs_run')} counts {last.get('counts')}; "
+          f"held-out mAP50 {held_out} vs Gemini drafts {drafts_held_out}; candidate {last['candidate_metrics']}", flush=True)
+    # TRAIN_DRAFTS (default on): the drafts of the tasks nobody annotated were trained on; the gate saw humans only.
+    assert last["counts"]["draft_tasks"] > 0, last["counts"]
+    assert not set(last["val_task_ids"]) - flow.annotated, "a task without a human annotation was held out"
 
     version = backend.setup_version(flow.project, CONFIG)
     assert version == f"{GEMINI_VERSION}+yolo:v0001"
@@ -392,34 +278,105 @@ def test_5_start_training_promotes_and_hot_swaps(flow: Flow):
              "a web worker serving YOLO v0001")
     t = timed("5d. hot-swap to v0001", t)
 
-    # Gemini down: the next import is drafted by the promoted YOLO model (in the worker's job) ...
+    # The loop pays off: on the tasks nobody annotated, the promoted model beats the drafts it replaces.
+    from backend.detectors.yolo import YoloDetector  # heavy (ultralytics), as the gate loads it
+
+    tasks = unannotated(flow)
+    predictions = flow.predictions()
+    gemini_drafts = []
+    for task_id in tasks:
+        (draft,) = [p for p in predictions[task_id] if p.model_version == GEMINI_VERSION]
+        gemini_drafts.append(stored(draft, flow.images[task_id]))
+    detector = YoloDetector(backend.model_dir / str(flow.project) / "v0001" / "model.pt", "v0001")
+    found = detector.detect_batch([flow.images[t].image for t in tasks], PARSED_CONFIG, ALL_BOXES)
+    truths = [truth(flow.images[t]) for t in tasks]
+    yolo_map, drafts_map = map50(zip(found, truths)), map50(zip(gemini_drafts, truths))
+    print(f"[e2e] {len(tasks)} un-annotated tasks, mAP50 against the synthetic truth: promoted YOLO v0001 {yolo_map:.3f}, "
+          f"Gemini drafts {drafts_map:.3f}", flush=True)
+    assert yolo_map > drafts_map, f"the promoted model ({yolo_map:.3f}) does not beat the drafts ({drafts_map:.3f})"
+    timed("5e. score the promoted model and the drafts on the un-annotated tasks", t)
+    flow.done.add("trained")
+
+
+def test_6_rescore_after_promotion_reorders_the_data_manager(flow: Flow):
+    flow.need("trained")
+    started, tasks = time.monotonic(), unannotated(flow)
+    scores_before = {t: [p.score for p in flow.predictions()[t]] for t in tasks}
+    job = flow.ranking_job(120)
+    result = job.return_value()
+    assert result["status"] == "ranked" and result["version"] == "v0001" and result["failed"] == 0, result
+    scores = {int(t): float(v) for t, v in result["scores"].items()}
+    assert sorted(scores) == tasks, f"re-scored {sorted(scores)}, un-annotated {tasks}"
+    assert len({round(v, 6) for v in scores.values()}) > 1, f"every task got the same score: {scores}"
+
+    # Label Studio holds the new scores (every prediction of a task: the Data Manager averages them) ...
+    predictions = flow.predictions()
+    for t in tasks:
+        assert [p.score for p in predictions[t]] == pytest.approx([scores[t]] * len(predictions[t])), (
+            f"task {t}: scores {[p.score for p in predictions[t]]} in Label Studio, re-scored {scores[t]} "
+            f"(before {scores_before[t]})")
+    # ... and its own order by Prediction score, descending, follows them: most useful first.
+    order = flow.view_order()
+    assert sorted(order) == tasks
+    assert [scores[t] for t in order] == sorted(scores.values(), reverse=True), [(t, scores[t]) for t in order]
+    assert order != flow.order_before, f"the Data Manager order did not change: {order}"
+    print(f"[e2e] Data Manager order by prediction score: before {flow.order_before}, after {order} "
+          f"(scores {[round(scores[t], 3) for t in order]}, before {sorted({s for v in scores_before.values() for s in v})})",
+          flush=True)
+    timed("6. re-score after the promotion, Data Manager order", started)
+    flow.done.add("ranked")
+
+
+# --- 7. ROUTING=auto, the web workers after the version change ---------------------------------------
+
+def test_7_auto_routing_sends_new_tasks_to_yolo(flow: Flow):
+    flow.need("trained")
+    backend, started = flow.backend, time.monotonic()
+    version = backend.setup_version(flow.project, CONFIG)
+
+    # New tasks, Gemini healthy: ROUTING=auto serves YOLO first once it measured at least as good as the drafts.
     local_model = LocalYolo(backend.model_dir / str(flow.project) / "v0001" / "model.pt")
     image, local = pick_yolo_friendly_image(local_model, flow.seed + 2)
-    flow.gemini.fail_with(server_error(500))
-    new = flow.upload([image], "after-training")
-    (task_id, _), = new.items()
-    stored = flow.wait_predictions([task_id], 180, "the YOLO draft of the task imported after training")[task_id]
-    assert [p.model_version for p in stored] == [version], [p.model_version for p in stored]
-    assert_valid(stored[0], flow.interface, task_id)
-    assert_yolo_draft(stored[0], local, task_id)
-    assert [c for c in flow.gemini.calls if c.status == 500], "the backend did not try Gemini before falling back"
-    t = timed("5e. YOLO fallback draft on import (worker)", t)
+    gemini_calls = len(flow.gemini.calls)
+    new = flow.upload([*make_images(N_AFTER, seed=flow.seed + 3, classes=CLASSES, max_objects=2), image], "after-training")
+    (friendly,) = [t for t, im in new.items() if im is image]
+    drafted = flow.wait_predictions(list(new), 180, "drafts of the tasks imported after training")
+    by_source: collections.Counter = collections.Counter()
+    for task_id in new:
+        assert [p.model_version for p in drafted[task_id]] == [version], [p.model_version for p in drafted[task_id]]
+        assert_valid(drafted[task_id][0], flow.interface, task_id)
+        sources = {source for _, _, source, _ in region_boxes(drafted[task_id][0].result)}
+        # A draft with no region is YOLO's too when Gemini was not asked (YOLO found nothing above the threshold).
+        by_source["gemini" if "gemini" in sources else "yolo"] += 1
+        by_source["yolo, no region"] += not sources
+    asked = len(flow.gemini.calls) - gemini_calls
+    truths = [truth(im) for im in new.values()]
+    served = map50(zip((stored(drafted[t][0], im) for t, im in new.items()), truths))
+    would = map50(zip((Detections(np.array([b.xyxy for b in flow.drafts[t]], float).reshape(-1, 4),
+                                  [b.label for b in flow.drafts[t]], np.full(len(flow.drafts[t]), 0.5), (im.width, im.height),
+                                  "gemini") for t, im in new.items()), truths))
+    print(f"[e2e] {len(new)} tasks imported after the promotion: drafts by source {dict(by_source)}, Gemini asked "
+          f"{asked} times; stored YOLO drafts mAP50 {served:.3f} (what Gemini would have answered: {would:.3f})", flush=True)
+    assert by_source["yolo"] >= 0.9 * len(new), f"YOLO drafted {by_source['yolo']} of {len(new)} new tasks: {dict(by_source)}"
+    assert by_source["gemini"] <= 0.1 * len(new) and asked <= 0.1 * len(new), (dict(by_source), asked)
+    assert_yolo_draft(drafted[friendly][0], local, friendly)
+    t = timed(f"7a. ROUTING=auto: {len(new)} new tasks drafted (worker)", started)
 
-    # ... and by the web workers: Retrieve for that task (its draft deleted) and for tasks holding only
-    # the old version: one /predict; Gemini's cached answers serve the old tasks, YOLO the new one.
-    flow.ls.predictions.delete(id=stored[0].id)
-    olds = sorted(flow.images)[:3]
+    # The web workers too: Retrieve for that task (its draft deleted) and for tasks holding only the old
+    # version: one /predict, and each task gets exactly one prediction of the new version.
+    flow.ls.predictions.delete(id=drafted[friendly][0].id)
+    olds = sorted(flow.annotated)[:3]
     predict_calls = len(backend.access("POST", "/predict", 200, "heartex/"))
-    flow.retrieve([*olds, task_id])
+    flow.retrieve([*olds, friendly])
     predictions = flow.predictions()
     for tid in olds:
         counts = collections.Counter(p.model_version for p in predictions[tid])
         assert counts == {GEMINI_VERSION: 1, version: 1}, f"task {tid}: {dict(counts)}"
-    assert [p.model_version for p in predictions[task_id]] == [version]
-    assert_valid(predictions[task_id][0], flow.interface, task_id)
-    assert_yolo_draft(predictions[task_id][0], local, task_id)
+    assert [p.model_version for p in predictions[friendly]] == [version]
+    assert_valid(predictions[friendly][0], flow.interface, friendly)
+    assert_yolo_draft(predictions[friendly][0], local, friendly)
     assert len(backend.access("POST", "/predict", 200, "heartex/")) == predict_calls + 1
-    timed("5f. retrieve after the version change (web)", t)
+    timed("7b. retrieve after the version change (web)", t)
 
     # Same processes all along: promoted and served without any restart.
     pids = backend.service_pids()
@@ -429,4 +386,3 @@ def test_5_start_training_promotes_and_hot_swaps(flow: Flow):
     for secret in (backend.webhook_secret, backend.auth[1], backend.env["LABEL_STUDIO_API_KEY"],
                    backend.env["GEMINI_API_KEY"]):
         assert secret not in log, "a secret reached the backend log"
-    flow.done.add("trained")
