@@ -187,16 +187,17 @@ class CostTracker:
     def record(self, model: str, usage: Usage, tier: str = "standard", *, charge: bool = True) -> float:
         """Count a billed call: token and cost metrics, today's shared spend. Returns its USD.
 
-        ``charge=False``: metrics and the lifetime tally only, the day's spend was charged already
-        (a batch's results, settled as a whole by :meth:`settle`)."""
+        ``charge=False``: this process's metrics only (a batch's results): the day's spend was charged at
+        submission and the lifetime tally gets the batch's cost once, from :meth:`settle`, however many
+        polls read the results (a poll resumed after a dead worker reads them all again)."""
         cost = self.cost_usd(usage, tier)
         GEMINI_TOKENS.labels(model=model, kind="input").inc(usage.prompt_tokens)
         GEMINI_TOKENS.labels(model=model, kind="output").inc(usage.output_tokens)
         GEMINI_TOKENS.labels(model=model, kind="thinking").inc(usage.thinking_tokens)
         GEMINI_COST.labels(model=model).inc(cost)
         GEMINI_TIER_COST.labels(tier=tier).inc(cost)
-        self._tally(f"usd:{tier}", cost)
         if charge:
+            self._tally(f"usd:{tier}", cost)
             self.charge(cost)
         return cost
 
@@ -205,9 +206,11 @@ class CostTracker:
         self.charge(usd)
         return usd
 
-    def settle(self, reserved: float, actual: float) -> None:
-        """Replace a reservation by what the results say was billed (may give money back)."""
+    def settle(self, reserved: float, actual: float, tier: str = "batch") -> None:
+        """Replace a reservation by what the results say was billed (may give money back), and add that
+        to the lifetime tally under ``tier``. Call it once per batch (the caller's HSETNX ``settled_usd``)."""
         self.charge(actual - reserved)
+        self._tally(f"usd:{tier}", actual)
 
     def count_task(self, source: str, project: str | int | None = None, usd: float = 0.0) -> None:
         """One drafted task by ``source`` (gemini:standard|flex|batch|cache, yolo): the cost per 1,000 drafts.

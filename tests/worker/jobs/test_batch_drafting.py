@@ -124,6 +124,9 @@ def test_a_poll_killed_mid_run_is_resumed_by_the_sweep_stores_each_task_once_and
     assert 0 < settled < reserved
     flex_call = cost.money().get("usd:flex", 0.0) - money_before.get("usd:flex", 0.0)
     assert flex_call > 0  # the resumed retry's answer (the killed one was never answered, so never billed)
+    # the victim's results were read by the killed poll and again by the resumed one: tallied once, when settled
+    batch_tally = cost.money().get("usd:batch", 0.0) - money_before.get("usd:batch", 0.0)
+    assert batch_tally == pytest.approx(settled, rel=1e-6, abs=1e-9)
     assert cost.spent_today() == pytest.approx(spent_before + settled + flex_call, rel=1e-6, abs=1e-9)
     assert not any(m.decode().startswith(f"{pid}:") for m in redis15.smembers(keys.gbatch_live()))
     status = import_status.read(redis15, pid)

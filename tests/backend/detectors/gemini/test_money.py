@@ -20,10 +20,15 @@ def test_tier_prices_and_cost_per_1000_tasks(rdb, tmp_path):
     assert tracker.cost_usd(usage, "cache") == 0.0
 
     tracker.record("m", usage, "standard")
-    tracker.record("m", usage, "batch", charge=False)  # a batch result: settled as a whole, not charged again
+    # A batch's results, read twice (a poll resumed after a dead worker reads them again): neither charged
+    # nor tallied; the batch enters the day's spend at submission and the lifetime tally once, when settled.
+    tracker.record("m", usage, "batch", charge=False)
+    tracker.record("m", usage, "batch", charge=False)
     for source in ("gemini:standard", "gemini:batch", "yolo", "yolo"):
         tracker.count_task(source)
     assert tracker.spent_today() == pytest.approx(2.0)
+    assert tracker.money() == {"usd:standard": pytest.approx(2.0), "tasks:gemini:standard": 1,
+                               "tasks:gemini:batch": 1, "tasks:yolo": 2}
     reserved = tracker.reserve(1.5)
     assert tracker.spent_today() == pytest.approx(3.5)
     tracker.settle(reserved, 0.8)
