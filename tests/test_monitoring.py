@@ -19,6 +19,7 @@ import yaml
 from prometheus_client import Counter, Histogram
 
 from backend.core import metrics
+from backend.detectors.gemini.cost import money_gauges
 from backend.serving import quality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ def exported_series() -> set[str]:
             return json.dumps({"sources": {"gemini": {"map50": 0.7}}, "model": {"version": "v0001", "map50": 0.8}})
 
     names |= {family.name for family in quality.gauges(StoredQuality(), OneProject())}
+    names |= {family.name for family in money_gauges(None)}
     return names
 
 
@@ -67,7 +69,8 @@ def test_every_query_asks_for_series_the_service_exports():
 def test_the_dashboard_covers_the_loop_and_the_money():
     asked = " ".join(queries(dashboard()))
     for series in ("lsb_predictions_total", "lsb_gemini_cost_usd_total", "lsb_gemini_cache_total", "lsb_draft_quality",
-                   "lsb_model_quality", "lsb_prediction_failures_total", "lsb_model_swaps_total", "lsb_webhooks_total"):
+                   "lsb_model_quality", "lsb_prediction_failures_total", "lsb_model_swaps_total", "lsb_webhooks_total",
+                   "lsb_gemini_tier_cost_usd_total", "lsb_cost_per_1000_drafted_tasks_usd", "lsb_drafted_tasks"):
         assert series in asked, f"no panel shows {series}"
 
 
