@@ -29,6 +29,7 @@ from bench.stats import Stats, ratio
 
 NAME = "health"
 TITLE = "5. /health latency while busy"
+STATUS_POLL_S = 0.3  # 10 status pages open, each polling every 3 s
 
 
 def _probe(ctx: Context, url: str, seconds: float, label: str) -> list[float]:
@@ -77,7 +78,10 @@ def run(ctx: Context) -> Result:
     project = project_id()
     with FakeLabelStudio() as ls, fg.FakeGemini(responder=responder) as gemini:
         with backend(ctx, "health", workers=2, threads=8, ls=ls, gemini_api_key=fg.DEFAULT_KEY, gemini_base_url=gemini.base_url,
-                     routing="gemini", gemini_breaker_failures=100000, gemini_cache_ttl=1) as be:
+                     routing="gemini", gemini_breaker_failures=100000, gemini_cache_ttl=1,
+                     # the long /predict calls are the load this bench puts on the serving process: answered
+                     # inline, never sent to a background job by the latency planner (backend.serving.budget)
+                     predict_timeout=600, predict_inline_share=1.0) as be:
             register_version(ctx, Path(be.env["MODEL_DIR"]), project, checkpoint)
             pid = int(project)
             gemini_tasks = upload_tasks(ls, pid, synthetic(n_gemini, seed=31))
@@ -86,6 +90,16 @@ def run(ctx: Context) -> Result:
             for _ in range(2):  # every worker: model loaded, images cached
                 requests.post(f"{be.url}/predict", json=predict_body(yolo_tasks, project), timeout=300).raise_for_status()
             phases["idle"] = _probe(ctx, be.url, seconds, "idle")
+
+            # The status page: 10 browsers open on it, each polling status.json every 3 s (its own rate).
+            label = "status page polled by 10 open browsers (status.json every 0.3 s)"
+            stop, count = threading.Event(), [0]
+            pages = _busy(lambda: (requests.get(f"{be.url}/status.json", timeout=30).raise_for_status(),
+                                   time.sleep(STATUS_POLL_S)), stop, count)
+            phases[label] = _probe(ctx, be.url, seconds, "status")
+            stop.set()
+            pages.join(60)
+            ctx.log(f"health: {label}: {count[0]} status.json answers during the probe")
 
             counts: dict[str, list[int]] = {}
             for label, tasks, gemini_mode in (("long Gemini /predict (64 tasks, 1 s per call)", gemini_tasks, "slow"),
@@ -146,7 +160,8 @@ def run(ctx: Context) -> Result:
     result.method = ("gunicorn as deployed (2 workers × 8 gthreads, ROUTING=gemini with a YOLO version promoted). "
                      "`bench.loadgen` in its own process probes GET /health 20 times a second, new connection each "
                      "(like Label Studio), for each phase: idle; while /predict calls of 64 tasks run back to back "
-                     "against a fake Gemini answering after 1 s (I/O-bound); while /predict calls run back to back "
+                     "against a fake Gemini answering after 1 s (I/O-bound); while status.json is read every 0.3 s "
+                     "(10 status pages open, each polling every 3 s); while /predict calls run back to back "
                      "with Gemini answering 400 at once so every task falls back to YOLO in one batch (CPU-bound, "
                      "inside the serving process); while `worker.training.trainer.train` runs in another process at default "
                      "settings with a time budget (what the RQ worker does on the same host), as deployed and then "
