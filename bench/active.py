@@ -26,7 +26,7 @@ from bench.common import ROOT, TRAIN_ENV, Context, setup_environment
 from bench.results import Result, Row
 
 NAME = "active"
-TITLE = "11. Active learning: held-out mAP50 after annotating the top-ranked vs random tasks"
+TITLE = "12. Active learning: held-out mAP50 after annotating the top-ranked vs random tasks"
 IMGSZ = 160
 SIZE = (160, 120)
 

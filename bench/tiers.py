@@ -13,7 +13,7 @@ from bench.common import Context
 from bench.results import Result, Row, goal_row
 
 NAME = "tiers"
-TITLE = "16. Bulk drafting per Gemini tier: cost and wall time of 1,000 tasks"
+TITLE = "13. Bulk drafting per Gemini tier: cost and wall time of 1,000 tasks"
 CONFIG_XML = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
               '<Label value="Car"/><Label value="Person"/></RectangleLabels></View>')
 

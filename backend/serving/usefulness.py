@@ -40,7 +40,7 @@ BAND_SCALE = 3.0
 #: Two boxes this overlapped mark the same object (the class margin compares their classes).
 SAME_SPOT_IOU = 0.7
 VARIANTS = ("least_confidence", "band", "margin", "combined")
-DEFAULT_VARIANT = "combined"  # measured: beat least_confidence, band and random (BENCHMARKS.md section 11)
+DEFAULT_VARIANT = "combined"  # measured: beat least_confidence, band and random (BENCHMARKS.md section 12)
 
 
 def _clip(value: float) -> float:
