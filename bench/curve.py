@@ -123,30 +123,100 @@ def one_point(ctx: Context, proj: dict, n: int, drafts: bool, base: str, budget:
             "wall_s": round(r["wall_s"], 1), "epochs_run": r["epochs_run"], "train_args": r["train_args"]}
 
 
-def _plot(points: list[dict], drafts_map: float, path: Path, title: str) -> None:
+def _plot(points: list[dict], drafts_map: float, path: Path, title: str, real: dict) -> None:
+    """One line per (start, drafts, budget): points trained at different budgets are never joined, so a line shows n only.
+
+    Points at the real defaults' budget are filled, points at a shorter budget hollow.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (start, drafts), style in (((s, d), f"{'-' if d else '--'}{'o' if s == 'random' else 's'}")
-                                   for s in ("random", "pretrained") for d in (True, False)):
-        rows = sorted((p for p in points if p["start"] == start and p["drafts"] == drafts), key=lambda p: p["n"])
-        if rows:
-            ax.errorbar([p["n"] for p in rows], [p["mean"] for p in rows], yerr=[p["sd"] for p in rows], fmt=style,
-                        capsize=3, label=f"YOLO, {start} start, {'with' if drafts else 'without'} drafts")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for start in ("random", "pretrained"):
+        for drafts in (True, False):
+            colour = next(colours)
+            budgets = sorted({str(p["budget"]) for p in points if p["start"] == start and p["drafts"] == drafts})
+            for budget in budgets:
+                rows = sorted((p for p in points if p["start"] == start and p["drafts"] == drafts
+                               and str(p["budget"]) == budget), key=lambda p: p["n"])
+                full = budget == str(real)
+                ax.errorbar([p["n"] for p in rows], [p["mean"] for p in rows], yerr=[p["sd"] for p in rows],
+                            fmt=f"{'-' if drafts else '--'}{'o' if start == 'random' else 's'}", color=colour, capsize=3,
+                            markerfacecolor=colour if full else "none", markersize=9 if full else 6, zorder=4 if full else 2,
+                            label=f"YOLO, {start} start, {'with' if drafts else 'without'} drafts, {budget}")
     ax.axhline(drafts_map, color="grey", linestyle=":", label=f"Gemini drafts (simulated) {drafts_map:.2f}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("corrected images")
     ax.set_ylabel("held-out mAP50")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title(f"{title}\nfilled: the real budget {real}; hollow: a shorter budget", fontsize=8)
+    ax.legend(fontsize=6, loc="center right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _summarise(result: Result, runs: list[dict], sizes: list[int], headline: int) -> list[dict]:
+    """The table and goal rows of the runs so far: written after every seed, so an interrupted run keeps them."""
+    result.rows = []
+    points = []
+    for start in ("random", "pretrained"):
+        for drafts in (True, False):
+            for n in sizes:
+                rs = [r for r in runs if r["start"] == start and r["drafts"] == drafts and r["n"] == n]
+                if not rs:
+                    continue
+                vals = [r["map50"] for r in rs]
+                points.append({"start": start, "drafts": drafts, "n": n, "mean": statistics.mean(vals),
+                               "sd": statistics.pstdev(vals), "budget": rs[0]["budget"]})
+                ours = statistics.mean(r["drafts_map50"] for r in rs)
+                result.add(Row(f"{n} corrected, {start} start{' (stand-in, see method)' if start == 'pretrained' else ''}, "
+                               f"{'with' if drafts else 'without'} drafts: held-out mAP50",
+                               f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f} (n={len(vals)})",
+                               baseline=f"drafts {ours:.3f}", ratio=f"{statistics.mean(vals) / max(ours, 1e-9):.2f}×",
+                               note=f"budget {rs[0]['budget']}, {statistics.mean(r['epochs_run'] for r in rs):.0f} epochs, "
+                                    f"{statistics.mean(r['wall_s'] for r in rs):.0f} s, "
+                                    f"{statistics.mean(r['train_images'] for r in rs):.0f} train images"))
+    head = [r for r in runs if r["n"] == headline and r["start"] == "random"]
+    for drafts in (True, False):
+        hs = [r for r in head if r["drafts"] == drafts]
+        if not hs:
+            continue
+        beat = sum(r["map50"] > r["drafts_map50"] for r in hs)
+        routed = sum(r["yolo_preferred"] for r in hs)
+        label = f"{headline} corrected, random init, {'with' if drafts else 'without'} drafts, real defaults"
+        result.add(goal_row(f"{label}: YOLO beats the drafts (seeds)", f"{beat}/{len(hs)}", beat / len(hs), 1.0, True,
+                            "every seed"))
+        result.add(goal_row(f"{label}: new tasks ROUTING=auto sends to YOLO (yolo_preferred, per project)",
+                            f"{100 * routed / len(hs):.0f}%", routed / len(hs), 0.9, True, "≥ 90%"))
+    return points
+
+
+def budget_notes(runs: list[dict], real: dict) -> list[str]:
+    """What each budget bought per start, so a line that mixes budgets is not read as an effect of n."""
+    notes = []
+    for start in ("random", "pretrained"):
+        groups: dict[str, list[dict]] = {}
+        for r in runs:
+            if r["start"] == start:
+                groups.setdefault(str(r["budget"]), []).append(r)
+        if len(groups) < 2:
+            continue
+        parts = []
+        for budget, rs in groups.items():
+            mean = statistics.mean(r["map50"] for r in rs)
+            sizes = ", ".join(str(n) for n in sorted({r["n"] for r in rs}))
+            part = (f"at {budget} mean mAP50 {mean:.3f} over {len(rs)} runs (sizes {sizes}, "
+                    f"{statistics.mean(r['epochs_run'] for r in rs):.0f} epochs on average)")
+            if budget != str(real) and mean < 0.1:
+                part += ": too short to learn anything from these weights, so those points measure the budget, not n"
+            parts.append(part)
+        notes.append(f"{start} start: " + "; ".join(parts) + ".")
+    return notes
 
 
 def run(ctx: Context) -> Result:
@@ -180,41 +250,14 @@ def run(ctx: Context) -> Result:
                     runs.append(point)
                     ctx.log(f"curve: mAP50 {point['map50']:.3f} (drafts {point['drafts_map50']}) in {point['wall_s']} s")
             result.raw = {"runs": runs}
-            ctx.partial(result)
+        _summarise(result, runs, sizes, headline)
+        ctx.partial(result)
     drafts_map = statistics.mean(r["drafts_map50"] for r in runs if r["drafts_map50"] is not None)
-    points = []
-    for start in ("random", "pretrained"):
-        for drafts in (True, False):
-            for n in sizes:
-                rs = [r for r in runs if r["start"] == start and r["drafts"] == drafts and r["n"] == n]
-                if not rs:
-                    continue
-                vals = [r["map50"] for r in rs]
-                points.append({"start": start, "drafts": drafts, "n": n, "mean": statistics.mean(vals),
-                               "sd": statistics.pstdev(vals), "runs": rs})
-                ours = statistics.mean(r["drafts_map50"] for r in rs)
-                result.add(Row(f"{n} corrected, {start} start{' (stand-in, see method)' if start == 'pretrained' else ''}, "
-                               f"{'with' if drafts else 'without'} drafts: held-out mAP50",
-                               f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f} (n={len(vals)})",
-                               baseline=f"drafts {ours:.3f}", ratio=f"{statistics.mean(vals) / max(ours, 1e-9):.2f}×",
-                               note=f"budget {rs[0]['budget']}, {statistics.mean(r['epochs_run'] for r in rs):.0f} epochs, "
-                                    f"{statistics.mean(r['wall_s'] for r in rs):.0f} s, "
-                                    f"{statistics.mean(r['train_images'] for r in rs):.0f} train images"))
-    head = [r for r in runs if r["n"] == headline and r["start"] == "random"]
-    for drafts in (True, False):
-        hs = [r for r in head if r["drafts"] == drafts]
-        if not hs:
-            continue
-        beat = sum(r["map50"] > r["drafts_map50"] for r in hs)
-        routed = sum(r["yolo_preferred"] for r in hs)
-        label = f"{headline} corrected, random init, {'with' if drafts else 'without'} drafts, real defaults"
-        result.add(goal_row(f"{label}: YOLO beats the drafts (seeds)", f"{beat}/{len(hs)}", beat / len(hs), 1.0, True,
-                            "every seed"))
-        result.add(goal_row(f"{label}: new tasks ROUTING=auto sends to YOLO (yolo_preferred, per project)",
-                            f"{100 * routed / len(hs):.0f}%", routed / len(hs), 0.9, True, "≥ 90%"))
+    points = _summarise(result, runs, sizes, headline)
+    result.notes.extend(budget_notes(runs, real))
     png = PNG if not ctx.quick else ctx.workdir / PNG.name
-    _plot(points, drafts_map, png, f"held-out mAP50 after one training, mean ± sd over {len(seeds)} seed(s)")
-    result.raw = {"runs": runs, "points": [{k: v for k, v in p.items() if k != "runs"} for p in points], "png": str(png)}
+    _plot(points, drafts_map, png, f"held-out mAP50 after one training, mean ± sd over {len(seeds)} seed(s)", real)
+    result.raw = {"runs": runs, "points": points, "png": str(png)}
     rel = png.relative_to(ROOT) if png.is_relative_to(ROOT) else png
     result.notes.append(f"Plot: ![annotation efficiency]({rel})")
     result.method = (

@@ -94,3 +94,33 @@ def test_quick_annotation_efficiency_curve_writes_table_and_plot(tmp_path, redis
     import shutil
 
     shutil.rmtree(png.parent, ignore_errors=True)  # --keep kept the quick run's work folder for the PNG
+
+
+def _curve_run(n: int, start: str, budget: dict, map50: float, seed: int = 1) -> dict:
+    return {"n": n, "start": start, "drafts": True, "budget": budget, "map50": map50, "drafts_map50": 0.85,
+            "epochs_run": 5 if budget["time_min"] < 1 else 30, "wall_s": 60.0, "train_images": 2 * n,
+            "yolo_preferred": map50 > 0.85, "seed": seed}
+
+
+def test_curve_summary_says_what_each_budget_bought_and_survives_a_partial_write(tmp_path):
+    """A line mixing budgets (random init: 0.75 min learns nothing, 5 min does) is explained, not read as an effect of n."""
+    from bench import curve
+
+    real, short = {"time_min": 5.0}, {"time_min": 0.75}
+    runs = [_curve_run(n, "random", real if n == 40 else short, 1.0 if n == 40 else 0.0, seed)
+            for seed in (1, 2) for n in (10, 20, 40)]
+    runs += [_curve_run(n, "pretrained", short, 0.99, seed) for seed in (1, 2) for n in (10, 20, 40)]
+    result = Result(curve.NAME, curve.TITLE)
+    points = curve._summarise(result, runs, [10, 20, 40], 40)
+    assert len(points) == 6 and len(result.rows) == 6 + 2
+    goals = {row.metric.split(": ")[-1]: row.status for row in result.rows if row.status}
+    assert set(goals.values()) == {"met"}, goals
+    notes = curve.budget_notes(runs, real)
+    assert len(notes) == 1 and notes[0].startswith("random start:"), notes  # pretrained ran one budget only
+    assert "mean mAP50 0.000 over 4 runs (sizes 10, 20" in notes[0] and "too short to learn anything" in notes[0]
+    assert "mean mAP50 1.000 over 2 runs (sizes 40" in notes[0]
+    png = tmp_path / "curve.png"
+    curve._plot(points, 0.85, png, "test", real)
+    assert png.stat().st_size > 1000
+    again = curve._summarise(result, runs, [10, 20, 40], 40)  # each partial write starts the rows afresh
+    assert again == points and len(result.rows) == 8
