@@ -123,6 +123,14 @@ def one_point(ctx: Context, proj: dict, n: int, drafts: bool, base: str, budget:
             "wall_s": round(r["wall_s"], 1), "epochs_run": r["epochs_run"], "train_args": r["train_args"]}
 
 
+def series(points: list[dict]) -> dict[tuple[str, bool, str], list[dict]]:
+    """The plot's lines: points grouped by (start, drafts, budget), each sorted by n; no line joins two budgets."""
+    lines: dict[tuple[str, bool, str], list[dict]] = {}
+    for point in sorted(points, key=lambda p: p["n"]):
+        lines.setdefault((point["start"], point["drafts"], str(point["budget"])), []).append(point)
+    return lines
+
+
 def _plot(points: list[dict], drafts_map: float, path: Path, title: str, real: dict) -> None:
     """One line per (start, drafts, budget): points trained at different budgets are never joined, so a line shows n only.
 
@@ -134,19 +142,14 @@ def _plot(points: list[dict], drafts_map: float, path: Path, title: str, real: d
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
-    for start in ("random", "pretrained"):
-        for drafts in (True, False):
-            colour = next(colours)
-            budgets = sorted({str(p["budget"]) for p in points if p["start"] == start and p["drafts"] == drafts})
-            for budget in budgets:
-                rows = sorted((p for p in points if p["start"] == start and p["drafts"] == drafts
-                               and str(p["budget"]) == budget), key=lambda p: p["n"])
-                full = budget == str(real)
-                ax.errorbar([p["n"] for p in rows], [p["mean"] for p in rows], yerr=[p["sd"] for p in rows],
-                            fmt=f"{'-' if drafts else '--'}{'o' if start == 'random' else 's'}", color=colour, capsize=3,
-                            markerfacecolor=colour if full else "none", markersize=9 if full else 6, zorder=4 if full else 2,
-                            label=f"YOLO, {start} start, {'with' if drafts else 'without'} drafts, {budget}")
+    lines = [(start, drafts) for start in ("random", "pretrained") for drafts in (True, False)]
+    colours = dict(zip(lines, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for (start, drafts, budget), rows in sorted(series(points).items(), key=lambda kv: (lines.index(kv[0][:2]), kv[0][2])):
+        full = budget == str(real)
+        ax.errorbar([p["n"] for p in rows], [p["mean"] for p in rows], yerr=[p["sd"] for p in rows],
+                    fmt=f"{'-' if drafts else '--'}{'o' if start == 'random' else 's'}", color=colours[start, drafts],
+                    capsize=3, markerfacecolor=colours[start, drafts] if full else "none", markersize=9 if full else 6,
+                    zorder=4 if full else 2, label=f"YOLO, {start} start, {'with' if drafts else 'without'} drafts, {budget}")
     ax.axhline(drafts_map, color="grey", linestyle=":", label=f"Gemini drafts (simulated) {drafts_map:.2f}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("corrected images")
@@ -249,11 +252,10 @@ def run(ctx: Context) -> Result:
                     point.update(seed=seed, start=start, budget=budget)
                     runs.append(point)
                     ctx.log(f"curve: mAP50 {point['map50']:.3f} (drafts {point['drafts_map50']}) in {point['wall_s']} s")
-            result.raw = {"runs": runs}
-        _summarise(result, runs, sizes, headline)
+        result.raw = {"runs": runs}
+        points = _summarise(result, runs, sizes, headline)
         ctx.partial(result)
     drafts_map = statistics.mean(r["drafts_map50"] for r in runs if r["drafts_map50"] is not None)
-    points = _summarise(result, runs, sizes, headline)
     result.notes.extend(budget_notes(runs, real))
     png = PNG if not ctx.quick else ctx.workdir / PNG.name
     _plot(points, drafts_map, png, f"held-out mAP50 after one training, mean ± sd over {len(seeds)} seed(s)", real)

@@ -119,6 +119,9 @@ def test_curve_summary_says_what_each_budget_bought_and_survives_a_partial_write
     assert len(notes) == 1 and notes[0].startswith("random start:"), notes  # pretrained ran one budget only
     assert "mean mAP50 0.000 over 4 runs (sizes 10, 20" in notes[0] and "too short to learn anything" in notes[0]
     assert "mean mAP50 1.000 over 2 runs (sizes 40" in notes[0]
+    lines = curve.series(points)
+    assert set(lines) == {("pretrained", True, str(short)), ("random", True, str(real)), ("random", True, str(short))}
+    assert [p["n"] for p in lines["random", True, str(short)]] == [10, 20]  # the 0.75-min zeros never reach the 5-min point
     png = tmp_path / "curve.png"
     curve._plot(points, 0.85, png, "test", real)
     assert png.stat().st_size > 1000
