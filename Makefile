@@ -27,7 +27,7 @@ STAMP := $(VENV)/.requirements.stamp
 LOCK_VENV := .venv-lock
 AUDIT_VENV := .venv-audit
 
-.PHONY: help install run lint test test-fast bench lock audit redis clean distclean
+.PHONY: help install run lint test test-fast bench bench-full lock audit redis clean distclean
 
 help:
 	@echo "make install    create $(VENV) and install the dev lock (runtime + OWL-ViT extra + tests/lint/bench; only when it changed)"
@@ -35,7 +35,8 @@ help:
 	@echo "make lint       ruff and the import contract (lint-imports, .importlinter)"
 	@echo "make test       make lint, then the whole test suite, end-to-end tests included (needs Redis; starts one if none answers)"
 	@echo "make test-fast  the suite without tests marked slow"
-	@echo "make bench      benchmarks (python -m bench)"
+	@echo "make bench      benchmarks (python -m bench, about an hour; writes BENCHMARKS.md)"
+	@echo "make bench-full also the long ones: training recipe, active learning (python -m bench --full)"
 	@echo "make lock       regenerate the locks (requirements.txt, -owlvit.txt, -dev.txt) from their .in files in a throwaway venv"
 	@echo "make audit      check the pinned requirements for known vulnerabilities (pip-audit)"
 	@echo "make clean      remove caches and runtime files (keeps var/models, var/data and $(VENV))"
@@ -90,6 +91,9 @@ test-fast: install redis
 
 bench: install
 	$(BIN)/python -m bench
+
+bench-full: install
+	$(BIN)/python -m bench --full
 
 # --- dependencies ---------------------------------------------------------------------------------
 # Resolve the three .in files in one throwaway venv, each on top of the pins before it (passed as

@@ -1,6 +1,7 @@
 """Run the benchmark suite and write BENCHMARKS.md.
 
-    python -m bench                      # everything (make bench), about 25 min on 2 cores
+    python -m bench                      # make bench: every benchmark but the long ones, about an hour on 2 cores
+    python -m bench --full               # make bench-full: also the long ones (training, active), about 2 h more
     python -m bench --quick              # smoke-test sizes, a few minutes; figures not representative
     python -m bench --only bulk,cache    # some benchmarks; other sections of the report are kept
     python -m bench --list
@@ -37,9 +38,12 @@ BENCHMARKS = {
     "curve": "bench.curve",
     "tiers": "bench.tiers",
 }
-# Run order: the long training benchmark last, so a broken one costs the least.
-RUN_ORDER = ["formats", "yolo_latency", "cache", "bulk", "hotswap", "health", "memory", "dataset", "active", "tiers", "training",
-             "curve"]
+# Run order: the long training benchmarks last, so a broken one costs the least.
+RUN_ORDER = ["formats", "yolo_latency", "cache", "bulk", "hotswap", "health", "memory", "dataset", "tiers", "curve", "active",
+             "training"]
+#: Benchmarks that `make bench` leaves out to stay near an hour: they measure the training recipe and active learning,
+#: which change rarely; `--full` (make bench-full) or `--only` runs them, and their sections are kept until then.
+LONG = ("training", "active")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets (development, smoke tests)")
     parser.add_argument("--only", action="append", default=[], help="comma-separated benchmark names (repeatable)")
+    parser.add_argument("--full", action="store_true", help=f"also the long benchmarks ({', '.join(LONG)})")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="report to write (default BENCHMARKS.md)")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work folder under var/bench/")
@@ -55,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, module in BENCHMARKS.items():
-            print(f"{name:14s} {importlib.import_module(module).TITLE}")
+            print(f"{name:14s} {importlib.import_module(module).TITLE}{'  (--full)' if name in LONG else ''}")
         return 0
-    selected = [n.strip() for item in args.only for n in item.split(",") if n.strip()] or list(BENCHMARKS)
+    selected = [n.strip() for item in args.only for n in item.split(",") if n.strip()] or [
+        n for n in BENCHMARKS if args.full or n not in LONG]
     unknown = [n for n in selected if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = new_workdir()
     ctx = Context(quick=args.quick, workdir=workdir, verbose=not args.quiet)
     started = time.monotonic()
-    command = "python -m bench" + (" --quick" if args.quick else "") + (f" --only {','.join(selected)}" if args.only else "")
+    command = ("python -m bench" + (" --full" if args.full and not args.only else "") + (" --quick" if args.quick else "")
+               + (f" --only {','.join(selected)}" if args.only else ""))
     results: list[Result] = []
     for name in [n for n in RUN_ORDER if n in selected]:
         module = importlib.import_module(BENCHMARKS[name])

@@ -1,13 +1,12 @@
-"""7. Training cost and quality: one retrain at the project's default settings, and what it reaches.
+"""7. Training cost and quality: one retrain at the project's default settings, and what it costs.
 
-Each training runs ``worker.training.trainer.train`` (what the RQ job calls) in its own process at the default
-settings of backend/settings.py (TRAIN_EPOCHS, raised by TRAIN_MIN_STEPS for small datasets, TRAIN_IMGSZ,
-TRAIN_BATCH, nbs = batch, no time limit), from yolo11n.yaml (random init, passed explicitly by bench.train_child: the
-default YOLO_BASE_MODEL is pretrained weights, which a host without network cannot have), on synthetic shapes split
-80/20 like the job's held-out split. Peak memory is the child's ru_maxrss. Quality: held-out mAP50 (the serving
-detector scored by pycocotools, as the promotion gate scores it) of our defaults vs the reference recipe of
-docs/ultralytics.md#measured-cost (nbs = batch plus a 5-minute time budget, i.e. TRAIN_TIME_LIMIT_MIN=5) on 128 train /
-48 held-out images.
+Each training runs ``worker.training.trainer.train`` (what the RQ job calls) in its own process, from yolo11n.yaml
+(random init, passed explicitly by bench.train_child: the default YOLO_BASE_MODEL is pretrained weights, which a host
+without network cannot have), on synthetic shapes. Quality and budget: one training at the defaults of
+backend/core/settings.py (the TRAIN_TIME_LIMIT_MIN budget, to which Ultralytics fits the epochs and the learning-rate
+schedule; TRAIN_IMGSZ, TRAIN_BATCH, nbs = batch) on 128 train / 48 held-out images, scored as the promotion gate
+scores it (pycocotools). Cost by dataset size: short epoch-limited runs give seconds per epoch and the fixed cost of a
+run, which is what a budget buys at that size, and the peak RSS (the child's ru_maxrss).
 """
 
 from __future__ import annotations
@@ -83,87 +82,59 @@ def run(ctx: Context) -> Result:
 
     defaults = Settings()
     sizes = ctx.pick([50, 100, 200], [16, 32])
-    quick_epochs = 2
-    budget_min = ctx.pick(5.0, 0.25)
+    budget_min = ctx.pick(defaults.train_time_limit_min, 0.25)
+    cost_epochs = ctx.pick(3, 2)
     n_train, n_val = ctx.pick((128, 48), (24, 12))
     result = Result(NAME, TITLE, params={
-        "TRAIN_EPOCHS": defaults.train_epochs if not ctx.quick else f"{quick_epochs} (quick)",
+        "TRAIN_TIME_LIMIT_MIN": budget_min if not ctx.quick else f"{budget_min} (quick)",
         "TRAIN_IMGSZ": defaults.train_imgsz, "TRAIN_BATCH": defaults.train_batch, "nbs": "= batch",
-        "TRAIN_MIN_STEPS": defaults.train_min_steps if not ctx.quick else "0 (quick)",
-        "TRAIN_TIME_LIMIT_MIN": defaults.train_time_limit_min, "YOLO_BASE_MODEL": "yolo11n.yaml (random init)",
-        "reference_budget_min": budget_min, "images": "synthetic shapes 320x240, 1-3 objects, 3 classes",
-        "OMP_WAIT_POLICY": "PASSIVE"})
-    epochs = None if not ctx.quick else quick_epochs
+        "YOLO_BASE_MODEL": "yolo11n.yaml (random init)", "epochs of the cost runs": cost_epochs,
+        "images": "synthetic shapes 320x240, 1-3 objects, 3 classes", "OMP_WAIT_POLICY": "PASSIVE"})
     ctx.log("training: step time with 1/2 threads, idle and under contention")
     _contention(ctx, result)
     ctx.partial(result)
-    # Quality in a fixed budget: our defaults vs the reference recipe, same data.
+    # Quality in the default budget, and whether the budget holds (process start and final validation included).
     work, data = _dataset(ctx, n_train, n_val, seed=4)
-    ctx.log(f"training: defaults on {n_train}/{n_val}")
-    ours = train_in_subprocess(data, work / "ours.json", work / "ours.log", epochs=epochs, data_dir=work, env=TRAIN_ENV)
-    ctx.log(f"training: defaults: {ours['wall_s']:.0f} s, mAP50 {ours['map50']}; reference ({budget_min} min budget) next")
-    ref = train_in_subprocess(data, work / "ref.json", work / "ref.log", time_min=budget_min, epochs=1000, data_dir=work,
-                              env=TRAIN_ENV)
-    ctx.log(f"training: reference: {ref['wall_s']:.0f} s, {ref['epochs_run']} epochs, mAP50 {ref['map50']}")
-    share = ratio(ours["map50"] or 0.0, ref["map50"] or 0.0)
-    result.add(goal_row(f"held-out mAP50, our defaults, {n_train} train / {n_val} held out",
-                        f"{ours['map50'] or 0:.3f} in {ours['wall_s'] / 60:.1f} min ({ours['epochs_run']} epochs, "
-                        f"peak {ours['peak_rss_mb']:.0f} MB)",
-                        share, 0.9, True, "≥ 90% of the reference",
-                        baseline=f"reference (nbs=batch, {budget_min:g} min budget): {ref['map50'] or 0:.3f} in "
-                                 f"{ref['wall_s'] / 60:.1f} min, "
-                                 f"{ref['epochs_run']} epochs", ratio_text=f"{100 * share:.0f}%"))
-    result.add(Row("Reference figures (docs/ultralytics.md) for the same recipes",
-                   "reference 0.96; nbs=64 defaults 30 epochs 0.28; nbs=16 25 epochs 0.55",
-                   note="measured on another machine of this kind, for comparison only"))
-    if share < 0.9:
+    ctx.log(f"training: defaults ({budget_min:g} min budget) on {n_train}/{n_val}")
+    ours = train_in_subprocess(data, work / "ours.json", work / "ours.log", time_min=budget_min, data_dir=work,
+                               env=TRAIN_ENV)
+    ctx.log(f"training: defaults: {ours['wall_s']:.0f} s, {ours['epochs_run']} epochs, mAP50 {ours['map50']}")
+    result.add(Row(f"held-out mAP50 at the defaults, {n_train} train / {n_val} held out, random init",
+                   f"{ours['map50'] or 0:.3f} ({ours['epochs_run']} epochs, peak RSS {ours['peak_rss_mb']:.0f} MB)",
+                   baseline="docs/ultralytics.md: 0.96 for nbs=16 in 5 min on another machine of this kind"))
+    over = ours["wall_s"] / (budget_min * 60)
+    result.add(goal_row(f"wall time of one training at TRAIN_TIME_LIMIT_MIN={budget_min:g}, process start to exit",
+                        f"{ours['wall_s'] / 60:.1f} min", over, 1.1, False, "≤ 1.1× the budget",
+                        baseline=f"budget {budget_min:g} min", ratio_text=f"{over:.2f}×"))
+    if over > 1.1:
         result.notes.append(
-            f"Our defaults reach {100 * share:.0f}% of the reference mAP50 (goal 90%): TRAIN_EPOCHS=30 with no time limit "
-            f"stops after {ours['epochs_run']} epochs / {ours['wall_s'] / 60:.1f} min, while the learning-rate schedule of "
-            f"the reference is fitted to the whole {budget_min:g}-minute budget. Proposed defaults: TRAIN_TIME_LIMIT_MIN=5 "
-            f"(Ultralytics' `time=` then sets the epoch count to fill the budget and the schedule follows it; TRAIN_EPOCHS "
-            f"only matters when the limit is 0) — that *is* the reference recipe, so it reaches its figure by "
-            f"construction; keep nbs = batch. For fine-tuning rounds a shorter budget (1–2 min) suffices (docs/ultralytics.md: "
-            f"10 epochs on 64 new images kept mAP).")
-    result.raw = {"ours": ours, "reference": ref}
+            f"The run took {over:.2f}× its budget: Ultralytics' `time=` bounds the epochs, not the process start, the "
+            f"dataset scan or the final validation, whose cost is the 'fixed cost' of the rows below.")
+    result.raw = {"ours": ours}
     ctx.partial(result)
     runs = {}
     for n in sizes:
         n_val_s = max(2, round(n * defaults.train_val_fraction))
         work, data = _dataset(ctx, n - n_val_s, n_val_s, seed=500 + n)
-        ctx.log(f"training: {n} images ({n - n_val_s} train / {n_val_s} held out) at defaults")
-        runs[n] = train_in_subprocess(data, work / "result.json", work / "train.log", epochs=epochs, data_dir=work,
+        ctx.log(f"training: {n} images ({n - n_val_s} train / {n_val_s} held out), {cost_epochs} epochs")
+        runs[n] = train_in_subprocess(data, work / "result.json", work / "train.log", epochs=cost_epochs, data_dir=work,
                                       env=TRAIN_ENV)
         r = runs[n]
-        ctx.log(f"training: {n} images: {r['wall_s']:.0f} s, {r['epochs_run']} epochs, peak RSS {r['peak_rss_mb']:.0f} MB, "
-                f"mAP50 {r['map50']}")
-        result.add(Row(f"retrain at defaults, {n} images ({n - n_val_s} train / {n_val_s} held out)",
-                       f"{r['wall_s']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
-                       note=f"{r['epochs_run']} epochs, held-out mAP50 {r['map50']:.3f}" if r["map50"] is not None else ""))
+        ctx.log(f"training: {n} images: {r['wall_s']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
         ctx.partial(result)
-    weak = [n for n in sizes if (runs[n]["map50"] or 0) < 0.5]
-    if weak and not ctx.quick:
-        maps = ", ".join(f"{runs[n]['map50'] or 0:.3f}" for n in weak)
-        result.notes.append(
-            f"At defaults the {', '.join(map(str, weak))}-image run(s) reached held-out mAP50 {maps} "
-            f"({', '.join(str(runs[n]['epochs_run']) for n in weak)} epochs): too few optimizer steps from random init "
-            f"even at TRAIN_MIN_STEPS={defaults.train_min_steps}, and with no current model the gate promotes whatever "
-            f"comes out. A minimum mAP for a first promotion would keep a useless model from serving.")
-    if not ctx.quick and ours["wall_s"] > budget_min * 60 * 1.05:
-        result.notes.append(
-            f"Our defaults have no time limit: here they needed {ours['wall_s'] / 60:.1f} min for the reference's "
-            f"{budget_min:g}-minute budget (same mAP50); on a slower or busier host they overshoot it further.")
-    small, large = sizes[0], sizes[-1]
-    scale = ratio(runs[large]["wall_s"], runs[small]["wall_s"])
-    result.add(Row(f"time scaling {small} → {large} images ({large / small:g}× the data)", f"{scale:.2f}× the time",
-                   baseline=f"{runs[small]['wall_s']:.0f} s", ratio=f"{scale:.2f}×",
-                   note=f"memory {ratio(runs[large]['peak_rss_mb'], runs[small]['peak_rss_mb']):.2f}×"))
     per = {n: runs[n].get("epoch_s") or runs[n]["wall_s"] / max(1, runs[n]["epochs_run"]) for n in sizes}
-    fixed = {n: runs[n]["wall_s"] - per[n] * runs[n]["epochs_run"] for n in sizes}
-    result.add(Row("seconds per epoch (train + val), by dataset size", ", ".join(f"{n}: {per[n]:.1f}" for n in sizes),
-                   note="fixed cost per run (process start, imports, dataset scan, final validation): "
-                        + ", ".join(f"{n}: {fixed[n]:.0f} s" for n in sizes)))
-
+    fixed = {n: max(0.0, runs[n]["wall_s"] - per[n] * runs[n]["epochs_run"]) for n in sizes}
+    for n in sizes:
+        epochs_in_budget = max(0.0, budget_min * 60 - fixed[n]) / per[n]
+        result.add(Row(f"{n} images ({n - max(2, round(n * defaults.train_val_fraction))} train): one epoch "
+                       "(train + val), fixed cost of a run, peak RSS",
+                       f"{per[n]:.1f} s/epoch, {fixed[n]:.0f} s fixed, peak RSS {runs[n]['peak_rss_mb']:.0f} MB",
+                       note=f"≈ {epochs_in_budget:.0f} epochs fit the {budget_min:g}-min budget"))
+    small, large = sizes[0], sizes[-1]
+    scale = ratio(per[large], per[small])
+    result.add(Row(f"epoch time scaling {small} → {large} images ({large / small:g}× the data)", f"{scale:.2f}× the time",
+                   baseline=f"{per[small]:.1f} s/epoch", ratio=f"{scale:.2f}×",
+                   note=f"peak RSS {ratio(runs[large]['peak_rss_mb'], runs[small]['peak_rss_mb']):.2f}×"))
     result.raw["scaling"] = runs
     result.method = ("`bench.train_child` runs `worker.training.trainer.train(data.yaml, Settings(...))` in a child process "
                      "(wall time from spawn to exit, imports and Ultralytics' final validation included; peak RSS = "
@@ -171,5 +142,7 @@ def run(ctx: Context) -> Result:
                      "tests/synthetic.py images; the held-out images are Ultralytics' val split. Every run starts from "
                      "yolo11n.yaml (random init), seed 0, 2 torch threads, OMP_WAIT_POLICY=PASSIVE (see the "
                      "step-time rows: the default spin-wait is what a busy shared host punishes; on an idle one "
-                     "the two policies are compared in the same rows).")
+                     "the two policies are compared in the same rows). The cost runs are limited by epochs, not "
+                     "time, so their epoch time is measured, not fitted; the fixed cost is the run's wall time minus "
+                     "its epochs.")
     return result

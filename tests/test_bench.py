@@ -127,3 +127,19 @@ def test_curve_summary_says_what_each_budget_bought_and_survives_a_partial_write
     assert png.stat().st_size > 1000
     again = curve._summarise(result, runs, [10, 20, 40], 40)  # each partial write starts the rows afresh
     assert again == points and len(result.rows) == 8
+
+
+def test_curve_goal_rows_only_for_headline_runs_at_the_real_budget():
+    """A 40-image run at the short budget (without drafts) is a point of the table, never a goal row of the defaults."""
+    from bench import curve
+
+    real, short = {"time_min": 5.0}, {"time_min": 0.25}
+    runs = [_curve_run(40, "random", real, 1.0, seed) for seed in (1, 2, 3)]
+    runs += [{**_curve_run(40, "random", short, 0.0, seed), "drafts": False} for seed in (1, 2, 3)]
+    result = Result(curve.NAME, curve.TITLE)
+    curve._summarise(result, runs, [40], 40, real)
+    goals = [row.metric for row in result.rows if row.status]
+    assert len(goals) == 2 and all("with drafts, real defaults" in g for g in goals), goals
+    assert any("without drafts: held-out mAP50" in row.metric for row in result.rows)  # still in the table
+    curve._summarise(result, runs, [40], 40)  # without ``real`` every headline run counts: the short one misses
+    assert any(row.status == "MISSED" for row in result.rows)
