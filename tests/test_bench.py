@@ -32,10 +32,14 @@ def test_report_keeps_sections_of_benchmarks_not_run(tmp_path):
     out = tmp_path / "B.md"
     a = Result("bulk", "1. Bulk", rows=[Row("speed", "8.1×", goal="≥ 8×", status="met")], command="python -m bench --only bulk")
     b = Result("cache", "6. Cache", rows=[Row("calls", "1", goal="0", status="MISSED")], command="python -m bench --only cache")
-    write_report(out, [a, b], ["bulk", "cache"], {"nproc": "2"}, "python -m bench", 60)
+    write_report(out, [a], ["bulk", "cache"], {"nproc": "2"}, "python -m bench", 30)  # a partial write of the run
+    assert "Last full run: none recorded" in out.read_text()
+    write_report(out, [a, b], ["bulk", "cache"], {"nproc": "2"}, "python -m bench", 60, complete=True)
     b2 = Result("cache", "6. Cache", rows=[Row("calls", "0", goal="0", status="met")], command="python -m bench --only cache")
-    write_report(out, [b2], ["bulk", "cache"], {"nproc": "2"}, "python -m bench --only cache", 10)
+    write_report(out, [b2], ["bulk", "cache"], {"nproc": "2"}, "python -m bench --only cache", 10, complete=True)
     text = out.read_text()
+    assert "Last run: `python -m bench --only cache` (0.2 min)" in text
+    assert text.count("Last full run: `python -m bench` (1.0 min)") == 1  # kept by the --only run, once
     assert "| speed | 8.1× |" in text  # kept from the first run
     assert "| calls | 0 |" in text and "| calls | 1 |" not in text  # replaced
     assert text.index("1. Bulk") < text.index("6. Cache")
@@ -64,6 +68,19 @@ def test_quick_cache_benchmark_writes_its_rows(tmp_path, redis_url):
     assert len(metrics) == 3
     calls = next(r for r in result["rows"] if r["metric"].startswith("Gemini calls"))
     assert calls["status"] in ("met", "MISSED") and calls["goal"] == "0"
+
+
+@pytest.mark.slow
+def test_quick_bulk_benchmark_runs_inline(tmp_path, redis_url):
+    """bench.bulk's batches are answered inline: its warm-up measured the latency, so no 413 too_slow_inline."""
+    raw = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "bench", "--quick", "--only", "bulk", "--out", str(tmp_path / "B.md"), "--json",
+               str(raw), "-q"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (result,) = json.loads(raw.read_text())["results"]
+    assert result["name"] == "bulk" and not result["error"] and result["rows"], result
 
 
 @pytest.mark.slow
