@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             write_json(args.json, results, info)
     total = time.monotonic() - started
-    write_report(args.out, results, list(BENCHMARKS), info, command, total, complete=True)
+    write_report(args.out, results, list(BENCHMARKS), info, command, total, full_run=not args.only)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     missed = [(r.name, row.metric) for r in results for row in r.missed]

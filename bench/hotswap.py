@@ -146,7 +146,9 @@ def _analyse(result: Result, label: str, data: dict, n_workers: int) -> None:
                         ratio_text=f"{r:.2f}×"))
     answers = [a for _, _, a in data["preloads"] if a]
     if answers:
-        loading = [r["lat"] for r in records if any(a <= r["t"] < p for a, p, _ in data["preloads"])]
+        first_load = [r["lat"] for r in records if data["preloads"][0][0] <= r["t"] < data["preloads"][0][1]]
+        later_load = [r["lat"] for r in records if any(a <= r["t"] < p for a, p, _ in data["preloads"][1:])]
+        loading = first_load + later_load  # the candidates load one after another: their windows never overlap
         l99 = percentile(loading, 99) if loading else float("nan")
         waits = [a["waited_s"] for a in answers]
         result.add(Row(f"[{label}] preloading: workers that loaded each candidate before its promotion",
@@ -155,14 +157,20 @@ def _analyse(result: Result, label: str, data: dict, n_workers: int) -> None:
                        f"(max {max(waits):.2f})",
                        note=f"{sum(a['timed_out'] for a in answers)} timed out; "
                             f"{data['loaded_on_promotion']} swap(s) had to load at promotion"))
-        first_load = [r["lat"] for r in records if data["preloads"][0][0] <= r["t"] < data["preloads"][0][1]]
-        later_load = [r["lat"] for r in records
-                      if any(a <= r["t"] < p for a, p, _ in data["preloads"][1:])]
         result.add(Row(f"[{label}] … p99 latency while the candidate loads (announce → promotion) (ms)",
                        f"{l99 * 1000:.0f} (n={len(loading)})", baseline=f"steady, before any candidate {b99 * 1000:.0f}",
                        ratio=f"{ratio(l99, b99):.2f}×",
                        note=(f"first candidate: max {max(first_load, default=0) * 1000:.0f} ms (n={len(first_load)}); "
                              f"later ones: max {max(later_load, default=0) * 1000:.0f} ms (n={len(later_load)})")))
+    if data.get("release_ms") is not None:
+        result.add(Row(f"[{label}] … dropping the old model after the swap (ms, GIL held)", f"{data['release_ms']:.1f}",
+                       note="in-process `del` of a loaded, warmed model, median of 3 (bench.hotswap.release_ms)"))
+        if r > 2.0:
+            result.notes.append(
+                f"[{label}] the swap is a pointer assignment, but the old model is then dropped: "
+                f"{data['release_ms']:.0f} ms of C++ teardown holding the GIL (row above), which every request of "
+                f"that worker waits for, on top of a steady p99 of {b99 * 1000:.0f} ms. Deferring the release only "
+                "moves the stall; what would remove it is a runtime that releases the GIL in its destructor.")
     result.raw[label] = {"delays": delays, "stale": stale_delays, "failed": failed[:20], "p99_before": b99, "p99_during": w99,
                          "served_format": data["format"], "preloads": data["preloads"]}
     if (p95 > 2.0 or r > 2.0 or failed) and not answers:
@@ -196,18 +204,9 @@ def run(ctx: Context) -> Result:
     for label, ex in variants:
         data = _variant(ctx, label, checkpoint, ex, rate, swaps, interval, before)
         name = f"{data['format']}" if label == "export" else ".pt"
-        _analyse(result, name, data, len(data["workers"]) or 2)
         if served.get(name) is not None:
             data["release_ms"] = release_ms(Path(served[name]))
-            result.add(Row(f"[{name}] … dropping the old model after the swap (ms, GIL held)", f"{data['release_ms']:.1f}",
-                           note="in-process `del` of a loaded, warmed model, median of 3 (bench.hotswap.release_ms)"))
-            if result.raw[name]["p99_during"] > 2 * result.raw[name]["p99_before"]:
-                result.notes.append(
-                    f"[{name}] the swap is a pointer assignment, but the old model is then dropped: "
-                    f"{data['release_ms']:.0f} ms of C++ teardown holding the GIL (row above), which every request of "
-                    f"that worker waits for, on top of a steady p99 of {result.raw[name]['p99_before'] * 1000:.0f} ms. "
-                    "Deferring the release only moves the stall; what would remove it is a runtime that releases "
-                    "the GIL in its destructor.")
+        _analyse(result, name, data, len(data["workers"]) or 2)
         ctx.log(f"hotswap [{name}]: workers {data['workers']}, {len(data['records'])} requests")
     result.method = ("gunicorn as deployed (2 workers × 8 gthreads, ROUTING=yolo, HOTSWAP_POLL_SECONDS=1) serving a "
                      "registry version; `bench.loadgen` in its own process sends 15 one-task /predict per second, "

@@ -121,22 +121,20 @@ def _summary(sections: dict[str, str], order: list[str]) -> str:
 
 
 def write_report(path: Path, results: list[Result], order: list[str], info: dict[str, str], argv: str,
-                 total_seconds: float, complete: bool = False) -> None:
+                 total_seconds: float, full_run: bool = False) -> None:
     """BENCHMARKS.md: summary of every goal, then one section per benchmark.
 
     Sections of benchmarks not run this time are kept from the existing file, so
     ``python -m bench --only NAME`` refreshes one section only.
-    ``complete``: the run has finished (not a partial write); a finished run without ``--only`` becomes
-    the header's "Last full run", which ``--only`` runs keep.
+    ``full_run``: a finished run of the whole suite (no ``--only``, not a partial write); it becomes the
+    header's "Last full run", which every other write keeps.
     """
     old = path.read_text() if path.exists() else ""
     sections = {m.group("name"): m.group(0) for m in _SECTION.finditer(old)}
     this_run = f"`{argv}` ({total_seconds / 60:.1f} min), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-    if complete and "--only" not in argv:
-        full_run = f"Last full run: {this_run}."
-    else:
-        kept = _FULL_RUN.search(old)
-        full_run = kept.group(0) if kept else "Last full run: none recorded in this file."
+    kept = _FULL_RUN.search(old)
+    full_line = (f"Last full run: {this_run}." if full_run
+                 else kept.group(0) if kept else "Last full run: none recorded in this file.")
     for result in results:
         sections[result.name] = render_section(result)
     machine_lines = "\n".join(f"| {k} | {_cell(v)} |" for k, v in info.items())
@@ -148,7 +146,7 @@ baseline measured in the same run; timings are medians over repeats with (min–
 percentiles over all requests. Goals come from issue 5; a missed goal is marked **MISSED** and
 explained in its section. A section's own "Reproduce" line says which run wrote it.
 Last run: {this_run}.
-{full_run}
+{full_line}
 
 ## Machine
 

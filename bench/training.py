@@ -113,8 +113,9 @@ def run(ctx: Context) -> Result:
     result.raw = {"ours": ours}
     ctx.partial(result)
     runs = {}
+    held_out = {n: max(2, round(n * defaults.train_val_fraction)) for n in sizes}
     for n in sizes:
-        n_val_s = max(2, round(n * defaults.train_val_fraction))
+        n_val_s = held_out[n]
         work, data = _dataset(ctx, n - n_val_s, n_val_s, seed=500 + n)
         ctx.log(f"training: {n} images ({n - n_val_s} train / {n_val_s} held out), {cost_epochs} epochs")
         runs[n] = train_in_subprocess(data, work / "result.json", work / "train.log", epochs=cost_epochs, data_dir=work,
@@ -126,7 +127,7 @@ def run(ctx: Context) -> Result:
     fixed = {n: max(0.0, runs[n]["wall_s"] - per[n] * runs[n]["epochs_run"]) for n in sizes}
     for n in sizes:
         epochs_in_budget = max(0.0, budget_min * 60 - fixed[n]) / per[n]
-        result.add(Row(f"{n} images ({n - max(2, round(n * defaults.train_val_fraction))} train): one epoch "
+        result.add(Row(f"{n} images ({n - held_out[n]} train): one epoch "
                        "(train + val), fixed cost of a run, peak RSS",
                        f"{per[n]:.1f} s/epoch, {fixed[n]:.0f} s fixed, peak RSS {runs[n]['peak_rss_mb']:.0f} MB",
                        note=f"≈ {epochs_in_budget:.0f} epochs fit the {budget_min:g}-min budget"))

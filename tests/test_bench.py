@@ -34,9 +34,9 @@ def test_report_keeps_sections_of_benchmarks_not_run(tmp_path):
     b = Result("cache", "6. Cache", rows=[Row("calls", "1", goal="0", status="MISSED")], command="python -m bench --only cache")
     write_report(out, [a], ["bulk", "cache"], {"nproc": "2"}, "python -m bench", 30)  # a partial write of the run
     assert "Last full run: none recorded" in out.read_text()
-    write_report(out, [a, b], ["bulk", "cache"], {"nproc": "2"}, "python -m bench", 60, complete=True)
+    write_report(out, [a, b], ["bulk", "cache"], {"nproc": "2"}, "python -m bench", 60, full_run=True)
     b2 = Result("cache", "6. Cache", rows=[Row("calls", "0", goal="0", status="met")], command="python -m bench --only cache")
-    write_report(out, [b2], ["bulk", "cache"], {"nproc": "2"}, "python -m bench --only cache", 10, complete=True)
+    write_report(out, [b2], ["bulk", "cache"], {"nproc": "2"}, "python -m bench --only cache", 10)
     text = out.read_text()
     assert "Last run: `python -m bench --only cache` (0.2 min)" in text
     assert text.count("Last full run: `python -m bench` (1.0 min)") == 1  # kept by the --only run, once
