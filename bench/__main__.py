@@ -1,7 +1,7 @@
 """Run the benchmark suite and write BENCHMARKS.md.
 
     python -m bench                      # make bench: every benchmark but the long ones, about an hour on 2 cores
-    python -m bench --full               # make bench-full: also the long ones (training, active), about 2 h more
+    python -m bench --full               # make bench-full: also the long ones (training, active), about half an hour more
     python -m bench --quick              # smoke-test sizes, a few minutes; figures not representative
     python -m bench --only bulk,cache    # some benchmarks; other sections of the report are kept
     python -m bench --list
