@@ -46,6 +46,12 @@ RUN_ORDER = ["formats", "yolo_latency", "cache", "bulk", "hotswap", "health", "m
 LONG = ("training", "active")
 
 
+def selection(only: list[str], full: bool) -> list[str]:
+    """The benchmarks to run: those named by ``--only`` (comma-separated, repeatable), else all but LONG unless ``full``."""
+    return [n.strip() for item in only for n in item.split(",") if n.strip()] or [
+        n for n in BENCHMARKS if full or n not in LONG]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, module in BENCHMARKS.items():
             print(f"{name:14s} {importlib.import_module(module).TITLE}{'  (--full)' if name in LONG else ''}")
         return 0
-    selected = [n.strip() for item in args.only for n in item.split(",") if n.strip()] or [
-        n for n in BENCHMARKS if args.full or n not in LONG]
+    selected = selection(args.only, args.full)
     unknown = [n for n in selected if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")

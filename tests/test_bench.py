@@ -160,3 +160,54 @@ def test_curve_goal_rows_only_for_headline_runs_at_the_real_budget():
     assert any("without drafts: held-out mAP50" in row.metric for row in result.rows)  # still in the table
     curve._summarise(result, runs, [40], 40)  # without ``real`` every headline run counts: the short one misses
     assert any(row.status == "MISSED" for row in result.rows)
+
+
+def test_make_bench_leaves_the_long_benchmarks_to_full():
+    from bench.__main__ import BENCHMARKS, LONG, selection
+
+    default = selection([], full=False)
+    assert not set(LONG) & set(default) and set(default) | set(LONG) == set(BENCHMARKS)
+    assert set(selection([], full=True)) == set(BENCHMARKS)
+    assert selection(["training,cache", "bulk"], full=False) == ["training", "cache", "bulk"]  # --only names win
+
+
+def _hotswap_data(release_ms: float | None) -> dict:
+    """Requests every 0.1 s from t=0 to 12: 20 ms, except 400 ms while the first candidate loads (8.0-8.5) and
+    60 ms in the 2 s after each promotion (8.5 and 10.5)."""
+    def lat(t: float) -> float:
+        if 8.0 <= t < 8.5:
+            return 0.4
+        return 0.06 if any(p <= t < p + 2.0 for p in (8.5, 10.5)) else 0.02
+
+    records = [{"t": i / 10, "lat": lat(i / 10), "status": 200, "mv": "yolo:v0001"} for i in range(120)]
+    answer = {"loaded": 2, "listeners": 2, "waited_s": 0.5, "timed_out": 0}
+    return {"records": records, "promotions": [("v0002", 8.5), ("v0003", 10.5)],
+            "swaps": {"v0002": {1: 8.51, 2: 8.52}, "v0003": {1: 10.51, 2: 10.52}}, "started": 0.0,
+            "preloads": [(8.0, 8.5, answer), (10.0, 10.5, answer)], "format": "OpenVINO INT8 export",
+            "loaded_on_promotion": 0, "workers": [1, 2], "release_ms": release_ms}
+
+
+def test_hotswap_steady_baseline_ends_when_the_first_candidate_is_announced():
+    """The first candidate's load (400 ms) is not steady: the baseline stays 20 ms, so 60 ms after a swap is 3×."""
+    from bench import hotswap
+
+    result = Result(hotswap.NAME, hotswap.TITLE)
+    hotswap._analyse(result, "int8", _hotswap_data(22.0), 2)
+    assert result.raw["int8"]["p99_before"] == pytest.approx(0.02)
+    swap = next(row for row in result.rows if "p99 latency in the 2 s after each promotion" in row.metric)
+    assert swap.status == "MISSED" and swap.ratio == "3.00×"
+    loading = next(row for row in result.rows if "while the candidate loads" in row.metric)
+    assert "first candidate: max 400 ms (n=5)" in loading.note
+    assert "later ones: max 60 ms (n=5)" in loading.note  # the second load falls inside the first swap's 2 s
+    teardown = next(row for row in result.rows if "dropping the old model" in row.metric)
+    assert teardown.value == "22.0"
+    assert any("22 ms of C++ teardown holding the GIL" in note for note in result.notes)
+
+
+def test_hotswap_teardown_note_only_when_the_swap_window_misses():
+    from bench import hotswap
+
+    data = _hotswap_data(None)
+    result = Result(hotswap.NAME, hotswap.TITLE)
+    hotswap._analyse(result, "pt", data, 2)
+    assert not any("dropping the old model" in row.metric for row in result.rows) and not result.notes
